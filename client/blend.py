@@ -1,0 +1,328 @@
+"""CacheBlend-style fusion: reuse chunk caches anywhere in a context.
+
+In RAG the retrieved chunks are rarely a prefix: each chunk's KV was computed on its own, at
+positions from 0, without attention to what precedes it in the final prompt. :func:`blend`
+assembles the fused context ``[prefix | chunk 1 | ... | chunk n | suffix]`` from those caches
+and repairs it at a fraction of a full prefill's cost:
+
+1. **Positional correction** — each chunk's keys are re-rotated to its offset in the fused
+   context (:mod:`kvcodec.client.rope`, exact for every RoPE scaling transformers supports).
+2. **Check layer(s)** — layers ``0..check_layer`` are computed fresh for every token. At the
+   check layer the fresh K/V of each chunk token is compared with its cached K/V; the tokens
+   with the highest deviation (``ratio`` of the chunk tokens) are kept.
+3. **Selective recompute** — through the later layers only the kept tokens (plus the prefix,
+   when it has no cache, and the suffix, which are always fresh) are computed, attending over
+   the full fused context: cached K/V for the others, fresh K/V for themselves, with a causal
+   mask at their true positions. The other tokens keep their (re-rotated) cached K/V.
+
+``schedule="gradual"`` is the paper's gradual filter: keep ``start_factor * ratio`` at the
+check layer and shrink geometrically to ``ratio`` over ``gradual_layers`` more layers, choosing
+each time by the deviation at that layer. ``ratio=1`` reproduces a full prefill; ``ratio=0``
+is the naive reuse (positions fixed, no recompute; only the fresh tokens are computed).
+
+Errors::
+
+    BlendError (ValueError)   bad shapes, token counts, ratio or schedule
+    RopeError (ValueError)    from kvcodec.client.rope
+
+Example:
+    >>> res = blend(loaded, prefix_ids, [(ids1, k1, v1), (ids2, k2, v2)], question_ids)
+    >>> next_token = int(res.logits_last.argmax())
+    >>> out = loaded.model(next_ids, past_key_values=res.cache)   # continue decoding
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rotary, reposition_keys, rotary_table
+
+__all__ = ["BlendError", "BlendResult", "ChunkKV", "blend", "SCHEDULES", "DEVIATIONS"]
+
+SCHEDULES = ("single", "gradual")
+DEVIATIONS = ("k", "v", "kv")
+
+ChunkKV = tuple[Sequence[int] | torch.Tensor, torch.Tensor, torch.Tensor]
+"""One chunk: ``(token_ids, keys, values)``, K/V ``[layers, kv_heads, tokens, head_dim]``,
+computed on its own at positions ``0..tokens-1``."""
+
+
+class BlendError(ValueError):
+    """Inputs that cannot be blended (shape, token count, ratio or schedule)."""
+
+
+@dataclass
+class BlendResult:
+    """Output of :func:`blend`.
+
+    Attributes:
+        cache: a ``DynamicCache`` for the whole fused context, ready to continue decoding.
+        logits_last: logits of the last position of the fused context, ``[vocab]``.
+        selected: positions recomputed through the last layer (chunk tokens chosen by
+            deviation, plus the always-fresh tokens), sorted, 1-D long.
+        timings: seconds per stage (``reposition``, ``layers``, ``total``).
+        recomputed_per_layer: number of tokens computed at each layer.
+    """
+
+    cache: object
+    logits_last: torch.Tensor
+    selected: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+    recomputed_per_layer: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Context:
+    """The fused context: token ids, which tokens reuse a cache, and that cache."""
+
+    ids: torch.Tensor  # [N]
+    reuse: torch.Tensor  # [N] bool, True where the cached K/V may be kept
+    keys: torch.Tensor  # [L, H, N, D] cached keys at their new positions (0 where fresh)
+    values: torch.Tensor  # [L, H, N, D]
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        raise BlendError(f"model: {type(model).__name__} is not a Llama-family causal LM")
+    return inner
+
+
+def _ids(tokens: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
+    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    return ids
+
+
+def _check_kv(keys: torch.Tensor, values: torch.Tensor, n: int, cfg, name: str) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    want = (cfg.num_hidden_layers, cfg.num_key_value_heads, n, head_dim)
+    for what, t in (("keys", keys), ("values", values)):
+        if tuple(t.shape) != want:
+            raise BlendError(f"{name} {what}: shape {tuple(t.shape)} != expected {want}")
+
+
+def _build_context(
+    model: nn.Module,
+    prefix_ids: torch.Tensor,
+    chunks: Sequence[ChunkKV],
+    suffix_ids: torch.Tensor,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,
+) -> _Context:
+    """Concatenate the token ids and place every cache at its position in the fused context."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    parts = [(prefix_ids, prefix_kv, "prefix")] + [
+        (_ids(c[0], f"chunk {i}"), (c[1], c[2]), f"chunk {i}") for i, c in enumerate(chunks)
+    ]
+    parts.append((suffix_ids, None, "suffix"))
+    n_total = sum(int(p[0].numel()) for p in parts)
+    if n_total == 0:
+        raise BlendError("context: no tokens (prefix, chunks and suffix are all empty)")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, n_total, head_dim)
+    keys = torch.zeros(shape, dtype=dtype, device=device)
+    values = torch.zeros(shape, dtype=dtype, device=device)
+    reuse = torch.zeros(n_total, dtype=torch.bool, device=device)
+    rotary = _decoder(model).rotary_emb
+    offset = 0
+    for ids, kv, name in parts:
+        n = int(ids.numel())
+        if kv is not None and n:
+            _check_kv(kv[0], kv[1], n, cfg, name)
+            old = torch.arange(n)
+            k = kv[0].to(device=device, dtype=dtype)
+            if offset:
+                k = reposition_keys(k, rotary, old, old + offset, new_context_len=n_total)
+            keys[:, :, offset : offset + n] = k
+            values[:, :, offset : offset + n] = kv[1].to(device=device, dtype=dtype)
+            reuse[offset : offset + n] = True
+        offset += n
+    reuse[-1] = False  # the last token is always computed: its logits are returned
+    ids = torch.cat([p[0] for p in parts]).to(device)
+    return _Context(ids=ids, reuse=reuse, keys=keys, values=values)
+
+
+def _keep_plan(
+    ratio: float, schedule: str, check_layer: int, num_layers: int,
+    start_factor: float, gradual_layers: int,
+) -> dict[int, float]:
+    """Layer -> share of the reusable tokens still computed after that layer's selection."""
+    if ratio <= 0.0:
+        return {0: 0.0}
+    if ratio >= 1.0:
+        return {}
+    if schedule == "single" or gradual_layers < 1:
+        return {check_layer: ratio}
+    start = min(1.0, start_factor * ratio)
+    steps = min(gradual_layers, num_layers - 1 - check_layer)
+    if steps < 1:
+        return {check_layer: ratio}
+    return {check_layer + i: start * (ratio / start) ** (i / steps) for i in range(steps + 1)}
+
+
+def _project(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``[1, heads, S, D]`` before RoPE (q/k norms applied where the model has them)."""
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape)
+    k = attn.k_proj(x).view(shape)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    v = attn.v_proj(x).view(shape)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _deviation(k, v, cached_k, cached_v, how: str) -> torch.Tensor:
+    """Per-token squared L2 distance between fresh and cached K and/or V ``[1,H,S,D]``."""
+    dev = torch.zeros(k.shape[2], dtype=torch.float32, device=k.device)
+    if how in ("k", "kv"):
+        dev += (k - cached_k).float().pow(2).sum(dim=(0, 1, 3))
+    if how in ("v", "kv"):
+        dev += (v - cached_v).float().pow(2).sum(dim=(0, 1, 3))
+    return dev
+
+
+def _select(
+    pos: torch.Tensor, reuse: torch.Tensor, dev: torch.Tensor, keep_share: float, n_reuse: int
+) -> torch.Tensor:
+    """Indices (into ``pos``) to keep: every fresh token plus the top-deviation reusable ones."""
+    cand = reuse[pos]
+    n_keep = min(int(cand.sum()), math.ceil(keep_share * n_reuse - 1e-9))
+    score = torch.where(cand, dev, torch.full_like(dev, -1.0))
+    top = torch.topk(score, n_keep).indices if n_keep > 0 else score.new_empty(0).long()
+    keep = ~cand
+    keep[top] = True
+    return keep.nonzero().flatten()
+
+
+def _attend(attn, q, k_ctx, v_ctx, pos, full: bool) -> torch.Tensor:
+    """Attention of the computed tokens over the whole context, causal at their positions."""
+    if full:
+        out = F.scaled_dot_product_attention(
+            q, k_ctx, v_ctx, is_causal=True, scale=attn.scaling, enable_gqa=True
+        )
+    else:
+        n = k_ctx.shape[2]
+        mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]
+        out = F.scaled_dot_product_attention(
+            q, k_ctx, v_ctx, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+        )
+    return attn.o_proj(out.transpose(1, 2).reshape(*q.shape[:1], q.shape[2], -1))
+
+
+def _run_layers(
+    model: nn.Module, ctx: _Context, plan: dict[int, float], deviation: str
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Run the decoder over the fused context, computing only the tokens the plan keeps.
+
+    Writes the fresh K/V of every computed token into ``ctx.keys``/``ctx.values`` in place.
+
+    Returns:
+        ``(hidden of the last position [1, hidden], computed positions, count per layer)``.
+    """
+    dec = _decoder(model)
+    n = int(ctx.ids.numel())
+    n_reuse = int(ctx.reuse.sum())
+    cos, sin = rotary_table(dec.rotary_emb, n, dtype=ctx.keys.dtype, device=ctx.ids.device)
+    pos = torch.arange(n, device=ctx.ids.device)
+    if plan == {0: 0.0}:  # naive reuse: only the fresh tokens are ever computed
+        pos, plan = (~ctx.reuse).nonzero().flatten(), {}
+    h = dec.embed_tokens(ctx.ids[pos])[None]
+    counts: list[int] = []
+    for li, layer in enumerate(dec.layers):
+        attn = layer.self_attn
+        counts.append(int(pos.numel()))
+        q, k, v = _project(attn, layer.input_layernorm(h))
+        q, k = apply_rotary(q, cos[pos], sin[pos]), apply_rotary(k, cos[pos], sin[pos])
+        keys, values = ctx.keys[li], ctx.values[li]
+        keep = None
+        if li in plan:
+            dev = _deviation(k, v, keys[None][:, :, pos], values[None][:, :, pos], deviation)
+            keep = _select(pos, ctx.reuse, dev, plan[li], n_reuse)
+        keys[:, pos] = k[0]
+        values[:, pos] = v[0]
+        if keep is not None and keep.numel() != pos.numel():
+            h, q, pos = h[:, keep], q[:, :, keep], pos[keep]
+        out = _attend(attn, q, keys[None], values[None], pos, full=pos.numel() == n)
+        h = h + out
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h[:, -1], pos, counts
+
+
+def _to_cache(model: nn.Module, keys: torch.Tensor, values: torch.Tensor):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for li in range(keys.shape[0]):
+        cache.update(keys[li][None], values[li][None], li)
+    return cache
+
+
+def blend(
+    loaded,
+    prefix_ids: Sequence[int] | torch.Tensor,
+    chunks: Sequence[ChunkKV],
+    suffix_ids: Sequence[int] | torch.Tensor,
+    ratio: float = 0.15,
+    *,
+    check_layer: int = 1,
+    schedule: str = "single",
+    deviation: str = "k",
+    start_factor: float = 2.0,
+    gradual_layers: int = 3,
+    prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> BlendResult:
+    """Fuse independently computed chunk caches into one context and repair it selectively.
+
+    Args:
+        loaded: a ``LoadedModel`` (its ``.model`` is used) or a Llama-family causal LM.
+        prefix_ids: tokens before the chunks (e.g. the system prompt); computed fresh unless
+            ``prefix_kv`` is given.
+        chunks: ``(token_ids, keys, values)`` per chunk, each computed alone at positions from 0,
+            K/V ``[layers, kv_heads, tokens, head_dim]``.
+        suffix_ids: tokens after the chunks (the question); always computed fresh.
+        ratio: share of the chunk tokens recomputed after the check layer (0..1).
+        check_layer: layer at which tokens are selected; layers before it run on every token.
+        schedule: ``"single"`` (one check layer) or ``"gradual"`` (the paper's filter).
+        deviation: what selects the tokens: ``"k"``, ``"v"`` or ``"kv"`` deviation.
+        start_factor: gradual only: share kept at the check layer = ``start_factor * ratio``.
+        gradual_layers: gradual only: layers over which the share shrinks to ``ratio``.
+        prefix_kv: optional exact cache of the prefix (keys, values), positions from 0.
+
+    Returns:
+        A :class:`BlendResult` with the cache of the whole fused context.
+
+    Raises:
+        BlendError: on a bad ratio, schedule, deviation, check layer or chunk shape.
+    """
+    t0 = time.perf_counter()
+    model = loaded if hasattr(loaded, "lm_head") else getattr(loaded, "model", loaded)
+    num_layers = int(model.config.num_hidden_layers)
+    if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
+        raise BlendError(f"ratio: {ratio} not in [0, 1]")
+    if schedule not in SCHEDULES:
+        raise BlendError(f"schedule: {schedule!r} not one of {SCHEDULES}")
+    if deviation not in DEVIATIONS:
+        raise BlendError(f"deviation: {deviation!r} not one of {DEVIATIONS}")
+    if not 0 <= check_layer < num_layers:
+        raise BlendError(f"check_layer: {check_layer} not in [0, {num_layers - 1}]")
+    plan = _keep_plan(ratio, schedule, check_layer, num_layers, start_factor, gradual_layers)
+    with torch.no_grad():
+        ctx = _build_context(
+            model, _ids(prefix_ids, "prefix"), chunks, _ids(suffix_ids, "suffix"), prefix_kv
+        )
+        t1 = time.perf_counter()
+        h_last, pos, counts = _run_layers(model, ctx, plan, deviation)
+        logits = model.lm_head(_decoder(model).norm(h_last))[0]
+        t2 = time.perf_counter()
+        cache = _to_cache(model, ctx.keys, ctx.values)
+    t3 = time.perf_counter()
+    timings = {"reposition": t1 - t0, "layers": t2 - t1, "cache": t3 - t2, "total": t3 - t0}
+    return BlendResult(cache, logits, pos.cpu(), timings, counts)
