@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rotary, reposition_keys, rotary_table
+from .hf_bridge import kv_to_cache
+from .rope import apply_rotary, remove_rotary, rotary_table
 
 __all__ = ["BlendError", "BlendResult", "ChunkKV", "blend", "SCHEDULES", "DEVIATIONS"]
 
@@ -86,6 +87,8 @@ class _Context:
     reuse: torch.Tensor  # [N] bool, True where the cached K/V may be kept
     keys: torch.Tensor  # [L, H, N, D] cached keys at their new positions (0 where fresh)
     values: torch.Tensor  # [L, H, N, D]
+    cos: torch.Tensor  # [N, rot_dim] RoPE table of the fused context (fp32)
+    sin: torch.Tensor
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -114,6 +117,7 @@ def _build_context(
     chunks: Sequence[ChunkKV],
     suffix_ids: torch.Tensor,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,
+    fix_positions: bool = True,
 ) -> _Context:
     """Concatenate the token ids and place every cache at its position in the fused context."""
     cfg = model.config
@@ -132,22 +136,26 @@ def _build_context(
     values = torch.zeros(shape, dtype=dtype, device=device)
     reuse = torch.zeros(n_total, dtype=torch.bool, device=device)
     rotary = _decoder(model).rotary_emb
+    cos, sin = rotary_table(rotary, n_total, device=device)
+    old_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
     for ids, kv, name in parts:
         n = int(ids.numel())
         if kv is not None and n:
             _check_kv(kv[0], kv[1], n, cfg, name)
-            old = torch.arange(n)
-            k = kv[0].to(device=device, dtype=dtype)
-            if offset:
-                k = reposition_keys(k, rotary, old, old + offset, new_context_len=n_total)
-            keys[:, :, offset : offset + n] = k
+            k = kv[0].to(device=device)
+            if offset and fix_positions:
+                if n not in old_tables:
+                    old_tables[n] = rotary_table(rotary, n, device=device)
+                new = slice(offset, offset + n)
+                k = apply_rotary(remove_rotary(k.float(), *old_tables[n]), cos[new], sin[new])
+            keys[:, :, offset : offset + n] = k.to(dtype)
             values[:, :, offset : offset + n] = kv[1].to(device=device, dtype=dtype)
             reuse[offset : offset + n] = True
         offset += n
     reuse[-1] = False  # the last token is always computed: its logits are returned
     ids = torch.cat([p[0] for p in parts]).to(device)
-    return _Context(ids=ids, reuse=reuse, keys=keys, values=values)
+    return _Context(ids=ids, reuse=reuse, keys=keys, values=values, cos=cos, sin=sin)
 
 
 def _keep_plan(
@@ -230,7 +238,7 @@ def _run_layers(
     dec = _decoder(model)
     n = int(ctx.ids.numel())
     n_reuse = int(ctx.reuse.sum())
-    cos, sin = rotary_table(dec.rotary_emb, n, dtype=ctx.keys.dtype, device=ctx.ids.device)
+    cos, sin = ctx.cos.to(ctx.keys.dtype), ctx.sin.to(ctx.keys.dtype)
     pos = torch.arange(n, device=ctx.ids.device)
     if plan == {0: 0.0}:  # naive reuse: only the fresh tokens are ever computed
         pos, plan = (~ctx.reuse).nonzero().flatten(), {}
@@ -256,15 +264,6 @@ def _run_layers(
     return h[:, -1], pos, counts
 
 
-def _to_cache(model: nn.Module, keys: torch.Tensor, values: torch.Tensor):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for li in range(keys.shape[0]):
-        cache.update(keys[li][None], values[li][None], li)
-    return cache
-
-
 def blend(
     loaded,
     prefix_ids: Sequence[int] | torch.Tensor,
@@ -278,6 +277,7 @@ def blend(
     start_factor: float = 2.0,
     gradual_layers: int = 3,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fix_positions: bool = True,
 ) -> BlendResult:
     """Fuse independently computed chunk caches into one context and repair it selectively.
 
@@ -295,6 +295,8 @@ def blend(
         start_factor: gradual only: share kept at the check layer = ``start_factor * ratio``.
         gradual_layers: gradual only: layers over which the share shrinks to ``ratio``.
         prefix_kv: optional exact cache of the prefix (keys, values), positions from 0.
+        fix_positions: re-rotate the chunk keys (True); False keeps them at their original
+            positions — only useful as a baseline showing what the correction buys.
 
     Returns:
         A :class:`BlendResult` with the cache of the whole fused context.
@@ -316,13 +318,14 @@ def blend(
     plan = _keep_plan(ratio, schedule, check_layer, num_layers, start_factor, gradual_layers)
     with torch.no_grad():
         ctx = _build_context(
-            model, _ids(prefix_ids, "prefix"), chunks, _ids(suffix_ids, "suffix"), prefix_kv
+            model, _ids(prefix_ids, "prefix"), chunks, _ids(suffix_ids, "suffix"), prefix_kv,
+            fix_positions,
         )
         t1 = time.perf_counter()
         h_last, pos, counts = _run_layers(model, ctx, plan, deviation)
         logits = model.lm_head(_decoder(model).norm(h_last))[0]
         t2 = time.perf_counter()
-        cache = _to_cache(model, ctx.keys, ctx.values)
+        cache = kv_to_cache(ctx.keys, ctx.values, model.config)
     t3 = time.perf_counter()
     timings = {"reposition": t1 - t0, "layers": t2 - t1, "cache": t3 - t2, "total": t3 - t0}
     return BlendResult(cache, logits, pos.cpu(), timings, counts)
