@@ -1,1 +1,40 @@
-"""kvcodec.codec."""
+"""kvcodec.codec: KV tensors <-> checksummed ``.kvc`` bitstreams.
+
+The pipeline, one module per stage::
+
+    quantize.py   per-head uniform steps, per-channel centres (torch, any device)
+    entropy.py    discrete-Laplace models + constriction ANS
+    substream.py  one layer x tensor x token block: quantized or lossless payload
+    container.py  header, substream index, CRC-32s, decoder limits (FORMAT.md)
+    api.py        encode / decode / decode_layer / inspect / verify
+    kvfile.py     safetensors KV files, the CLI's interchange format
+
+Errors are in :mod:`kvcodec.codec.errors` (root: ``KVCodecError``).
+"""
+
+from kvcodec.codec.api import (
+    KVPair,
+    StreamInfo,
+    decode,
+    decode_layer,
+    encode,
+    inspect,
+    verify,
+)
+from kvcodec.codec.container import DecodeLimits
+from kvcodec.codec.errors import KVCodecError
+from kvcodec.codec.levels import DEFAULT_LEVEL, LEVELS
+
+__all__ = [
+    "encode",
+    "decode",
+    "decode_layer",
+    "inspect",
+    "verify",
+    "KVPair",
+    "StreamInfo",
+    "DecodeLimits",
+    "KVCodecError",
+    "LEVELS",
+    "DEFAULT_LEVEL",
+]

@@ -8,12 +8,12 @@ else escapes the decoders (fuzzing checks that)::
     ├── UnsupportedFormat     bad magic, unknown version, reserved bits set, unknown id
     ├── TruncatedStream       the stream ends before the header says it should
     ├── TrailingData          bytes after the last substream (e.g. two files concatenated)
-    ├── ChecksumMismatch      a header, index or substream fails its CRC-32C
+    ├── ChecksumMismatch      a header, index or substream fails its CRC-32
     ├── LimitExceeded         a field is larger than the decoder's limits allow
     └── CorruptStream         checksums pass but the content is inconsistent
 
 Messages name the field and the value, e.g.
-``substream 3 (layer 1, values, tokens 0-255): crc32c 0x1f2e3d4c != stored 0x9a0b1c2d``.
+``substream 3 (layer 1, values, tokens 0-255): crc32 0x1f2e3d4c != stored 0x9a0b1c2d``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class TrailingData(KVCodecError):
 
 
 class ChecksumMismatch(KVCodecError):
-    """A CRC-32C check failed: the bytes were altered in storage or transit."""
+    """A CRC-32 check failed: the bytes were altered in storage or transit."""
 
 
 class LimitExceeded(KVCodecError):

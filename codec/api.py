@@ -1,0 +1,279 @@
+"""The codec's Python API: tensors <-> ``.kvc`` bytes.
+
+Example::
+
+    from kvcodec.codec import encode, decode, inspect
+
+    blob = encode(keys, values, level="balanced", model="smollm2-135m")
+    info = inspect(blob)             # sizes, bits per element, side information
+    kv = decode(blob)                # KVPair(keys, values), same shape and dtype
+    k3, v3 = decode_layer(blob, 3)   # one layer alone: [kv_heads, tokens, head_dim]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+
+from kvcodec.codec import container, substream
+from kvcodec.codec.container import DecodeLimits, Header, Layout
+from kvcodec.codec.errors import InvalidInput
+from kvcodec.codec.kvfile import check_kv
+from kvcodec.codec.levels import MODE_LOSSLESS, DEFAULT_LEVEL, Level, get_level, level_by_id
+
+Progress = Callable[[int, int], None]
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+DEFAULT_TOKEN_BLOCK = 256
+
+
+class KVPair(NamedTuple):
+    """Keys and values, each ``[layers, kv_heads, tokens, head_dim]`` (or one layer's 3-D slice)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class StreamInfo:
+    """What ``kvcodec inspect`` reports about a stream."""
+
+    level: str
+    mode: str
+    coder: str
+    dtype: str
+    layers: int
+    kv_heads: int
+    tokens: int
+    head_dim: int
+    token_block: int
+    first_position: int
+    model: str
+    substreams: int
+    total_bytes: int
+    header_bytes: int
+    index_bytes: int
+    side_info_bytes: int
+    bits_per_element: float
+    ratio_vs_fp16: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _level_name(level_id: int) -> str:
+    level = level_by_id(level_id)
+    return level.name if level else f"custom-{level_id}"
+
+
+def _blocks(x: torch.Tensor, header: Header) -> Iterable[tuple[int, torch.Tensor]]:
+    for b in range(header.blocks_per_tensor):
+        start = b * header.token_block
+        yield b, x[:, start : start + header.token_block]
+
+
+def encode(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    level: str | Level = DEFAULT_LEVEL,
+    model: str = "",
+    first_position: int = 0,
+    token_block: int = DEFAULT_TOKEN_BLOCK,
+    progress: Progress | None = None,
+) -> bytes:
+    """Encode a KV cache into a ``.kvc`` stream.
+
+    Args:
+        keys, values: ``[layers, kv_heads, tokens, head_dim]`` float16/bfloat16/float32
+            tensors, on the CPU or a GPU (quantization runs where the tensors are).
+        level: ``lossless``, ``high``, ``balanced`` (default) or ``compact``.
+        model: model identity recorded in the header (at most 256 UTF-8 bytes).
+        first_position: absolute position of the first token.
+        token_block: tokens per independently decodable substream (1..4096).
+        progress: optional ``callback(done, total)`` called per substream.
+
+    Returns:
+        The stream bytes.
+
+    Raises:
+        InvalidInput: bad tensors or options, or NaN/Inf with a lossy level.
+    """
+    check_kv(keys, values)
+    lv = get_level(level)
+    if not 1 <= token_block <= DecodeLimits().max_token_block:
+        raise InvalidInput(f"token_block: {token_block} is outside 1..{DecodeLimits().max_token_block}")
+    if len(model.encode("utf-8")) > container.MAX_MODEL_NAME:
+        raise InvalidInput(f"model: name longer than {container.MAX_MODEL_NAME} bytes")
+    lossless = lv.mode == MODE_LOSSLESS
+    if not lossless:
+        for name, t in (("keys", keys), ("values", values)):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise InvalidInput(f"{name}: {bad} non-finite values (NaN/Inf); only level lossless keeps them")
+    layers, heads, tokens, dim = keys.shape
+    header = Header(
+        mode=lv.mode, level=lv.id, dtype=_DTYPE_NAMES[keys.dtype],
+        coder=container.CODER_ZSTD_PLANES if lossless else container.CODER_ANS,
+        layers=layers, kv_heads=heads, tokens=tokens, head_dim=dim,
+        token_block=token_block, first_position=first_position, model=model,
+    )
+    payloads: list[bytes] = []
+    total = header.n_substreams
+    for layer in range(layers):
+        for is_value, tensor in ((False, keys), (True, values)):
+            for _, block in _blocks(tensor[layer], header):
+                if lossless:
+                    payloads.append(substream.encode_lossless(block))
+                else:
+                    fraction = lv.step_fraction(layer, is_value)
+                    payloads.append(substream.encode_quantized(block.float(), fraction))
+                if progress:
+                    progress(len(payloads), total)
+    return container.pack(header, payloads)
+
+
+def _decode_sub(data, layout: Layout, sid: int, tokens: int, dtype, device) -> torch.Tensor:
+    h = layout.header
+    view = container.substream(data, layout, sid)
+    try:
+        if h.mode == MODE_LOSSLESS:
+            return substream.decode_lossless(view, h.kv_heads, tokens, h.head_dim, dtype, device)
+        return substream.decode_quantized(view, h.kv_heads, tokens, h.head_dim, dtype, device)
+    except container.ChecksumMismatch:
+        raise
+    except Exception as exc:
+        if isinstance(exc, substream.CorruptStream):
+            raise substream.CorruptStream(f"{h.describe(sid)}: {exc}") from None
+        raise
+
+
+def _decode_layers(
+    data, layout: Layout, layers: list[int], dtype, device, progress: Progress | None, threads: int
+) -> KVPair:
+    h = layout.header
+    out_dtype = dtype or _TORCH_DTYPES[h.dtype]
+    shape = (len(layers), h.kv_heads, h.tokens, h.head_dim)
+    keys = torch.empty(shape, dtype=out_dtype, device=device)
+    values = torch.empty(shape, dtype=out_dtype, device=device)
+    jobs = []
+    for i, layer in enumerate(layers):
+        for is_value, target in ((False, keys), (True, values)):
+            for b in range(h.blocks_per_tensor):
+                jobs.append((i, layer, is_value, target, b))
+
+    def run(job) -> None:
+        i, layer, is_value, target, b = job
+        start = b * h.token_block
+        n = h.block_tokens(b)
+        sid = h.substream_id(layer, is_value, b)
+        target[i, :, start : start + n] = _decode_sub(data, layout, sid, n, out_dtype, device)
+
+    done = 0
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(run, jobs):
+                done += 1
+                if progress:
+                    progress(done, len(jobs))
+    else:
+        for job in jobs:
+            run(job)
+            done += 1
+            if progress:
+                progress(done, len(jobs))
+    return KVPair(keys, values)
+
+
+def decode(
+    data: bytes | memoryview,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    limits: DecodeLimits | None = None,
+    allow_trailing: bool = False,
+    progress: Progress | None = None,
+    threads: int = 1,
+) -> KVPair:
+    """Decode a whole stream into ``KVPair(keys, values)``.
+
+    Args:
+        data: the stream.
+        device: where to build the tensors (default CPU).
+        dtype: output dtype (default: the dtype recorded in the stream).
+        limits: decoder limits (defaults are safe for untrusted input).
+        allow_trailing: accept bytes after the last substream.
+        progress: optional ``callback(done, total)``.
+        threads: worker threads for substreams (zstd releases the GIL).
+
+    Raises:
+        KVCodecError: any malformed, truncated or corrupted input.
+    """
+    layout = container.parse(data, limits, allow_trailing=allow_trailing)
+    return _decode_layers(data, layout, list(range(layout.header.layers)), dtype, device, progress, threads)
+
+
+def decode_layer(
+    data: bytes | memoryview,
+    layer: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    limits: DecodeLimits | None = None,
+) -> KVPair:
+    """Decode one layer: ``KVPair`` of ``[kv_heads, tokens, head_dim]`` tensors."""
+    layout = container.parse(data, limits)
+    if not 0 <= layer < layout.header.layers:
+        raise InvalidInput(f"layer: {layer} is outside 0..{layout.header.layers - 1}")
+    kv = _decode_layers(data, layout, [layer], dtype, device, None, 1)
+    return KVPair(kv.keys[0], kv.values[0])
+
+
+def _side_bytes(layout: Layout) -> int:
+    h = layout.header
+    if h.mode == MODE_LOSSLESS:
+        per_sub = 4 * container.DTYPE_BYTES[h.dtype]
+    else:
+        per_sub = substream.quantized_side_bytes(h.kv_heads, h.head_dim)
+    return layout.header_bytes + layout.index_bytes + per_sub * h.n_substreams
+
+
+def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> StreamInfo:
+    """Describe a stream from its header and index (substream CRCs are not checked)."""
+    layout = container.parse(data, limits)
+    h = layout.header
+    elements = 2 * h.layers * h.kv_heads * h.tokens * h.head_dim
+    total = len(data)
+    return StreamInfo(
+        level=_level_name(h.level), mode="lossless" if h.mode == MODE_LOSSLESS else "quantized",
+        coder=container.CODER_NAMES[h.coder], dtype=h.dtype, layers=h.layers,
+        kv_heads=h.kv_heads, tokens=h.tokens, head_dim=h.head_dim, token_block=h.token_block,
+        first_position=h.first_position, model=h.model, substreams=h.n_substreams,
+        total_bytes=total, header_bytes=layout.header_bytes, index_bytes=layout.index_bytes,
+        side_info_bytes=_side_bytes(layout), bits_per_element=8 * total / elements,
+        ratio_vs_fp16=16 * elements / (8 * total),
+    )
+
+
+def verify(data: bytes | memoryview, *, limits: DecodeLimits | None = None, full: bool = True) -> StreamInfo:
+    """Check every checksum (and, with ``full``, that every substream decodes).
+
+    Returns:
+        The stream's :class:`StreamInfo`.
+
+    Raises:
+        KVCodecError: the first problem found.
+    """
+    info = inspect(data, limits=limits)
+    layout = container.parse(data, limits)
+    h = layout.header
+    for sid in range(h.n_substreams):
+        if full:
+            _decode_sub(data, layout, sid, h.block_tokens(sid % h.blocks_per_tensor), torch.float32, None)
+        else:
+            container.substream(data, layout, sid)
+    return info

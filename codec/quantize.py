@@ -1,0 +1,122 @@
+"""Stage 1: uniform scalar quantization of one substream, on any torch device.
+
+A substream holds one layer's keys or values for one block of tokens, shaped
+``[kv_heads, tokens, head_dim]``. Each head gets one step size, the same for
+all its channels: for an entropy-coded uniform quantizer, an equal step is the
+MSE-optimal allocation across components, and channels with outliers (keys
+have them) automatically receive more bits. Each channel gets an integer
+centre (the rounded mean of its symbols) so the entropy model is centred.
+
+Every operation here is either elementwise IEEE arithmetic (``x / step``,
+round-half-even) or an integer reduction, so the symbols are bit-identical on
+the CPU and on a GPU whatever the reduction order. The step itself is derived
+from exact integer statistics: values are first snapped to a grid of
+``absmax / 4096`` (absmax is order-independent), their squares summed as
+int64, and the RMS computed on the host from those integers.
+
+Error bound: every reconstructed element is within ``step / 2`` of the input
+(before rounding to the output dtype), where ``step`` is the head's step
+recorded in the stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Grid resolution used to estimate the RMS exactly (see module docstring).
+STAT_GRID = 4096
+# The step never falls below absmax / 2**15, so |symbol| <= 2**15.
+MIN_STEP_FRACTION_OF_ABSMAX = 2.0**-15
+MAX_SYMBOL = 2**16
+
+
+@dataclass
+class QuantizedBlock:
+    """The symbols and side information of one quantized substream.
+
+    Attributes:
+        steps: float32 ``[heads]`` step sizes.
+        centers: int32 ``[heads * head_dim]`` per-channel centres.
+        deltas: int32 ``[heads * head_dim, tokens]`` symbols minus centre, channel-major.
+        kmax: int32 ``[heads * head_dim]`` largest ``|delta|`` per channel.
+        abs_sums: int64 ``[heads * head_dim]`` sum of ``|delta|`` per channel.
+    """
+
+    steps: np.ndarray
+    centers: np.ndarray
+    deltas: np.ndarray
+    kmax: np.ndarray
+    abs_sums: np.ndarray
+
+
+def head_steps(x: torch.Tensor, fraction: float) -> np.ndarray:
+    """Choose each head's step as ``fraction`` times its channel-centred RMS.
+
+    Args:
+        x: float32 ``[heads, tokens, head_dim]`` on any device.
+        fraction: step as a fraction of the RMS (from the level).
+
+    Returns:
+        float32 ``[heads]`` steps, identical on every device.
+    """
+    heads, tokens, dim = x.shape
+    absmax = x.abs().amax(dim=(1, 2))
+    grid = absmax / STAT_GRID
+    grid = torch.where(grid > 0, grid, torch.ones_like(grid))
+    snapped = torch.round(x / grid[:, None, None]).to(torch.int64)
+    sq = (snapped * snapped).sum(dim=(1, 2)).cpu().numpy()
+    ch = snapped.sum(dim=1).cpu().numpy()  # [heads, dim]
+    grid_h = grid.cpu().numpy().astype(np.float64)
+    absmax_h = absmax.cpu().numpy().astype(np.float64)
+    steps = np.empty(heads, dtype=np.float32)
+    for h in range(heads):
+        # tokens * sum(q^2) - sum_c (sum_t q)^2, exact in Python integers
+        centred = tokens * int(sq[h]) - sum(int(v) * int(v) for v in ch[h])
+        rms = math.sqrt(max(centred, 0) / (tokens * tokens * dim)) * grid_h[h]
+        floor = absmax_h[h] * MIN_STEP_FRACTION_OF_ABSMAX
+        step = max(rms * fraction, floor)
+        steps[h] = np.float32(step) if step > 0 else np.float32(1.0)
+    return steps
+
+
+def quantize_block(x: torch.Tensor, steps: np.ndarray) -> QuantizedBlock:
+    """Quantize ``x`` (float32 ``[heads, tokens, head_dim]``) with per-head steps."""
+    heads, tokens, dim = x.shape
+    step_t = torch.from_numpy(steps).to(x.device)
+    q = torch.round(x / step_t[:, None, None]).to(torch.int64)
+    q = q.permute(0, 2, 1).reshape(heads * dim, tokens)  # channel-major
+    sums = q.sum(dim=1)
+    # round-half-up of sums / tokens in exact integer arithmetic
+    centers = torch.div(2 * sums + tokens, 2 * tokens, rounding_mode="floor")
+    deltas = q - centers[:, None]
+    absd = deltas.abs()
+    return QuantizedBlock(
+        steps=steps,
+        centers=centers.to(torch.int32).cpu().numpy(),
+        deltas=deltas.to(torch.int32).cpu().numpy(),
+        kmax=absd.amax(dim=1).to(torch.int32).cpu().numpy(),
+        abs_sums=absd.sum(dim=1).cpu().numpy(),
+    )
+
+
+def dequantize_block(
+    steps: np.ndarray,
+    centers: np.ndarray,
+    deltas: np.ndarray,
+    heads: int,
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Rebuild ``[heads, tokens, head_dim]`` from the symbols and side information."""
+    tokens = deltas.shape[1]
+    d = torch.from_numpy(deltas).to(device)
+    c = torch.from_numpy(centers).to(device)
+    q = (d + c[:, None]).to(torch.float32)
+    q = q.reshape(heads, dim, tokens).permute(0, 2, 1)
+    step_t = torch.from_numpy(steps).to(device)
+    return (q * step_t[:, None, None]).to(dtype)
