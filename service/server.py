@@ -50,20 +50,9 @@ log = logging.getLogger("kvcodec.service")
 HEALTH_INTERVAL_S = 5.0
 
 
-def default_store_url() -> str:
-    """The store package's default: the embedded local store under the user cache."""
-    from kvcodec import store
 
-    url = getattr(store, "DEFAULT_STORE_URL", None)
-    if url:
-        return str(url() if callable(url) else url)
-    from kvcodec.store.local import default_root
-
-    return str(default_root())
-
-
-def open_server_store(url: str) -> Any:
-    """Open the server's store (tenant "").
+def open_server_store(url: str, **options: Any) -> Any:
+    """Open the server's store (tenant ""); "" = the store package's default local store.
 
     Reads check every CRC without decoding (``verify(full=False)``): the store's
     envelope SHA-256 already proves the bytes are the ones fully verified on Put.
@@ -74,7 +63,8 @@ def open_server_store(url: str) -> Any:
     from kvcodec.codec import verify
     from kvcodec.store import open_store
 
-    return open_store(url or default_store_url(), verifier=functools.partial(verify, full=False))
+    options.setdefault("verifier", functools.partial(verify, full=False))
+    return open_store(url or None, **options)
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
