@@ -66,7 +66,7 @@ class BlendResult:
     Attributes:
         cache: a ``DynamicCache`` for the whole fused context, ready to continue decoding.
         logits_last: logits of the last position of the fused context, ``[vocab]``.
-        selected: positions recomputed through the last layer (chunk tokens chosen by
+        selected: positions whose K/V is fresh in the last layer (chunk tokens chosen by
             deviation, plus the always-fresh tokens), sorted, 1-D long.
         timings: seconds per stage (``reposition``, ``layers``, ``total``).
         recomputed_per_layer: number of tokens computed at each layer.
@@ -170,7 +170,7 @@ def _keep_plan(
     if schedule == "single" or gradual_layers < 1:
         return {check_layer: ratio}
     start = min(1.0, start_factor * ratio)
-    steps = min(gradual_layers, num_layers - 1 - check_layer)
+    steps = min(gradual_layers, num_layers - 2 - check_layer)
     if steps < 1:
         return {check_layer: ratio}
     return {check_layer + i: start * (ratio / start) ** (i / steps) for i in range(steps + 1)}
@@ -244,6 +244,7 @@ def _run_layers(
         pos, plan = (~ctx.reuse).nonzero().flatten(), {}
     h = dec.embed_tokens(ctx.ids[pos])[None]
     counts: list[int] = []
+    selected = pos
     for li, layer in enumerate(dec.layers):
         attn = layer.self_attn
         counts.append(int(pos.numel()))
@@ -256,12 +257,15 @@ def _run_layers(
             keep = _select(pos, ctx.reuse, dev, plan[li], n_reuse)
         keys[:, pos] = k[0]
         values[:, pos] = v[0]
+        if li == len(dec.layers) - 1:  # the last layer: only the last position's output counts
+            selected = pos if keep is None else pos[keep]
+            keep = torch.tensor([pos.numel() - 1], device=pos.device)
         if keep is not None and keep.numel() != pos.numel():
             h, q, pos = h[:, keep], q[:, :, keep], pos[keep]
         out = _attend(attn, q, keys[None], values[None], pos, full=pos.numel() == n)
         h = h + out
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h[:, -1], pos, counts
+    return h[:, -1], selected, counts
 
 
 def blend(
