@@ -29,8 +29,10 @@ import torch
 
 # Grid resolution used to estimate the RMS exactly (see module docstring).
 STAT_GRID = 4096
-# The step never falls below absmax / 2**15, so |symbol| <= 2**15.
-MIN_STEP_FRACTION_OF_ABSMAX = 2.0**-15
+# The step never falls below absmax / 32767, so |symbol| <= 32767 and the
+# per-channel centres fit the stream's int16 field.
+MAX_ABS_SYMBOL = 32767
+MIN_STEP_FRACTION_OF_ABSMAX = 1.0 / MAX_ABS_SYMBOL
 MAX_SYMBOL = 2**16
 
 
@@ -79,7 +81,11 @@ def head_steps(x: torch.Tensor, fraction: float) -> np.ndarray:
         rms = math.sqrt(max(centred, 0) / (tokens * tokens * dim)) * grid_h[h]
         floor = absmax_h[h] * MIN_STEP_FRACTION_OF_ABSMAX
         step = max(rms * fraction, floor)
-        steps[h] = np.float32(step) if step > 0 else np.float32(1.0)
+        s = np.float32(step) if np.float32(step) > 0 else np.float32(1.0)
+        amax = np.float32(absmax_h[h])
+        while amax / s > MAX_ABS_SYMBOL:  # float32 rounding of the floor (subnormals)
+            s = np.nextafter(s, np.float32(np.inf))
+        steps[h] = s
     return steps
 
 
@@ -119,4 +125,6 @@ def dequantize_block(
     q = (d + c[:, None]).to(torch.float32)
     q = q.reshape(heads, dim, tokens).permute(0, 2, 1)
     step_t = torch.from_numpy(steps).to(device)
-    return (q * step_t[:, None, None]).to(dtype)
+    out = q * step_t[:, None, None]
+    finfo = torch.finfo(dtype)  # a value just under the dtype's max must not round to Inf
+    return out.clamp(finfo.min, finfo.max).to(dtype)
