@@ -102,6 +102,7 @@ class QualityProbe:
         self._keys, self._values, self._first_logp = self._prefill_prefix()
         logp = self._eval_logprobs(self._keys, self._values)
         self._ref_logp = logp
+        self._ref_p = logp.exp()
         self._ref_argmax = logp.argmax(-1)
         self.ppl_ref = self._perplexity(logp)
 
@@ -153,7 +154,7 @@ class QualityProbe:
         ppl = self._perplexity(logp)
         agree = float((logp.argmax(-1) == self._ref_argmax).float().mean()) * 100.0
         ref = self._ref_logp
-        kl = float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean())  # >= 0; fp32 rounding
+        kl = float((self._ref_p * (ref - logp)).sum(-1).clamp_min(0).mean())  # >= 0; fp32 rounding
         return QualityResult(
             ppl_ref=self.ppl_ref,
             ppl=ppl,
