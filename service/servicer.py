@@ -105,6 +105,10 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             code = grpc.StatusCode.CANCELLED if context.is_active() is False else \
                 grpc.StatusCode.DEADLINE_EXCEEDED
             self.metrics.cancelled.labels(method).inc()
+        except GeneratorExit:  # gRPC dropped a streaming handler: the client cancelled
+            code = grpc.StatusCode.CANCELLED
+            self.metrics.cancelled.labels(method).inc()
+            raise
         except Exception as exc:
             if context.code() is not None:  # context.abort() already set a status
                 code = context.code()

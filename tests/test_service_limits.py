@@ -1,0 +1,127 @@
+"""RELIABILITY cases 17 (oversize) and 18 (deadline / cancel), plus load shedding."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from _service_fixtures import toy_context, toy_kv
+
+from kvcodec.client.grpc_client import CacheClient, encode_chunks, put_messages
+from kvcodec.proto import kvcodec_pb2 as pb
+from kvcodec.service.errors import DeadlineExceeded, Overloaded
+
+MiB = 1 << 20
+
+
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_oversize_message_and_chunk_are_refused_and_server_stays_healthy(start_server):
+    server = start_server("local", max_message_bytes=2 * MiB, piece_bytes=MiB,
+                          max_chunk_bytes=4 * MiB)
+    ctx = toy_context(tokens=64, chunk_tokens=32)
+    with CacheClient(server.address, max_message_bytes=64 * MiB) as client:
+        big = [pb.PutRequest(context=ctx.to_proto()),
+               pb.PutRequest(begin=pb.PutChunk(index=0, level="high", total_bytes=3 * MiB),
+                             data=bytes(3 * MiB))]
+        with pytest.raises(grpc.RpcError) as info:
+            client.stub.Put(iter(big), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        declared = [pb.PutRequest(context=ctx.to_proto()),
+                    pb.PutRequest(begin=pb.PutChunk(index=0, level="high", total_bytes=5 * MiB))]
+        with pytest.raises(Overloaded, match="total_bytes 5242880 > max_chunk_bytes 4194304"):
+            client._call(lambda t: client.stub.Put(iter(declared), timeout=t))
+        assert client.health() == "SERVING"
+        keys, values = toy_kv(ctx)
+        assert all(r.created for r in client.put_kv(ctx, keys, values, level="high"))
+
+
+def test_get_deadline_exceeded(start_server):
+    server = start_server("memory")
+    ctx = toy_context()
+    with CacheClient(server.address, retries=0) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.lookup(ctx, timeout_s=0.000001)
+        assert client.health() == "SERVING"
+
+
+def _slow_put(ctx, chunks, started: threading.Event, release: threading.Event):
+    msgs = list(put_messages(ctx, chunks, piece=64))
+    yield msgs[0]
+    yield msgs[1]
+    started.set()
+    release.wait(10)
+    yield from msgs[2:]
+
+
+def test_cancelled_put_leaves_no_entry_and_handler_stops(start_server):
+    server = start_server("local")
+    ctx = toy_context(tokens=64, chunk_tokens=32, seed=11)
+    chunks = encode_chunks(ctx, *toy_kv(ctx, 11), level="high")
+    started, release = threading.Event(), threading.Event()
+    with CacheClient(server.address) as client:
+        future = client.stub.Put.future(_slow_put(ctx, chunks, started, release), timeout=10)
+        assert started.wait(5)
+        future.cancel()
+        release.set()
+        assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_cancelled_total",
+                                                      method="Put") == 1)
+        assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_in_flight") == 0)
+        assert not any(e.present for c in client.lookup(ctx, levels=["high"]).chunks for e in c.levels)
+
+
+def test_put_past_its_deadline_leaves_no_entry(start_server):
+    server = start_server("local")
+    ctx = toy_context(tokens=64, chunk_tokens=32, seed=12)
+    chunks = encode_chunks(ctx, *toy_kv(ctx, 12), level="high")
+    started, release = threading.Event(), threading.Event()
+    with CacheClient(server.address) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            threading.Timer(1.0, release.set).start()
+            client.stub.Put(_slow_put(ctx, chunks, started, release), timeout=0.4)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_in_flight") == 0)
+        assert not any(e.present for c in client.lookup(ctx, levels=["high"]).chunks for e in c.levels)
+
+
+def test_cancelled_get_stops_streaming(start_server):
+    server = start_server("memory")
+    ctx = toy_context(tokens=96, chunk_tokens=32, seed=13)
+    with CacheClient(server.address) as client:
+        client.put_kv(ctx, *toy_kv(ctx, 13), level="high")
+        refs = [pb.ChunkRef(index=i % 3, level="high") for i in range(3000)]
+        call = client.stub.Get(pb.GetRequest(context=ctx.to_proto(), chunks=refs, piece_bytes=256),
+                               timeout=30)
+        next(call)
+        call.cancel()
+        assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_cancelled_total",
+                                                      method="Get") == 1)
+        assert server.metrics.value("kvcodec_chunk_hits_total") < 3000
+        assert client.health() == "SERVING"
+
+
+def test_concurrency_limit_sheds_load(start_server):
+    server = start_server("memory", max_concurrent_rpcs=2)
+    ctx = toy_context(tokens=64, chunk_tokens=32, seed=14)
+    chunks = encode_chunks(ctx, *toy_kv(ctx, 14), level="high")
+    release = threading.Event()
+    with CacheClient(server.address, retries=0) as client:
+        events = [threading.Event(), threading.Event()]
+        futures = [client.stub.Put.future(_slow_put(ctx, chunks, ev, release), timeout=10)
+                   for ev in events]
+        assert all(ev.wait(5) for ev in events)
+        assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_in_flight") == 2)
+        with pytest.raises(Overloaded, match="RESOURCE_EXHAUSTED"):
+            client.lookup(ctx)
+        release.set()
+        assert [len(f.result().results) for f in futures] == [2, 2]
+        assert client.lookup(ctx).chunks
