@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import logging
 import threading
@@ -37,17 +38,24 @@ KeyLike = str | ChunkKey
 
 
 def resolve_verifier(verifier: Verifier | str | None) -> Verifier | None:
-    """``"auto"`` → :func:`kvcodec.codec.verify` (None if the codec lacks it);
-    a callable is used as is; None turns stream checks off (envelope checks stay)."""
-    if verifier == "auto":
-        try:
-            from kvcodec.codec import verify
-        except ImportError:
-            return None
-        return verify
+    """``"auto"`` → :func:`kvcodec.codec.verify` with ``full=False`` (header, index
+    and every substream CRC, without decoding); ``"full"`` also decodes every
+    substream; a callable is used as is; None turns stream checks off (the
+    envelope's SHA-256 check stays)."""
+    if verifier in ("auto", "full"):
+        from kvcodec.codec import verify
+
+        return functools.partial(verify, full=verifier == "full")
     if verifier is None or callable(verifier):
         return verifier
-    raise ValueError(f"verifier: expected 'auto', a callable or None, got {verifier!r}")
+    raise ValueError(f"verifier: expected 'auto', 'full', a callable or None, got {verifier!r}")
+
+
+def _verifier_name(verifier: Verifier | None) -> str | None:
+    if verifier is None:
+        return None
+    inner = getattr(verifier, "func", verifier)
+    return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', '?')}"
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
@@ -182,7 +190,7 @@ class ChunkStore(abc.ABC):
         with self._count_lock:
             counts = dict(self._counts)
         out: dict[str, Any] = {"backend": self.scheme, "tenant": self.tenant,
-                               "stream_verifier": getattr(self._verify, "__module__", None)}
+                               "stream_verifier": _verifier_name(self._verify)}
         for name in ("hits", "misses", "puts", "put_existing", "bad_entries", "evictions"):
             out[name] = counts.get(name, 0)
         out.update(self._usage())

@@ -26,9 +26,11 @@ LAYERS, KV_HEADS, HEAD_DIM = 2, 1, 16
 MODEL = "test-model"
 
 
-# Until the codec's encode() is stable, tests use a tiny checksummed stand-in
-# stream and its verifier; set USE_CODEC = True to run on real .kvc streams.
-USE_CODEC = False
+# Conformance, tamper and CLI tests store real ``.kvc`` streams checked by the
+# codec's verify(). Tests that need many megabytes quickly (disk full, Redis OOM,
+# multipart, concurrency) store a checksummed stand-in and pass BULK_OPTIONS,
+# which swaps in its verifier: the store's mechanics are the same.
+USE_CODEC = True
 
 
 def fake_stream(seed: int, size: int) -> bytes:
@@ -62,7 +64,7 @@ def fake_verify(blob: bytes) -> None:
 
 
 @lru_cache(maxsize=256)
-def chunk_stream(seed: int = 0, tokens: int = 8, level: str = "lossless") -> bytes:
+def chunk_stream(seed: int = 0, tokens: int = 8, level: str = "balanced") -> bytes:
     """A stream for a tiny random KV chunk (deterministic per seed)."""
     if not USE_CODEC:
         return fake_stream(seed, 64 * tokens)
@@ -77,8 +79,8 @@ def chunk_stream(seed: int = 0, tokens: int = 8, level: str = "lossless") -> byt
     return encode(keys, values, level=level, model=MODEL)
 
 
-STREAM_VERIFIER = None if USE_CODEC else fake_verify
-VERIFIER_OPTIONS = {} if USE_CODEC else {"verifier": fake_verify}
+BULK_OPTIONS = {"verifier": fake_verify}
+VERIFIER_OPTIONS = {} if USE_CODEC else BULK_OPTIONS
 
 
 def key_of(seed: int) -> str:
@@ -92,6 +94,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port P whose cluster-bus port P + 10000 is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 50000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 class RedisServer:
@@ -118,7 +136,7 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_ready()
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         import redis
 
         deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _store_fixtures import VERIFIER_OPTIONS, fake_stream, key_of
+from _store_fixtures import BULK_OPTIONS, fake_stream, key_of
 
 from kvcodec.store.local import LocalChunkStore
 
@@ -19,7 +19,7 @@ SIZE = 1_000_000
 
 @pytest.mark.parametrize("kind", ["memory", "local", "redis", "s3", "tiered"])
 def test_32_writers_one_key_readers_never_see_partial(make_store, kind: str) -> None:
-    store = make_store(kind)
+    store = make_store(kind, **BULK_OPTIONS)
     blob = fake_stream(7, SIZE)
     barrier = threading.Barrier(WRITERS + READERS)
     results: list[bool] = []
@@ -61,9 +61,9 @@ def test_32_writers_one_key_readers_never_see_partial(make_store, kind: str) -> 
 PROC = r"""
 import sys, threading
 sys.path.insert(0, sys.argv[2])
-from _store_fixtures import VERIFIER_OPTIONS, fake_stream, key_of
+from _store_fixtures import BULK_OPTIONS, fake_stream, key_of
 from kvcodec.store.local import LocalChunkStore
-store = LocalChunkStore(sys.argv[1], **VERIFIER_OPTIONS)
+store = LocalChunkStore(sys.argv[1], **BULK_OPTIONS)
 blob = fake_stream(int(sys.argv[3]), 1_000_000)
 out = []
 def put():
@@ -86,6 +86,6 @@ def test_local_writers_in_two_processes_with_different_payloads(tmp_path: Path) 
     assert all(p.returncode == 0 for p in procs)
     assert sum(int(o[0]) for o in outs) == 1  # one create across 2 x 16 writers
     assert all(o[1] == "1" for o in outs)     # every process saw one consistent value
-    store = LocalChunkStore(tmp_path, **VERIFIER_OPTIONS)
+    store = LocalChunkStore(tmp_path, **BULK_OPTIONS)
     assert store.get(key_of(1)) in {fake_stream(s, 1_000_000) for s in range(2)}
     assert list((tmp_path / "tmp").iterdir()) == [] and store.stats()["entries"] == 1

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _store_fixtures import VERIFIER_OPTIONS, chunk_stream, fake_stream, key_of
+from _store_fixtures import BULK_OPTIONS, chunk_stream, fake_stream, key_of
 
 from kvcodec.store import StoreFull, open_store
 from kvcodec.store.local import LocalChunkStore
@@ -18,9 +18,9 @@ from kvcodec.store.local import LocalChunkStore
 WRITER = r"""
 import sys, itertools, hashlib
 sys.path.insert(0, sys.argv[2])
-from _store_fixtures import VERIFIER_OPTIONS, fake_stream
+from _store_fixtures import BULK_OPTIONS, fake_stream
 from kvcodec.store.local import LocalChunkStore
-store = LocalChunkStore(sys.argv[1], **VERIFIER_OPTIONS)
+store = LocalChunkStore(sys.argv[1], **BULK_OPTIONS)
 for i in itertools.count():
     store.put(hashlib.sha256(str(i).encode()).hexdigest(), fake_stream(i, 2_000_000))
     if i == 0:
@@ -38,7 +38,7 @@ def test_killed_writer_leaves_no_partial_entry(tmp_path: Path) -> None:
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    store = LocalChunkStore(root, **VERIFIER_OPTIONS)
+    store = LocalChunkStore(root, **BULK_OPTIONS)
     assert list((root / "tmp").iterdir()) == []  # the dead writer's temp files are swept
     report = store.scrub(remove=False)
     assert report["bad"] == [] and report["checked"] >= 1
@@ -46,7 +46,7 @@ def test_killed_writer_leaves_no_partial_entry(tmp_path: Path) -> None:
 
 
 def test_stale_temp_files_are_swept_at_open(tmp_path: Path) -> None:
-    store = LocalChunkStore(tmp_path, **VERIFIER_OPTIONS)
+    store = LocalChunkStore(tmp_path)
     store.put(key_of(1), chunk_stream(1))
     store.close()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -57,7 +57,7 @@ def test_stale_temp_files_are_swept_at_open(tmp_path: Path) -> None:
     old = tmp_path / "tmp" / f"{os.getpid()}.abcd.9999.tmp"
     old.write_bytes(b"abandoned long ago")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    store = LocalChunkStore(tmp_path, **VERIFIER_OPTIONS)
+    store = LocalChunkStore(tmp_path)
     assert store.swept == 2
     assert [p.name for p in (tmp_path / "tmp").iterdir()] == [live.name]
     assert store.get(key_of(1)) == chunk_stream(1)
@@ -76,7 +76,7 @@ def small_disk(tmp_path: Path):
 
 
 def test_disk_full_raises_store_full_and_reads_keep_working(small_disk: Path) -> None:
-    store = LocalChunkStore(small_disk / "store", **VERIFIER_OPTIONS)
+    store = LocalChunkStore(small_disk / "store", **BULK_OPTIONS)
     stored = []
     with pytest.raises(StoreFull, match="no space left"):
         for i in range(100):
@@ -93,7 +93,7 @@ def test_disk_full_raises_store_full_and_reads_keep_working(small_disk: Path) ->
 
 def test_lru_capacity_evicts_least_recently_read(tmp_path: Path) -> None:
     size = len(fake_stream(0, 10_000)) + 80
-    store = LocalChunkStore(tmp_path, capacity_bytes=4 * size, **VERIFIER_OPTIONS)
+    store = LocalChunkStore(tmp_path, capacity_bytes=4 * size, **BULK_OPTIONS)
     for i in range(4):
         store.put(key_of(i), fake_stream(i, 10_000))
         time.sleep(0.002)
@@ -106,8 +106,8 @@ def test_lru_capacity_evicts_least_recently_read(tmp_path: Path) -> None:
 
 
 def test_recency_survives_reopen_and_other_processes_share_usage(tmp_path: Path) -> None:
-    a = LocalChunkStore(tmp_path, **VERIFIER_OPTIONS)
-    b = open_store(f"file://{tmp_path}", **VERIFIER_OPTIONS)
+    a = LocalChunkStore(tmp_path)
+    b = open_store(f"file://{tmp_path}")
     a.put(key_of(1), chunk_stream(1))
     b.put(key_of(2), chunk_stream(2))
     assert a.stats()["entries"] == b.stats()["entries"] == 2
@@ -118,9 +118,9 @@ def test_recency_survives_reopen_and_other_processes_share_usage(tmp_path: Path)
 
 
 def test_bad_entry_in_index_but_not_on_disk_is_forgotten(tmp_path: Path) -> None:
-    store = LocalChunkStore(tmp_path, **VERIFIER_OPTIONS)
+    store = LocalChunkStore(tmp_path)
     store.put(key_of(1), chunk_stream(1))
     store.close()
     next((tmp_path / "objects").rglob(key_of(1))).unlink()
-    store = LocalChunkStore(tmp_path, **VERIFIER_OPTIONS)
+    store = LocalChunkStore(tmp_path)
     assert store.stats()["entries"] == 0 and store.get(key_of(1)) is None

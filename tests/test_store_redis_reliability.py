@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from _store_fixtures import VERIFIER_OPTIONS, RedisServer, fake_stream, free_port, key_of
+from _store_fixtures import BULK_OPTIONS, RedisServer, fake_stream, free_cluster_port, free_port, key_of
 
 from kvcodec.store import StoreFull, StoreUnavailable, open_store
 
@@ -29,7 +29,7 @@ def own_redis(request):
 def test_killed_mid_write_then_restarted(own_redis) -> None:
     server = own_redis("--appendonly", "yes", "--appendfsync", "always")
     store = open_store(server.url, timeout_s=1, connect_timeout_s=0.5, max_attempts=1,
-                       **VERIFIER_OPTIONS)
+                       **BULK_OPTIONS)
     written, failures = [], []
 
     def writer() -> None:
@@ -61,7 +61,7 @@ def test_killed_mid_write_then_restarted(own_redis) -> None:
 
 def test_noeviction_full_raises_store_full_and_reads_keep_working(own_redis) -> None:
     server = own_redis("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
-    store = open_store(server.url, **VERIFIER_OPTIONS)
+    store = open_store(server.url, **BULK_OPTIONS)
     stored = []
     with pytest.raises(StoreFull, match="maxmemory"):
         for i in range(200):
@@ -75,7 +75,7 @@ def test_noeviction_full_raises_store_full_and_reads_keep_working(own_redis) -> 
 
 def test_lru_eviction_gives_clean_misses(own_redis) -> None:
     server = own_redis("--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru")
-    store = open_store(server.url, **VERIFIER_OPTIONS)
+    store = open_store(server.url, **BULK_OPTIONS)
     for i in range(60):
         assert store.put(key_of(i), fake_stream(i, 200_000)) is True
     got = store.get_many([key_of(i) for i in range(60)])
@@ -86,7 +86,7 @@ def test_lru_eviction_gives_clean_misses(own_redis) -> None:
 
 def test_ttl_expires_entries(redis_server) -> None:
     redis_server.client().flushall()
-    store = open_store(redis_server.url, ttl_s=1, **VERIFIER_OPTIONS)
+    store = open_store(redis_server.url, ttl_s=1, **BULK_OPTIONS)
     store.put(key_of(1), fake_stream(1, 100))
     assert 0 < redis_server.client().ttl(store._name(key_of(1))) <= 1
     time.sleep(1.3)
@@ -96,7 +96,7 @@ def test_ttl_expires_entries(redis_server) -> None:
 def test_unreachable_server_is_unavailable_within_bounds() -> None:
     start = time.monotonic()
     store = open_store(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5,
-                       connect_timeout_s=0.5, max_attempts=2, **VERIFIER_OPTIONS)
+                       connect_timeout_s=0.5, max_attempts=2, **BULK_OPTIONS)
     with pytest.raises(StoreUnavailable, match="redis"):
         store.get(key_of(1))
     assert store.health()["ok"] is False
@@ -109,7 +109,7 @@ def redis_cluster():
     if shutil.which("redis-cli") is None:
         pytest.fail("redis-cli is not installed")
     nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                         "--cluster-node-timeout", "2000") for _ in range(3)]
+                         "--cluster-node-timeout", "2000", port=free_cluster_port()) for _ in range(3)]
     addrs = [f"127.0.0.1:{n.port}" for n in nodes]
     subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
                     "--cluster-yes"], check=True, capture_output=True, timeout=60)
@@ -124,7 +124,7 @@ def redis_cluster():
 
 
 def test_cluster_roundtrip_spreads_over_nodes(redis_cluster) -> None:
-    store = open_store(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", **VERIFIER_OPTIONS)
+    store = open_store(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", **BULK_OPTIONS)
     items = [(key_of(i), fake_stream(i, 2000)) for i in range(30)]
     assert store.put_many(items) == [True] * 30
     assert store.put_many(items[:5]) == [False] * 5

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from _store_fixtures import VERIFIER_OPTIONS, MotoS3, fake_stream, key_of
+from _store_fixtures import BULK_OPTIONS, MotoS3, fake_stream, key_of
 
 from kvcodec.store import StoreError, StoreUnavailable, open_store
 
 
 def _open(s3: MotoS3, bucket: str, **options):
-    return open_store(f"s3://{bucket}/kv", endpoint_url=s3.endpoint, **VERIFIER_OPTIONS, **options)
+    return open_store(f"s3://{bucket}/kv", endpoint_url=s3.endpoint, **BULK_OPTIONS, **options)
 
 
 def test_create_only_uses_if_none_match_and_checksums(moto_s3) -> None:
@@ -27,7 +27,7 @@ def test_create_only_uses_if_none_match_and_checksums(moto_s3) -> None:
 
 def test_endpoint_from_environment(moto_s3, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
-    store = open_store(f"s3://{moto_s3.new_bucket()}/p", **VERIFIER_OPTIONS)
+    store = open_store(f"s3://{moto_s3.new_bucket()}/p", **BULK_OPTIONS)
     assert store.endpoint_url == moto_s3.endpoint and store.health()["ok"]
 
 

@@ -94,7 +94,7 @@ def test_upload_must_match_its_key_metadata(make_store) -> None:
         pytest.skip("stand-in streams carry no layout")
     store = make_store("local")
     spec = KeySpec(model=MODEL, layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                   codec_profile="lossless")
+                   codec_profile="balanced")
     good = spec.chunk_keys(list(range(8)), chunk_tokens=8)[0]
     assert store.put(good, chunk_stream(1, 8)) is True
     wrong_len = spec.chunk_keys(list(range(9)), chunk_tokens=9)[0]
