@@ -142,7 +142,9 @@ def _decode_sub(data, layout: Layout, sid: int, tokens: int, dtype, device) -> t
     view = container.substream(data, layout, sid)
     try:
         if h.mode == MODE_LOSSLESS:
-            return substream.decode_lossless(view, h.kv_heads, tokens, h.head_dim, dtype, device)
+            stored = _TORCH_DTYPES[h.dtype]  # the planes hold the stream's dtype; convert after
+            out = substream.decode_lossless(view, h.kv_heads, tokens, h.head_dim, stored, device)
+            return out.to(dtype)
         return substream.decode_quantized(view, h.kv_heads, tokens, h.head_dim, dtype, device)
     except container.ChecksumMismatch:
         raise

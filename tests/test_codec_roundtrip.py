@@ -236,3 +236,16 @@ def test_header_records_model_and_first_position():
     kv = torch.zeros(1, 1, 3, 2)
     info = inspect(encode(kv, kv, model="smöllm2", first_position=1234))
     assert info.model == "smöllm2" and info.first_position == 1234
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lossless_decode_to_another_dtype_and_verify(dtype):
+    """Regression: decode(dtype=...) and verify(full=True) used to read the byte planes
+    of a 2-byte lossless stream as float32 and fail with CorruptStream."""
+    from kvcodec.codec.api import verify
+
+    keys = torch.randn(2, 1, 6, 3).to(dtype)
+    blob = encode(keys, keys, level="lossless", token_block=4)
+    assert verify(blob, full=True).substreams == 2 * 2 * 2
+    kv = decode(blob, dtype=torch.float32)
+    assert kv.keys.dtype == torch.float32 and torch.equal(kv.keys, keys.float())
