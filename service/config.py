@@ -139,8 +139,8 @@ def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:
     return tokens
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    target = {f.name: f for f in dataclasses.fields(ServerConfig)}[name]
+def _coerce(name: str, value: Any, label: str) -> Any:
+    """Convert ``value`` to the type of field ``name``; ``label`` names its source in errors."""
     default = getattr(ServerConfig(), name)
     try:
         if isinstance(default, bool):
@@ -155,7 +155,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return {str(k): str(v) for k, v in value.items()}
         return type(default)(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}{target.name}: {value!r} is not a valid {type(default).__name__}") from None
+        raise ConfigError(f"{label}: {value!r} is not a valid {type(default).__name__}") from None
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -178,13 +178,13 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(auth, Mapping) or set(auth) - {"tokens", "tokens_file"}:
             raise ConfigError(f"config: {path}: [auth] takes only 'tokens' and 'tokens_file'")
         if "tokens" in auth:
-            out["auth_tokens"] = _coerce("auth_tokens", auth["tokens"], f"{path}: auth.")
+            out["auth_tokens"] = _coerce("auth_tokens", auth["tokens"], f"{path}: auth.tokens")
         if "tokens_file" in auth:
             out["auth_tokens_file"] = str(auth["tokens_file"])
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"config: {path}: unknown key {key!r}")
-        out[key] = _coerce(key, value, f"{path}: ")
+        out[key] = _coerce(key, value, f"{path}: {key}")
     return out
 
 
@@ -197,7 +197,7 @@ def load_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             continue
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is not None and raw != "":
-            out[f.name] = _coerce(f.name, raw, f"${ENV_PREFIX}")
+            out[f.name] = _coerce(f.name, raw, f"${ENV_PREFIX}{f.name.upper()}")
     return out
 
 
@@ -227,5 +227,5 @@ def build_config(
     values.update(load_env(environ))
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = _coerce(key, value, "--")
+            values[key] = _coerce(key, value, "--" + key.replace("_", "-"))
     return ServerConfig(**values).validate()
