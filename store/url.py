@@ -37,6 +37,8 @@ _STR_OPTIONS = {"tenant", "endpoint_url", "region", "disk_cache", "checksum_algo
 def _query_options(query: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in _INT_OPTIONS | _FLOAT_OPTIONS | _BOOL_OPTIONS | _STR_OPTIONS:
+            raise InvalidStoreURL(f"url: unknown option {name!r}")
         try:
             if name in _INT_OPTIONS:
                 options[name] = int(value)
@@ -44,10 +46,8 @@ def _query_options(query: str) -> dict[str, Any]:
                 options[name] = float(value)
             elif name in _BOOL_OPTIONS:
                 options[name] = value.lower() in ("1", "true", "yes", "on")
-            elif name in _STR_OPTIONS:
-                options[name] = value
             else:
-                raise InvalidStoreURL(f"url: unknown option {name!r}")
+                options[name] = value
         except ValueError:
             raise InvalidStoreURL(f"url: option {name}={value!r} is not a valid value") from None
     return options

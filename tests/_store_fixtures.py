@@ -174,7 +174,11 @@ class MotoS3:
     """moto's S3 server on loopback with test credentials."""
 
     def __init__(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
         self.server.start()
