@@ -21,7 +21,7 @@ import torch
 
 from kvcodec.codec import container, substream
 from kvcodec.codec.container import DecodeLimits, Header, Layout
-from kvcodec.codec.errors import InvalidInput
+from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded
 from kvcodec.codec.kvfile import check_kv
 from kvcodec.codec.levels import MODE_LOSSLESS, DEFAULT_LEVEL, Level, get_level, level_by_id
 
@@ -154,14 +154,32 @@ def _decode_sub(data, layout: Layout, sid: int, tokens: int, dtype, device) -> t
         raise
 
 
+def _check_min_lengths(layout: Layout, layers: list[int]) -> None:
+    """Every substream of ``layers`` must be at least as long as its fixed part."""
+    h = layout.header
+    if h.mode == MODE_LOSSLESS:
+        need = 4 * container.DTYPE_BYTES[h.dtype]
+    else:
+        need = substream.quantized_side_bytes(h.kv_heads, h.head_dim)
+    per_layer = 2 * h.blocks_per_tensor
+    for layer in layers:
+        for sid in range(layer * per_layer, (layer + 1) * per_layer):
+            if layout.lengths[sid] < need:
+                raise CorruptStream(f"{h.describe(sid)}: {layout.lengths[sid]} bytes, needs at least {need}")
+
+
 def _decode_layers(
     data, layout: Layout, layers: list[int], dtype, device, progress: Progress | None, threads: int
 ) -> KVPair:
     h = layout.header
     out_dtype = dtype or _TORCH_DTYPES[h.dtype]
     shape = (len(layers), h.kv_heads, h.tokens, h.head_dim)
-    keys = torch.empty(shape, dtype=out_dtype, device=device)
-    values = torch.empty(shape, dtype=out_dtype, device=device)
+    _check_min_lengths(layout, layers)  # a lying index must fail before the big allocation
+    try:
+        keys = torch.empty(shape, dtype=out_dtype, device=device)
+        values = torch.empty(shape, dtype=out_dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
+        raise LimitExceeded(f"output: cannot allocate 2 x {list(shape)} {out_dtype} ({type(exc).__name__})") from None
     jobs = []
     for i, layer in enumerate(layers):
         for is_value, target in ((False, keys), (True, values)):
