@@ -45,7 +45,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"load average at start {load}")
 
 
 def chunk_blob(name: str) -> bytes:
@@ -106,6 +108,15 @@ def bench_store(store, backend: str, shape: str, blob: bytes, n: int, batch: int
     return out
 
 
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Per operation, the round with the median throughput."""
+    out = []
+    for same_op in zip(*rounds):
+        ranked = sorted(same_op, key=lambda r: r["mb_s"])
+        out.append(ranked[len(ranked) // 2])
+    return out
+
+
 def open_backend(name: str, tmp: Path, servers: dict):
     from kvcodec.store import open_store
 
@@ -139,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch size for *_many")
     parser.add_argument("--backends", default="memory,local,tiered,redis,s3")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat each measurement; report the median round by MB/s")
     args = parser.parse_args(argv)
+    started = machine()
     blobs = {s: chunk_blob(s) for s in args.shapes.split(",")}
     rows, servers = [], {}
     with tempfile.TemporaryDirectory(prefix="kvc-bench-") as tmp:
@@ -147,16 +161,19 @@ def main(argv: list[str] | None = None) -> int:
             for backend in args.backends.split(","):
                 for shape, blob in blobs.items():
                     store = open_backend(backend, Path(tmp), servers)
-                    rows.extend(bench_store(store, backend, shape, blob, args.n, args.batch))
+                    rounds = [bench_store(store, backend, shape, blob, args.n, args.batch)
+                              for _ in range(args.rounds)]
+                    rows.extend(median_rows(rounds))
                     store.close()
                     print(f"done {backend} {shape}", file=sys.stderr, flush=True)
         finally:
             for server in servers.values():
                 server.stop()
-    print(f"Machine: {machine()}")
+    print(f"Machine: {started}")
     print("Chunks: 256 tokens, fp16, level balanced: "
           + ", ".join(f"{s} {len(b) / 1e6:.2f} MB" for s, b in blobs.items())
-          + f"; n={args.n} per op, batch={args.batch}; latency per chunk\n")
+          + f"; n={args.n} per op, batch={args.batch}; median of {args.rounds} rounds; "
+          "latency per chunk\n")
     print("| backend | chunk | op | MB/s | p50 ms | p99 ms |")
     print("|---|---|---|---:|---:|---:|")
     for r in rows:

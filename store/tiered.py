@@ -46,9 +46,16 @@ class TieredChunkStore(ChunkStore):
         self.backing = self.tiers[-1]
 
     def put_many(self, items: Sequence[tuple[KeyLike, bytes]]) -> list[bool]:
-        """Write to the backing store (verified there), then fill the caches."""
-        created = self.backing.put_many(items)
-        self._fill(self.tiers[:-1], [(check_key(k), bytes(d)) for k, d in items])
+        """Verify once, write to the backing store, then the same bytes into the caches."""
+        checked = [self.backing._checked_upload(k, d) for k, d in items]
+        blobs = [(h, wrap(h, p, self.tenant)) for h, p in checked]
+        created = self.backing._write_many(blobs) if blobs else []
+        self.backing._count(puts=sum(created), put_existing=len(created) - sum(created))
+        for cache in self.tiers[:-1]:
+            try:
+                cache._write_many(blobs)
+            except StoreError as exc:
+                log.warning("kvcodec store: cache tier %s refused a write: %s", cache.scheme, exc)
         self._count(puts=sum(created), put_existing=len(created) - sum(created))
         return created
 

@@ -66,3 +66,42 @@ def test_stopped_endpoint_is_bounded_and_degraded() -> None:
     health = store.health()
     assert health["ok"] is False and health["status"] == "degraded"
     assert time.monotonic() - start < 15
+
+
+def test_slow_endpoint_times_out_within_bounds() -> None:
+    """An endpoint that accepts connections but never answers (a hung proxy)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        store = open_store("s3://slow-bucket/kv", endpoint_url=f"http://127.0.0.1:{port}",
+                           timeout_s=0.5, connect_timeout_s=0.5, max_attempts=2, **BULK_OPTIONS)
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="s3: get"):
+            store.get(key_of(1))
+        elapsed = time.monotonic() - start
+        assert elapsed < 6, elapsed  # 2 attempts x 0.5 s read timeout + backoff
+        assert store.health()["status"] == "degraded"
+    finally:
+        stop.set()
+        thread.join(2)
+        for conn in held:
+            conn.close()
+        listener.close()
