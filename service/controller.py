@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 LOAD_KV, LOAD_TEXT, BLEND = "LOAD_KV", "LOAD_TEXT", "BLEND"
@@ -84,6 +84,8 @@ class Measurements:
         layers: model layers (BLEND recomputes one layer fully to pick tokens).
         blend_fraction: share of a chunk's tokens BLEND recomputes.
         rtt_ms: one request round trip.
+        probe: the bandwidth estimate is stale (no transfer to this client lately):
+            load one chunk as KV even if recompute looks cheaper, to re-measure.
     """
 
     bandwidth_bytes_per_s: float
@@ -93,6 +95,7 @@ class Measurements:
     layers: int = 1
     blend_fraction: float = 0.15
     rtt_ms: float = 1.0
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,8 @@ def plan(chunks: Sequence[ChunkInput], m: Measurements, floor: str = DEFAULT_FLO
         ValueError: unknown quality floor.
     """
     decisions = [decide_chunk(c, m, floor, allow_blend) for c in chunks]
+    if m.probe and all(d.action == LOAD_TEXT for d in decisions):
+        _probe(decisions, chunks, m, floor)
     ttft = m.rtt_ms + sum(d.expected_ms for d in decisions)
     within = budget_ms <= 0 or ttft <= budget_ms
     counts: dict[str, int] = {}
@@ -221,6 +226,28 @@ def plan(chunks: Sequence[ChunkInput], m: Measurements, floor: str = DEFAULT_FLO
     return PlanResult(decisions, ttft, within, explanation, m)
 
 
+def _probe(decisions: list[Decision], chunks: Sequence[ChunkInput], m: Measurements,
+           floor: str) -> None:
+    """Turn the cheapest-to-switch chunk into LOAD_KV so the transfer re-measures bandwidth.
+
+    Without it, a client whose estimate once fell below the break-even would
+    recompute forever and never see its link get faster again.
+    """
+    best: tuple[float, int, Decision] | None = None
+    for i, (chunk, current) in enumerate(zip(chunks, decisions)):
+        for copy in chunk.exact:
+            if copy.level in QUALITY_RANK and QUALITY_RANK[copy.level] >= QUALITY_RANK[floor]:
+                opt = _option(chunk, LOAD_KV, copy, m)
+                extra = opt.expected_ms - current.expected_ms
+                if best is None or extra < best[0]:
+                    best = (extra, i, opt)
+    if best is not None:
+        extra, i, opt = best
+        reason = (f"probe (bandwidth estimate stale; +{extra:.1f} ms expected): "
+                  + _explain(opt, [decisions[i]]))
+        decisions[i] = Decision(**{**opt.__dict__, "reason": reason})
+
+
 class BandwidthEstimator:
     """Per-client EWMA of observed throughput (bytes/s), bounded in clients.
 
@@ -230,9 +257,11 @@ class BandwidthEstimator:
         max_clients: least-recently-updated clients beyond this are forgotten.
     """
 
-    def __init__(self, default: float = 125e6, alpha: float = 0.3, max_clients: int = 10_000) -> None:
+    def __init__(self, default: float = 125e6, alpha: float = 0.3, max_clients: int = 10_000,
+                 stale_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.default, self.alpha, self.max_clients = default, alpha, max_clients
-        self._est: OrderedDict[str, float] = OrderedDict()
+        self.stale_after_s, self.clock = stale_after_s, clock
+        self._est: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def observe(self, client: str, nbytes: int, seconds: float) -> None:
@@ -247,18 +276,25 @@ class BandwidthEstimator:
             return
         with self._lock:
             old = self._est.pop(client, None)
-            self._est[client] = rate if old is None else self.alpha * rate + (1 - self.alpha) * old
+            new = rate if old is None else self.alpha * rate + (1 - self.alpha) * old[0]
+            self._est[client] = (new, self.clock())
             while len(self._est) > self.max_clients:
                 self._est.popitem(last=False)
 
     def estimate(self, client: str) -> float:
         """Current estimate for ``client`` (the default if unmeasured)."""
         with self._lock:
-            return self._est.get(client, self.default)
+            return self._est.get(client, (self.default, 0.0))[0]
+
+    def stale(self, client: str) -> bool:
+        """True when ``client`` has an estimate older than ``stale_after_s``."""
+        with self._lock:
+            entry = self._est.get(client)
+        return entry is not None and self.clock() - entry[1] > self.stale_after_s
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
-            return dict(self._est)
+            return {client: rate for client, (rate, _) in self._est.items()}
 
 
 def calibrate_decode(levels: Sequence[str] | None = None, tokens: int = 256,

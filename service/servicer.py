@@ -322,6 +322,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             elements_per_token=2 * m.layers * m.kv_heads * m.head_dim,
             layers=m.layers or 1,
             blend_fraction=prof.blend_recompute_fraction or 0.15,
+            probe=self.bandwidth.stale(who),
         )
 
 

@@ -91,3 +91,19 @@ def test_bandwidth_ewma_per_client():
     est.observe_rate("b", 5e6)
     est.observe_rate("c", 6e6)  # evicts the least recently updated ("a")
     assert est.estimate("a") == 1e8 and est.estimate("c") == 6e6
+
+
+def test_stale_estimate_probes_with_one_chunk():
+    clock = [0.0]
+    est = BandwidthEstimator(default=1e9, stale_after_s=10, clock=lambda: clock[0])
+    est.observe_rate("c", 0.1 * GBPS)  # slow link: recompute wins
+    m = _m(0.1, prefill=5000)
+    chunks = [_chunk(), _chunk()]
+    assert [d.action for d in plan(chunks, m).decisions] == [LOAD_TEXT, LOAD_TEXT]
+    assert not est.stale("c")
+    clock[0] = 11.0
+    assert est.stale("c")
+    probing = Measurements(**{**m.__dict__, "probe": True})
+    decisions = plan(chunks, probing).decisions
+    assert [d.action for d in decisions] == [LOAD_KV, LOAD_TEXT]
+    assert decisions[0].level == "balanced" and decisions[0].reason.startswith("probe")
