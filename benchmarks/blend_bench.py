@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--text", action="append", type=Path, help="a text file (repeatable)")
     p.add_argument("--model", default=None, help="GGUF or model dir (default: SmolLM2)")
-    p.add_argument("--cases", type=int, default=8, help="number of cases (default 8)")
+    p.add_argument("--cases", type=int, default=12, help="number of cases (default 12)")
     p.add_argument("--chunks", type=int, default=4, help="chunks per case (default 4)")
     p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk (256)")
     p.add_argument("--continuation", type=int, default=48, help="scored tokens (48)")
@@ -73,7 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schedules", default="single,gradual", help="single,gradual")
     p.add_argument("--check-layer", type=int, default=1)
     p.add_argument("--deviation", default="k", choices=("k", "v", "kv"))
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--query-weight", type=float, default=0.0,
+                   help="weight of suffix attention in the selection (0: deviation only)")
+    p.add_argument("--repeats", type=int, default=1, help="timing repeats, min taken (1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: stable timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=Path(__file__).with_name("blend_quality.png"))
     p.add_argument("--no-plot", action="store_true")
@@ -138,15 +142,25 @@ def score(model, cache, logits_last, cont: list[int]):
     return F.cross_entropy(logits, ids, reduction="none"), logits.argmax(-1)
 
 
+def timed(fn, repeats: int):
+    """Run ``fn`` ``repeats`` times: (last result, min wall s, min CPU s)."""
+    walls, cpus, res = [], [], None
+    for _ in range(max(1, repeats)):
+        w, c = time.perf_counter(), time.process_time()
+        res = fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return res, min(walls), min(cpus)
+
+
 def full_prefill(model, ids: list[int]):
-    """Full prefill of the fused context: (cache, last logits, seconds)."""
+    """Full prefill of the fused context: (cache, last logits)."""
     import torch
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    t = time.perf_counter()
     out = model(torch.tensor(ids)[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache, out.logits[0, -1], time.perf_counter() - t
+    return cache, out.logits[0, -1]
 
 
 def methods(args: argparse.Namespace) -> list[dict]:
@@ -175,39 +189,52 @@ def run_case(loaded, case: Case, configs: list[dict], args: argparse.Namespace) 
     chunk_kv = [(c, *prefill(loaded, c)) for c in case.chunks]
     ids = case.prefix + [t for c in case.chunks for t in c] + case.suffix
     with torch.no_grad():
-        cache, last, t_full = full_prefill(model, ids)
+        (cache, last), t_full, c_full = timed(lambda: full_prefill(model, ids), args.repeats)
         nll_f, am_f = score(model, cache, last, case.continuation)
-        ppl_f = math.exp(float(nll_f.mean()))
         rows = []
         for cfg in configs:
             sched = cfg["schedule"] if cfg["schedule"] != "-" else "single"
-            res = blend(
+            res, t_blend, c_blend = timed(lambda: blend(
                 loaded, case.prefix, chunk_kv, case.suffix, cfg["ratio"], schedule=sched,
                 check_layer=args.check_layer, deviation=args.deviation,
-                fix_positions=cfg.get("fix_positions", True),
-            )
+                fix_positions=cfg.get("fix_positions", True), query_weight=args.query_weight,
+            ), args.repeats)
             nll, am = score(model, res.cache, res.logits_last, case.continuation)
             rows.append({
-                **{k: cfg[k] for k in ("method", "schedule", "ratio")},
-                "ppl_change_pct": 100.0 * (math.exp(float(nll.mean())) / ppl_f - 1.0),
+                **{k: cfg[k] for k in ("method", "schedule", "ratio")}, "kind": case.kind,
+                "nll": float(nll.sum()), "nll_full": float(nll_f.sum()), "n": int(nll.numel()),
+                "case_ppl_change_pct": 100.0 * math.expm1(float(nll.mean() - nll_f.mean())),
                 "agree_pct": 100.0 * float((am == am_f).float().mean()),
-                "time_fraction": res.timings["total"] / t_full,
-                "blend_s": res.timings["total"], "full_s": t_full, "ppl_full": ppl_f,
+                "time_fraction": t_blend / t_full, "cpu_fraction": c_blend / c_full,
+                "blend_s": t_blend, "full_s": t_full,
                 "tokens": len(ids), "recomputed_tokens": int(res.selected.numel()),
             })
     return rows
 
 
+def _pooled_ppl_change(group: list[dict]) -> float:
+    """Change of the perplexity over all scored tokens of the group, in %."""
+    n = sum(g["n"] for g in group)
+    return 100.0 * math.expm1((sum(g["nll"] for g in group) - sum(g["nll_full"] for g in group)) / n)
+
+
 def aggregate(per_case: list[list[dict]]) -> list[dict]:
-    """Average each configuration's metrics over the cases."""
-    keys = ("ppl_change_pct", "agree_pct", "time_fraction", "blend_s", "full_s", "ppl_full",
-            "tokens", "recomputed_tokens")
+    """Average each configuration's metrics over the cases (ppl pooled over all tokens)."""
+    keys = ("agree_pct", "time_fraction", "cpu_fraction", "blend_s", "full_s", "tokens",
+            "recomputed_tokens")
     rows = []
     for i, first in enumerate(per_case[0]):
         group = [case[i] for case in per_case]
         row = {k: first[k] for k in ("method", "schedule", "ratio")}
+        row["ppl_change_pct"] = _pooled_ppl_change(group)
         row.update({k: sum(g[k] for g in group) / len(group) for k in keys})
-        row["abs_ppl_change_pct"] = sum(abs(g["ppl_change_pct"]) for g in group) / len(group)
+        changes = sorted(g["case_ppl_change_pct"] for g in group)
+        row["case_ppl_change_mean_pct"] = sum(changes) / len(changes)
+        row["case_ppl_change_median_pct"] = changes[len(changes) // 2]
+        for kind in sorted({g["kind"] for g in group}):
+            sub = [g for g in group if g["kind"] == kind]
+            row[f"ppl_change_pct_{kind}"] = _pooled_ppl_change(sub)
+            row[f"agree_pct_{kind}"] = sum(g["agree_pct"] for g in sub) / len(sub)
         row["cases"] = len(group)
         rows.append(row)
     return rows
@@ -217,15 +244,20 @@ def print_table(rows: list[dict], args: argparse.Namespace, n_texts: int) -> Non
     print(f"# blend_bench on {machine()}, torch threads {args.threads}")
     print(f"# {rows[0]['cases']} cases from {n_texts} texts: {args.chunks} chunks x "
           f"{args.chunk_tokens} tokens, ~{rows[0]['tokens']:.0f} context tokens, "
-          f"{args.continuation} scored; check layer {args.check_layer}, deviation {args.deviation}")
-    print("| method | schedule | recompute | ppl change | abs ppl change | greedy agree "
-          "| time / full | blend s | full s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{args.continuation} scored; check layer {args.check_layer}, deviation "
+          f"{args.deviation}, query weight {args.query_weight}; full prefill "
+          f"{rows[0]['full_s']:.2f} s")
+    print("| method | schedule | recompute | ppl change | continue / recall | per-case median "
+          "| greedy agree | continue / recall | time / full | CPU / full |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['schedule']} | {100 * r['ratio']:.0f}% "
-              f"| {r['ppl_change_pct']:+.2f}% | {r['abs_ppl_change_pct']:.2f}% "
-              f"| {r['agree_pct']:.1f}% | {r['time_fraction']:.3f} "
-              f"| {r['blend_s']:.3f} | {r['full_s']:.3f} |")
+              f"| {r['ppl_change_pct']:+.2f}% "
+              f"| {r.get('ppl_change_pct_continue', 0):+.1f}% / "
+              f"{r.get('ppl_change_pct_recall', 0):+.1f}% "
+              f"| {r['case_ppl_change_median_pct']:+.2f}% | {r['agree_pct']:.1f}% "
+              f"| {r.get('agree_pct_continue', 0):.1f}% / {r.get('agree_pct_recall', 0):.1f}% "
+              f"| {r['time_fraction']:.3f} | {r['cpu_fraction']:.3f} |")
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
@@ -237,7 +269,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
 
     naive = next(r for r in rows if r["method"] == "naive")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    panels = (("abs_ppl_change_pct", "|ppl change| vs full prefill (%)", 2.0),
+    panels = (("ppl_change_pct", "ppl change vs full prefill (%)", 2.0),
               ("agree_pct", "greedy agreement (%)", 90.0),
               ("time_fraction", "blend time / full prefill time", 0.30))
     for ax, (key, label, target) in zip(axes, panels):

@@ -87,6 +87,7 @@ class _Context:
     reuse: torch.Tensor  # [N] bool, True where the cached K/V may be kept
     keys: torch.Tensor  # [L, H, N, D] cached keys at their new positions (0 where fresh)
     values: torch.Tensor  # [L, H, N, D]
+    n_suffix: int  # the suffix is the last n_suffix tokens
     cos: torch.Tensor  # [N, rot_dim] RoPE table of the fused context (fp32)
     sin: torch.Tensor
 
@@ -155,7 +156,10 @@ def _build_context(
         offset += n
     reuse[-1] = False  # the last token is always computed: its logits are returned
     ids = torch.cat([p[0] for p in parts]).to(device)
-    return _Context(ids=ids, reuse=reuse, keys=keys, values=values, cos=cos, sin=sin)
+    return _Context(
+        ids=ids, reuse=reuse, keys=keys, values=values, n_suffix=max(1, int(suffix_ids.numel())),
+        cos=cos, sin=sin,
+    )
 
 
 def _keep_plan(
@@ -210,23 +214,44 @@ def _select(
     return keep.nonzero().flatten()
 
 
-def _attend(attn, q, k_ctx, v_ctx, pos, full: bool) -> torch.Tensor:
-    """Attention of the computed tokens over the whole context, causal at their positions."""
+def _attend(attn, q, k_ctx, v_ctx, pos, full: bool, groups: int = 4) -> torch.Tensor:
+    """Attention of the computed tokens over the whole context, causal at their positions.
+
+    The (sorted) queries are split into ``groups`` blocks; each block only reads the keys up
+    to its last position, so masked-out keys past it cost nothing.
+    """
     if full:
         out = F.scaled_dot_product_attention(
             q, k_ctx, v_ctx, is_causal=True, scale=attn.scaling, enable_gqa=True
         )
     else:
-        n = k_ctx.shape[2]
-        mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]
-        out = F.scaled_dot_product_attention(
-            q, k_ctx, v_ctx, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-        )
+        outs = []
+        for block in torch.tensor_split(torch.arange(pos.numel()), min(groups, pos.numel())):
+            p = pos[block]
+            end = int(p[-1]) + 1
+            mask = torch.arange(end, device=q.device)[None, :] <= p[:, None]
+            outs.append(F.scaled_dot_product_attention(
+                q[:, :, block], k_ctx[:, :, :end], v_ctx[:, :, :end], attn_mask=mask,
+                scale=attn.scaling, enable_gqa=True,
+            ))
+        out = torch.cat(outs, dim=2)
     return attn.o_proj(out.transpose(1, 2).reshape(*q.shape[:1], q.shape[2], -1))
 
 
+def _suffix_attention(attn, q_suffix, keys, pos_suffix) -> torch.Tensor:
+    """Mean attention probability each context token gets from the suffix queries, ``[N]``."""
+    h_kv, n, d = keys.shape
+    q = q_suffix[0].reshape(h_kv, -1, d)  # [kv_heads, groups * S, D]
+    scores = (q @ keys.transpose(1, 2)) * attn.scaling
+    s_len = pos_suffix.numel()
+    mask = torch.arange(n, device=keys.device)[None, :] > pos_suffix[:, None]  # [S, N]
+    scores = scores.view(h_kv, -1, s_len, n).masked_fill(mask, float("-inf"))
+    return scores.softmax(-1).mean(dim=(0, 1, 2))
+
+
 def _run_layers(
-    model: nn.Module, ctx: _Context, plan: dict[int, float], deviation: str
+    model: nn.Module, ctx: _Context, plan: dict[int, float], deviation: str,
+    query_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Run the decoder over the fused context, computing only the tokens the plan keeps.
 
@@ -254,9 +279,16 @@ def _run_layers(
         keep = None
         if li in plan:
             dev = _deviation(k, v, keys[None][:, :, pos], values[None][:, :, pos], deviation)
-            keep = _select(pos, ctx.reuse, dev, plan[li], n_reuse)
         keys[:, pos] = k[0]
         values[:, pos] = v[0]
+        if li in plan:
+            if query_weight > 0:
+                cand = ctx.reuse[pos]
+                att = _suffix_attention(attn, q[:, :, -ctx.n_suffix :], keys, pos[-ctx.n_suffix :])
+                att = att[pos]
+                dev = dev / dev[cand].mean().clamp_min(1e-12) + query_weight * att / att[
+                    cand].mean().clamp_min(1e-12)
+            keep = _select(pos, ctx.reuse, dev, plan[li], n_reuse)
         if li == len(dec.layers) - 1:  # the last layer: only the last position's output counts
             selected = pos if keep is None else pos[keep]
             keep = torch.tensor([pos.numel() - 1], device=pos.device)
@@ -282,6 +314,7 @@ def blend(
     gradual_layers: int = 3,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     fix_positions: bool = True,
+    query_weight: float = 0.0,
 ) -> BlendResult:
     """Fuse independently computed chunk caches into one context and repair it selectively.
 
@@ -301,6 +334,8 @@ def blend(
         prefix_kv: optional exact cache of the prefix (keys, values), positions from 0.
         fix_positions: re-rotate the chunk keys (True); False keeps them at their original
             positions — only useful as a baseline showing what the correction buys.
+        query_weight: > 0 adds query awareness to the selection: score = deviation / mean +
+            query_weight * (attention from the suffix at the check layer) / mean.
 
     Returns:
         A :class:`BlendResult` with the cache of the whole fused context.
@@ -326,7 +361,7 @@ def blend(
             fix_positions,
         )
         t1 = time.perf_counter()
-        h_last, pos, counts = _run_layers(model, ctx, plan, deviation)
+        h_last, pos, counts = _run_layers(model, ctx, plan, deviation, query_weight)
         logits = model.lm_head(_decoder(model).norm(h_last))[0]
         t2 = time.perf_counter()
         cache = kv_to_cache(ctx.keys, ctx.values, model.config)
