@@ -6,7 +6,7 @@ field against :class:`DecodeLimits` *before* anything is allocated.
 
 Layout (all integers little-endian)::
 
-    header   82 + model_len bytes, then its CRC-32 (u32)
+    header   86 + model_len bytes, then its CRC-32 (u32)
     index    n_substreams x (u32 length, u32 crc32), then the index CRC-32 (u32)
     payload  the substreams, back to back, in index order
 
@@ -40,9 +40,9 @@ MAX_MODEL_NAME = 256
 NO_PROFILE = bytes(32)
 
 # magic, version, flags, mode, level, dtype, coder, layers, kv_heads, tokens,
-# head_dim, token_block, reserved, first_position, profile digest, model_len
-_HEADER = struct.Struct("<8sHHBBBBIIIIIIq32sH")
-HEADER_FIXED_SIZE = _HEADER.size  # 82
+# head_dim, token_block, raw_tokens, reserved, first_position, profile digest, model_len
+_HEADER = struct.Struct("<8sHHBBBBIIIIIIIq32sH")
+HEADER_FIXED_SIZE = _HEADER.size  # 86
 _U32 = struct.Struct("<I")
 _ENTRY = struct.Struct("<II")
 
@@ -83,6 +83,7 @@ class Header:
     tokens: int
     head_dim: int
     token_block: int
+    raw_tokens: int = 0
     first_position: int = 0
     model: str = ""
     profile: bytes = NO_PROFILE
@@ -111,6 +112,11 @@ class Header:
         start = block * self.token_block
         return min(self.token_block, self.tokens - start)
 
+    def block_raw_tokens(self, block: int) -> int:
+        """How many leading tokens of ``block`` are stored raw (attention sinks)."""
+        start = block * self.token_block
+        return max(0, min(self.raw_tokens - start, self.block_tokens(block)))
+
 
 @dataclass
 class Layout:
@@ -130,7 +136,7 @@ def pack(header: Header, payloads: list[bytes]) -> bytes:
     head = _HEADER.pack(
         MAGIC, VERSION, header.flags, header.mode, header.level, DTYPE_IDS[header.dtype],
         header.coder, header.layers, header.kv_heads, header.tokens, header.head_dim,
-        header.token_block, 0, header.first_position, header.profile, len(model),
+        header.token_block, header.raw_tokens, 0, header.first_position, header.profile, len(model),
     ) + model
     index = b"".join(_ENTRY.pack(len(p), crc32(p)) for p in payloads)
     parts = [head, _U32.pack(crc32(head)), index, _U32.pack(crc32(index)), *payloads]
@@ -168,7 +174,7 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
         raise UnsupportedFormat(f"magic: {bytes(data[:8])!r} is not a kvcodec stream ({MAGIC!r})")
     _need(data, HEADER_FIXED_SIZE, "header")
     (_, version, flags, mode, level, dtype_id, coder, layers, kv_heads, tokens, head_dim,
-     token_block, reserved, first_position, profile, model_len) = _HEADER.unpack_from(data)
+     token_block, raw_tokens, reserved, first_position, profile, model_len) = _HEADER.unpack_from(data)
     if version != VERSION:
         raise UnsupportedFormat(f"version: {version} is not supported (this decoder reads {VERSION})")
     if model_len > MAX_MODEL_NAME:
@@ -196,8 +202,12 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
     except UnicodeDecodeError:
         raise UnsupportedFormat("model: name is not valid UTF-8") from None
     header = Header(mode, level, DTYPE_NAMES[dtype_id], coder, layers, kv_heads, tokens,
-                    head_dim, token_block, first_position, model, bytes(profile), flags)
+                    head_dim, token_block, raw_tokens, first_position, model, bytes(profile), flags)
     _check_limits(header, limits)
+    if raw_tokens > tokens:
+        raise UnsupportedFormat(f"header field raw_tokens: {raw_tokens} exceeds tokens {tokens}")
+    if mode == 0 and raw_tokens:
+        raise UnsupportedFormat(f"header field raw_tokens: {raw_tokens} must be 0 in lossless mode")
     return header, end + 4
 
 

@@ -36,7 +36,7 @@ MANIFEST = json.loads((GOLDEN / "digests.json").read_text())
 STREAMS = sorted(k for k in MANIFEST if not k.startswith("_"))
 TINY = [s for s in STREAMS if s.startswith("tiny_fp32.")]
 FIELDS = ("magic version flags mode level dtype coder layers kv_heads tokens head_dim "
-          "token_block reserved first_position profile model_len").split()
+          "token_block raw_tokens reserved first_position profile model_len").split()
 _U32 = struct.Struct("<I")
 
 

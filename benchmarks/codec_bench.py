@@ -1,0 +1,126 @@
+"""Size, quality and speed of every level and of the ANCHORS.md baselines.
+
+    python benchmarks/codec_bench.py --text /usr/share/common-licenses/GPL-3 \
+        --text /usr/share/common-licenses/Apache-2.0 [--json]
+
+For each text: prefill ``--prefix`` tokens with SmolLM2-135M-Instruct, replace
+the prefix KV by each method's reconstruction, score the next ``--eval``
+tokens (perplexity change, greedy agreement vs the exact KV; see
+kvcodec.client.quality), and time our encoder and decoder (MB/s of fp16 KV
+on this CPU). Bits per element count every byte of side information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from baselines import fp16_zstd, kivi, per_token  # noqa: E402
+from common import machine, markdown_table  # noqa: E402
+
+from kvcodec.codec import LEVELS, decode, encode, inspect  # noqa: E402
+
+
+def ours(level: str, keys: torch.Tensor, values: torch.Tensor, threads: int) -> dict:
+    k16, v16 = keys.half(), values.half()
+    fp16_mb = (k16.numel() + v16.numel()) * 2 / 1e6
+    t0 = time.perf_counter()
+    blob = encode(k16, v16, level=level, model="smollm2-135m")
+    t1 = time.perf_counter()
+    kv = decode(blob, threads=threads)
+    t2 = time.perf_counter()
+    info = inspect(blob)
+    return {
+        "bits": info.bits_per_element,
+        "side_pct": 100 * info.side_info_bytes / info.total_bytes,
+        "enc_mbs": fp16_mb / (t1 - t0),
+        "dec_mbs": fp16_mb / (t2 - t1),
+        "kv": (kv.keys, kv.values),
+    }
+
+
+def baselines(keys: torch.Tensor, values: torch.Tensor):
+    yield "fp16 + zstd-19 (lossless)", fp16_zstd(keys, values)
+    yield "8-bit per-token g64", per_token(keys, values, 8)
+    yield "4-bit per-token g64", per_token(keys, values, 4)
+    yield "KIVI-4 g32", kivi(keys, values, 4)
+    yield "KIVI-2 g32", kivi(keys, values, 2)
+
+
+def run_text(loaded, path: str, args) -> list[dict]:
+    from kvcodec.client.quality import QualityProbe
+
+    probe = QualityProbe.from_text(loaded, path, args.prefix, args.eval)
+    keys, values = probe.exact_kv
+    rows = []
+
+    def add(method: str, bits: float, kv, **extra) -> None:
+        q = probe.score(*kv)
+        row = {"text": Path(path).name, "method": method, "bits_per_element": bits,
+               "ratio_vs_fp16": 16 / bits, "ppl_ref": q.ppl_ref, "ppl_change_pct": q.ppl_change_pct,
+               "agree_pct": q.agree_pct, **extra}
+        rows.append(row)
+        print(f"  {method:<28} {bits:6.3f} b/el  ppl {q.ppl_change_pct:+.3f}%  agree {q.agree_pct:.1f}%",
+              file=sys.stderr)
+
+    for level in args.levels:
+        r = ours(level, keys, values, args.threads)
+        add(f"kvcodec {level}", r["bits"], r["kv"], side_info_pct=r["side_pct"],
+            encode_mb_s=r["enc_mbs"], decode_mb_s=r["dec_mbs"])
+    if not args.no_baselines:
+        for name, (bits, k, v) in baselines(keys, values):
+            add(name, bits, (k, v))
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    headers = ["text", "method", "bits/el", "× fp16", "ppl change", "greedy agree", "side info", "enc MB/s", "dec MB/s"]
+    out = []
+    for r in rows:
+        out.append([
+            r["text"], r["method"], f"{r['bits_per_element']:.3f}", f"{r['ratio_vs_fp16']:.2f}",
+            f"{r['ppl_change_pct']:+.2f}%", f"{r['agree_pct']:.1f}%",
+            f"{r['side_info_pct']:.1f}%" if "side_info_pct" in r else "",
+            f"{r['encode_mb_s']:.0f}" if "encode_mb_s" in r else "",
+            f"{r['decode_mb_s']:.0f}" if "decode_mb_s" in r else "",
+        ])
+    return markdown_table(headers, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", action="append", help="text file (repeatable)")
+    parser.add_argument("--prefix", type=int, default=1536)
+    parser.add_argument("--eval", type=int, default=512)
+    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="decoder threads")
+    parser.add_argument("--model", help="model path (default: SmolLM2 GGUF)")
+    parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    args = parser.parse_args(argv)
+    texts = args.text or ["/usr/share/common-licenses/GPL-3"]
+
+    from kvcodec.client.model import load_model
+
+    loaded = load_model(args.model)
+    rows = []
+    for path in texts:
+        print(f"{path}:", file=sys.stderr)
+        rows += run_text(loaded, path, args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"Machine: {machine()}; torch threads {torch.get_num_threads()}")
+        print(f"Model: {loaded.name}; prefix {args.prefix} tokens, scored on the next {args.eval}\n")
+        print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
