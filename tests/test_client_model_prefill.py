@@ -51,9 +51,9 @@ def test_prefill_accepts_tensor_ids_and_refuses_empty(tiny_llama):
 
 @pytest.mark.model
 def test_smollm2_prefill_chunked_equals_one_pass(smollm2, gpl_text):
-    ids = tokenize_file(smollm2, gpl_text, 192)
+    ids = tokenize_file(smollm2, gpl_text, 96)
     keys, values = prefill(smollm2, ids)
-    assert keys.shape == (30, 3, 192, 64)
-    k2, v2 = prefill(smollm2, ids[128:], past=prefill(smollm2, ids[:128]))
+    assert keys.shape == (30, 3, 96, 64)
+    k2, v2 = prefill(smollm2, ids[64:], past=prefill(smollm2, ids[:64]))
     torch.testing.assert_close(k2, keys, rtol=0, atol=1e-3)
     torch.testing.assert_close(v2, values, rtol=0, atol=1e-3)

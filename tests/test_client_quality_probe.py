@@ -82,12 +82,12 @@ def test_bad_inputs_are_refused(tiny_llama, tiny_probe):
 def test_smollm2_probe_short_text(smollm2, gpl_text):
     from kvcodec.client.model import tokenize_file
 
-    ids = tokenize_file(smollm2, gpl_text, 192)
-    probe = QualityProbe(smollm2, ids, prefix_len=128, eval_len=64)
-    ppl, _ = _full_forward_ppl(smollm2, ids, 128, 64)
+    ids = tokenize_file(smollm2, gpl_text, 128)
+    probe = QualityProbe(smollm2, ids, prefix_len=96, eval_len=32)
+    ppl, _ = _full_forward_ppl(smollm2, ids, 96, 32)
     assert probe.ppl_ref == pytest.approx(ppl, rel=1e-4)
     keys, values = probe.exact_kv
-    assert keys.shape == (30, 3, 128, 64)
+    assert keys.shape == (30, 3, 96, 64)
     r8 = probe.score(*per_token_baseline(keys, values, bits=8))
     r2 = probe.score(*per_token_baseline(keys, values, bits=2))
     assert abs(r8.ppl_change_pct) < 1.0 and r8.agree_pct >= 95.0
