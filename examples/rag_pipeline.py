@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "of the covered work?")
     p.add_argument("--passages", type=int, default=8)
     p.add_argument("--max-new", type=int, default=24)
+    p.add_argument("--follow-plan", action="store_true",
+                   help="request 2 loads or recomputes each chunk as the controller decides")
     args = p.parse_args(argv)
 
     loaded = load_model()
@@ -123,15 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         plan = client.plan(ctx, quality_floor="exact" if args.level == "lossless" else args.level,
                            allow_blend=False)
-        # Fetch every chunk (this demo measures the fetch path even where the controller
-        # would recompute; its reasons are printed below).
-        refs = [pb.ChunkRef(key=k.hex, index=k.index, level=args.level) for k in ctx.keys(args.level)]
-        chunks = client.fetch_refs(refs)
-        if any(c.kv is None for c in chunks):
-            print("error: a chunk was missing on the second request", file=sys.stderr)
-            return 1
-        keys = torch.cat([c.kv.keys for c in chunks], dim=2)
-        values = torch.cat([c.kv.values for c in chunks], dim=2)
+        if args.follow_plan:  # load or recompute each chunk as the controller decided
+            from kvcodec.client.plan_exec import run_plan
+
+            done = run_plan(client, loaded, ctx, plan)
+            keys, values = done.keys, done.values
+            print(f"plan carried out: {done.actions}")
+        else:  # fetch every chunk: this measures the fetch path even where recompute would win
+            refs = [pb.ChunkRef(key=k.hex, index=k.index, level=args.level)
+                    for k in ctx.keys(args.level)]
+            chunks = client.fetch_refs(refs)
+            if any(c.kv is None for c in chunks):
+                print("error: a chunk was missing on the second request", file=sys.stderr)
+                return 1
+            keys = torch.cat([c.kv.keys for c in chunks], dim=2)
+            values = torch.cat([c.kv.values for c in chunks], dim=2)
         fetch_s = time.perf_counter() - t0
         warm_tokens, q_s = answer(loaded, (keys, values), question_ids, args.max_new)
         warm_ttft = fetch_s + q_s
