@@ -54,11 +54,17 @@ def chunk_blob(name: str) -> bytes:
     """One real encoded 256-token chunk of the given shape (cached on disk)."""
     layers, heads, dim = SHAPES[name]
     path = CACHE / f"{name}-{TOKENS}-balanced.kvc"
-    if path.exists():
-        return path.read_bytes()
     import torch
 
-    from kvcodec.codec import encode
+    from kvcodec.codec import KVCodecError, encode, verify
+
+    if path.exists():
+        blob = path.read_bytes()
+        try:
+            verify(blob, full=False)
+            return blob
+        except KVCodecError:  # written by an older format version: encode again
+            pass
 
     gen = torch.Generator().manual_seed(0)
     shape = (layers, heads, TOKENS, dim)

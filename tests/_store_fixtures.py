@@ -210,7 +210,30 @@ def moto_s3() -> Iterator[MotoS3]:
     server.stop()
 
 
-BACKENDS = ["memory", "local", "redis", "s3", "tiered"]
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[list[RedisServer]]:
+    """Three masters, no replicas, on loopback (redis-cli --cluster create)."""
+    if shutil.which("redis-cli") is None:
+        pytest.fail("redis-cli is not installed (apt-get install redis-tools)")
+    nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-node-timeout", "2000", port=free_cluster_port())
+             for _ in range(3)]
+    try:
+        addrs = [f"127.0.0.1:{n.port}" for n in nodes]
+        subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(n.client().cluster("info").get("cluster_state") == "ok" for n in nodes):
+                break
+            time.sleep(0.1)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+BACKENDS = ["memory", "local", "redis", "redis-cluster", "s3", "tiered"]
 
 
 @pytest.fixture
@@ -230,6 +253,11 @@ def make_store(request, tmp_path: Path) -> Iterator[Callable[..., object]]:
             server = request.getfixturevalue("redis_server")
             server.client().flushall()
             store = open_store(server.url, **options)
+        elif kind == "redis-cluster":
+            nodes = request.getfixturevalue("redis_cluster")
+            for node in nodes:
+                node.client().flushall()
+            store = open_store(f"redis+cluster://127.0.0.1:{nodes[0].port}", **options)
         elif kind == "s3":
             s3 = request.getfixturevalue("moto_s3")
             store = open_store(f"s3://{s3.new_bucket()}/chunks", endpoint_url=s3.endpoint, **options)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 
 import pytest
-from _store_fixtures import BULK_OPTIONS, RedisServer, fake_stream, free_cluster_port, free_port, key_of
+from _store_fixtures import BULK_OPTIONS, RedisServer, fake_stream, free_port, key_of
 
 from kvcodec.store import StoreFull, StoreUnavailable, open_store
 
@@ -101,26 +99,6 @@ def test_unreachable_server_is_unavailable_within_bounds() -> None:
         store.get(key_of(1))
     assert store.health()["ok"] is False
     assert time.monotonic() - start < 5
-
-
-@pytest.fixture(scope="module")
-def redis_cluster():
-    """Three masters, no replicas, on loopback (redis-cli --cluster create)."""
-    if shutil.which("redis-cli") is None:
-        pytest.fail("redis-cli is not installed")
-    nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                         "--cluster-node-timeout", "2000", port=free_cluster_port()) for _ in range(3)]
-    addrs = [f"127.0.0.1:{n.port}" for n in nodes]
-    subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
-                    "--cluster-yes"], check=True, capture_output=True, timeout=60)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if all(n.client().cluster("info").get("cluster_state") == "ok" for n in nodes):
-            break
-        time.sleep(0.1)
-    yield nodes
-    for node in nodes:
-        node.stop()
 
 
 def test_cluster_roundtrip_spreads_over_nodes(redis_cluster) -> None:
