@@ -106,3 +106,26 @@ def test_upload_must_match_its_key_metadata(make_store) -> None:
                           codec_profile="compact").chunk_keys(list(range(8)), chunk_tokens=8)[0]
     with pytest.raises(KeyMismatch, match="level"):
         store.put(other_level, chunk_stream(1, 8))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kvcodec.store import IntegrityError  # noqa: E402
+from kvcodec.store.envelope import unwrap  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(0, 10_000), st.integers(0, 255))
+def test_envelope_parser_only_raises_integrity_errors(junk: bytes, pos: int, xor: int) -> None:
+    """Arbitrary bytes, and any single-byte change of a valid entry, never get through."""
+    good = wrap(key_of(1), b"payload" * 10, tenant="t")
+    assert unwrap(good, key_of(1), "t") == b"payload" * 10
+    for blob in (junk, b"\0" + junk + good, good[: pos % len(good)]):
+        with pytest.raises(IntegrityError):
+            unwrap(blob, key_of(1), "t")
+    if xor:
+        bad = bytearray(good)
+        bad[pos % len(good)] ^= xor
+        with pytest.raises(IntegrityError):
+            unwrap(bytes(bad), key_of(1), "t")
