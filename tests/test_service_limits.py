@@ -71,6 +71,7 @@ def test_cancelled_put_leaves_no_entry_and_handler_stops(start_server):
     with CacheClient(server.address) as client:
         future = client.stub.Put.future(_slow_put(ctx, chunks, started, release), timeout=10)
         assert started.wait(5)
+        assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_in_flight") == 1)
         future.cancel()
         release.set()
         assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_cancelled_total",
