@@ -45,7 +45,9 @@ from torch import nn
 from .hf_bridge import kv_to_cache
 from .rope import apply_rotary, remove_rotary, rotary_table
 
-__all__ = ["BlendError", "BlendResult", "ChunkKV", "blend", "SCHEDULES", "DEVIATIONS"]
+__all__ = [
+    "BlendError", "BlendResult", "ChunkKV", "blend", "generate_greedy", "SCHEDULES", "DEVIATIONS",
+]
 
 SCHEDULES = ("single", "gradual")
 DEVIATIONS = ("k", "v", "kv")
@@ -368,3 +370,36 @@ def blend(
     t3 = time.perf_counter()
     timings = {"reposition": t1 - t0, "layers": t2 - t1, "cache": t3 - t2, "total": t3 - t0}
     return BlendResult(cache, logits, pos.cpu(), timings, counts)
+
+
+def generate_greedy(loaded, result: BlendResult, max_new_tokens: int,
+                    eos_token_id: int | None = None) -> list[int]:
+    """Greedy decoding from a blended context (consumes ``result.cache``).
+
+    Args:
+        loaded: the model :func:`blend` was called with.
+        result: the blend result; its cache is extended in place.
+        max_new_tokens: number of tokens to generate at most (>= 0).
+        eos_token_id: stop after this token, if given.
+
+    Returns:
+        The generated token ids (the first one is ``argmax(result.logits_last)``).
+
+    Raises:
+        BlendError: if ``max_new_tokens`` < 0.
+    """
+    if max_new_tokens < 0:
+        raise BlendError(f"max_new_tokens: {max_new_tokens} < 0")
+    model = loaded if hasattr(loaded, "lm_head") else getattr(loaded, "model", loaded)
+    device = result.logits_last.device
+    out: list[int] = []
+    logits = result.logits_last
+    with torch.no_grad():
+        while len(out) < max_new_tokens:
+            out.append(int(logits.argmax()))
+            if out[-1] == eos_token_id or len(out) == max_new_tokens:
+                break
+            step = model(torch.tensor([[out[-1]]], device=device),
+                         past_key_values=result.cache, use_cache=True)
+            logits = step.logits[0, -1]
+    return out
