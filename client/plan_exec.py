@@ -15,6 +15,12 @@ exact KV of everything before it:
 A chunk that went missing between Plan and Get (evicted) is recomputed too
 (``LOAD_KV->LOAD_TEXT``): a plan is advice, never a reason to fail.
 
+With ``adaptive=True`` the client re-decides every LOAD_KV/LOAD_TEXT chunk just
+before it, with the server's own cost model (:func:`kvcodec.service.controller.decide_chunk`)
+fed by the throughput of the chunk it has just received, fetching one chunk per
+Get while the previous one decodes — per-chunk adaptation within a request, as
+CacheGen's simulation does (benchmarks/service_bench.py measures the gain).
+
 Example::
 
     plan = client.plan(ctx, prefill_tokens_per_s=measured, allow_blend=True)
@@ -91,7 +97,8 @@ def _blend(loaded: Any, ctx: CacheContext, spans, run: list[int], fetched, acc, 
 
 
 def run_plan(client: Any, loaded: Any, ctx: CacheContext, plan: pb.PlanResponse,
-             suffix_ids: list[int] | None = None, blend_ratio: float = 0.15) -> PlanOutcome:
+             suffix_ids: list[int] | None = None, blend_ratio: float = 0.15,
+             adaptive: bool = False, quality_floor: str = "balanced") -> PlanOutcome:
     """Fetch what the plan loads and build the context's KV.
 
     Args:
@@ -101,10 +108,14 @@ def run_plan(client: Any, loaded: Any, ctx: CacheContext, plan: pb.PlanResponse,
         plan: the server's :class:`PlanResponse`.
         suffix_ids: the tokens after the context (the question); needed for BLEND.
         blend_ratio: share of blended tokens to recompute.
+        adaptive: re-decide each chunk from the latest measured throughput.
+        quality_floor: the floor the plan was made with (used when ``adaptive``).
 
     Returns:
         A :class:`PlanOutcome`.
     """
+    if adaptive and not any(d.action == pb.ACTION_BLEND for d in plan.decisions):
+        return _run_adaptive(client, loaded, ctx, plan, quality_floor)
     spans = ctx.keys("lossless")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -141,3 +152,51 @@ def run_plan(client: Any, loaded: Any, ctx: CacheContext, plan: pb.PlanResponse,
         i += 1
     assert acc is not None, "a plan covers at least one chunk"
     return PlanOutcome(acc[0], acc[1], logits, False, actions, timings)
+
+
+def _copies(client: Any, ctx: CacheContext) -> list[tuple]:
+    """Per chunk, the stored exact-prefix copies (StoredCopy) at every level."""
+    from kvcodec.service.controller import StoredCopy
+
+    resp = client.lookup(ctx)
+    return [tuple(StoredCopy(e.level, e.key, e.size_bytes) for e in c.levels if e.present)
+            for c in resp.chunks]
+
+
+def _run_adaptive(client: Any, loaded: Any, ctx: CacheContext, plan: pb.PlanResponse,
+                  floor: str) -> PlanOutcome:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvcodec.client.grpc_messages import _decode
+    from kvcodec.service import controller as ctl
+
+    spans, copies, timings = ctx.keys("lossless"), _copies(client, ctx), {}
+    bandwidth = plan.bandwidth_bytes_per_s
+    acc, actions, pending = None, [], []
+    with ThreadPoolExecutor(1, thread_name_prefix="kvcodec-decode") as pool:
+        for span, stored in zip(spans, copies):
+            m = ctl.Measurements(bandwidth, plan.prefill_tokens_per_s,
+                                 {**ctl.DEFAULT_DECODE_ELEMENTS_PER_S,
+                                  **client.measured.decode_elements_per_s},
+                                 ctx.layout.elements_per_token, ctx.layout.layers)
+            d = ctl.decide_chunk(ctl.ChunkInput(span.index, span.token_count, stored), m, floor)
+            if d.action == ctl.LOAD_KV:
+                t0 = time.perf_counter()
+                chunk = next(iter(client.get_chunks([pb.ChunkRef(key=d.key, level=d.level)])))
+                seconds = time.perf_counter() - t0
+                if chunk.blob is not None:
+                    bandwidth = len(chunk.blob) / max(seconds, 1e-6)
+                    pending.append((span, pool.submit(_decode, chunk, client.measured, None)))
+                    actions.append("LOAD_KV")
+                    continue
+                d = ctl.Decision(span.index, ctl.LOAD_TEXT)
+            for _, fut in pending:  # recompute needs every earlier chunk's KV
+                acc = _append(acc, fut.result().kv, loaded.dtype)
+            pending = []
+            ids = list(ctx.token_ids[span.token_start:span.token_start + span.token_count])
+            acc = _prefill(loaded, ids, acc, timings)
+            actions.append("LOAD_TEXT")
+        for _, fut in pending:
+            acc = _append(acc, fut.result().kv, loaded.dtype)
+    assert acc is not None, "a context has at least one chunk"
+    return PlanOutcome(acc[0], acc[1], None, False, actions, timings)

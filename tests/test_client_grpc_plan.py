@@ -65,3 +65,18 @@ def test_chunk_evicted_after_plan_is_recomputed(start_server, tiny_llama):
         out = run_plan(client, tiny_llama, ctx, plan)
     assert out.actions == ["LOAD_KV", "LOAD_KV->LOAD_TEXT", "LOAD_KV"]
     assert torch.allclose(out.keys, full_k, atol=1e-4)
+
+
+def test_adaptive_run_redecides_per_chunk(start_server, tiny_llama):
+    server = start_server("local")
+    layout, ids, ctx = _setup(tiny_llama, seed=3)
+    full_k, full_v = prefill(tiny_llama, ids)
+    with CacheClient(server.address) as client:
+        client.put_chunks(ctx, encode_chunks(ctx, full_k, full_v, "lossless")[:2])
+        plan = client.plan(ctx, quality_floor="exact", prefill_tokens_per_s=1.0)
+        out = run_plan(client, tiny_llama, ctx, plan, adaptive=True, quality_floor="exact")
+        assert out.actions == ["LOAD_KV", "LOAD_KV", "LOAD_TEXT"]
+        assert torch.allclose(out.keys, full_k, atol=1e-4)
+        fast = client.plan(ctx, quality_floor="exact", prefill_tokens_per_s=1e9)  # recompute wins
+        out = run_plan(client, tiny_llama, ctx, fast, adaptive=True, quality_floor="exact")
+        assert out.actions == ["LOAD_TEXT"] * 3
