@@ -12,7 +12,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -24,7 +25,9 @@ from kvcodec.codec.container import DecodeLimits, Header, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded
 from kvcodec.codec.kvfile import check_kv
 from kvcodec.codec.levels import DEFAULT_LEVEL, MODE_LOSSLESS, Level, get_level, level_by_id
-from kvcodec.codec.quantize import head_steps
+from kvcodec.codec.profile import Profile, builtin_profile, load_profile
+from kvcodec.codec.quantize import finalize_steps, head_rms, head_steps
+from kvcodec.codec.substream import StepRule
 
 Progress = Callable[[int, int], None]
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -79,6 +82,49 @@ def _blocks(x: torch.Tensor, header: Header) -> Iterable[tuple[int, torch.Tensor
         yield b, x[:, start : start + header.token_block]
 
 
+@contextmanager
+def _cpu_threads(device) -> Iterator[None]:
+    """Run torch's CPU ops single-threaded while coding.
+
+    A substream is small (tens of thousands of elements): OpenMP's fork/join
+    costs more than the work, and on a loaded machine a two-thread torch ran
+    the encoder 8x slower than one thread. Parallelism comes from substreams.
+    """
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _resolve_profile(profile, model: str, layers: int, heads: int, dim: int) -> Profile | None:
+    if profile is None:
+        return None
+    if isinstance(profile, str):
+        if profile == "auto":
+            return builtin_profile(model, layers, heads, dim)
+        profile = load_profile(profile)
+    if not profile.matches(layers, heads, dim):
+        raise InvalidInput(
+            f"profile: {profile.model} is for {profile.layers} layers x {profile.kv_heads} kv heads x "
+            f"{profile.head_dim} dims, the KV is {layers} x {heads} x {dim}"
+        )
+    return profile
+
+
+def _step_rule(level: Level, profile: Profile | None, layer: int, is_value: bool) -> StepRule:
+    """How a substream's per-head steps are chosen: from the profile, else from its RMS."""
+    if profile is not None and level.name in profile.levels:
+        target = profile.steps(level.name, layer, is_value)
+        return lambda x: finalize_steps(target, head_rms(x)[1])
+    fraction = level.step_fraction(layer, is_value)
+    return lambda x: head_steps(x, fraction)
+
+
 def encode(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -88,6 +134,7 @@ def encode(
     first_position: int = 0,
     token_block: int = DEFAULT_TOKEN_BLOCK,
     sink_tokens: int = DEFAULT_SINK_TOKENS,
+    profile: Profile | str | None = "auto",
     progress: Progress | None = None,
 ) -> bytes:
     """Encode a KV cache into a ``.kvc`` stream.
@@ -103,6 +150,9 @@ def encode(
             lossy levels: the first token is an attention sink that carries most of
             the model's sensitivity to KV error (measured: 86% of the Fisher
             information of a 1,536-token SmolLM2 prefix).
+        profile: a :class:`Profile` (or its path) that sets each head's step from
+            calibrated sensitivities; ``"auto"`` (default) uses the shipped profile
+            for ``model`` if there is one; ``None`` sets steps from the data's RMS.
         progress: optional ``callback(done, total)`` called per substream.
 
     Returns:
@@ -112,6 +162,11 @@ def encode(
         InvalidInput: bad tensors or options, or NaN/Inf with a lossy level.
     """
     check_kv(keys, values)
+    with _cpu_threads(keys.device):
+        return _encode(keys, values, level, model, first_position, token_block, sink_tokens, profile, progress)
+
+
+def _encode(keys, values, level, model, first_position, token_block, sink_tokens, profile, progress) -> bytes:
     lv = get_level(level)
     if not 1 <= token_block <= DecodeLimits().max_token_block:
         raise InvalidInput(f"token_block: {token_block} is outside 1..{DecodeLimits().max_token_block}")
@@ -124,12 +179,14 @@ def encode(
             if bad:
                 raise InvalidInput(f"{name}: {bad} non-finite values (NaN/Inf); only level lossless keeps them")
     layers, heads, tokens, dim = keys.shape
+    prof = None if lossless else _resolve_profile(profile, model, layers, heads, dim)
     header = Header(
         mode=lv.mode, level=lv.id, dtype=_DTYPE_NAMES[keys.dtype],
         coder=container.CODER_ZSTD_PLANES if lossless else container.CODER_ANS,
         layers=layers, kv_heads=heads, tokens=tokens, head_dim=dim,
         token_block=token_block, first_position=first_position, model=model,
         raw_tokens=0 if lossless else max(0, min(tokens, sink_tokens - first_position)),
+        profile=prof.digest if prof else container.NO_PROFILE,
     )
     payloads: list[bytes] = []
     total = header.n_substreams
@@ -139,9 +196,8 @@ def encode(
                 if lossless:
                     payloads.append(substream.encode_lossless(block))
                 else:
-                    fraction = lv.step_fraction(layer, is_value)
-                    payloads.append(substream.encode_quantized(
-                        block, lambda x, f=fraction: head_steps(x, f), header.block_raw_tokens(b)))
+                    rule = _step_rule(lv, prof, layer, is_value)
+                    payloads.append(substream.encode_quantized(block, rule, header.block_raw_tokens(b)))
                 if progress:
                     progress(len(payloads), total)
     return container.pack(header, payloads)
@@ -255,7 +311,8 @@ def decode(
         KVCodecError: any malformed, truncated or corrupted input.
     """
     layout = container.parse(data, limits, allow_trailing=allow_trailing)
-    return _decode_layers(data, layout, list(range(layout.header.layers)), dtype, device, progress, threads)
+    with _cpu_threads(device):
+        return _decode_layers(data, layout, list(range(layout.header.layers)), dtype, device, progress, threads)
 
 
 def decode_layer(
@@ -270,7 +327,8 @@ def decode_layer(
     layout = container.parse(data, limits)
     if not 0 <= layer < layout.header.layers:
         raise InvalidInput(f"layer: {layer} is outside 0..{layout.header.layers - 1}")
-    kv = _decode_layers(data, layout, [layer], dtype, device, None, 1)
+    with _cpu_threads(device):
+        kv = _decode_layers(data, layout, [layer], dtype, device, None, 1)
     return KVPair(kv.keys[0], kv.values[0])
 
 

@@ -55,15 +55,14 @@ class QuantizedBlock:
     abs_sums: np.ndarray
 
 
-def head_steps(x: torch.Tensor, fraction: float) -> np.ndarray:
-    """Choose each head's step as ``fraction`` times its channel-centred RMS.
+def head_rms(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Channel-centred RMS and absmax of each head, from exact integer statistics.
 
     Args:
         x: float32 ``[heads, tokens, head_dim]`` on any device.
-        fraction: step as a fraction of the RMS (from the level).
 
     Returns:
-        float32 ``[heads]`` steps, identical on every device.
+        ``(rms, absmax)``, float64 ``[heads]`` each, identical on every device.
     """
     heads, tokens, dim = x.shape
     absmax = x.abs().amax(dim=(1, 2))
@@ -73,20 +72,28 @@ def head_steps(x: torch.Tensor, fraction: float) -> np.ndarray:
     sq = (snapped * snapped).sum(dim=(1, 2)).cpu().numpy()
     ch = snapped.sum(dim=1).cpu().numpy()  # [heads, dim]
     grid_h = grid.cpu().numpy().astype(np.float64)
-    absmax_h = absmax.cpu().numpy().astype(np.float64)
-    steps = np.empty(heads, dtype=np.float32)
+    rms = np.empty(heads, dtype=np.float64)
     for h in range(heads):
         # tokens * sum(q^2) - sum_c (sum_t q)^2, exact in Python integers
         centred = tokens * int(sq[h]) - sum(int(v) * int(v) for v in ch[h])
-        rms = math.sqrt(max(centred, 0) / (tokens * tokens * dim)) * grid_h[h]
-        floor = absmax_h[h] * MIN_STEP_FRACTION_OF_ABSMAX
-        step = max(rms * fraction, floor)
-        s = np.float32(step) if np.float32(step) > 0 else np.float32(1.0)
-        amax = np.float32(absmax_h[h])
-        while amax / s > MAX_ABS_SYMBOL:  # float32 rounding of the floor (subnormals)
-            s = np.nextafter(s, np.float32(np.inf))
-        steps[h] = s
-    return steps
+        rms[h] = math.sqrt(max(centred, 0) / (tokens * tokens * dim)) * grid_h[h]
+    return rms, absmax.cpu().numpy().astype(np.float64)
+
+
+def finalize_steps(target: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+    """Clamp target steps to the allowed range and round them to float32.
+
+    The floor ``absmax * 2**-14`` keeps every symbol within 16 bits.
+    """
+    steps = np.maximum(target, absmax * MIN_STEP_FRACTION_OF_ABSMAX)
+    steps = np.where(steps > 0, steps, 1.0)
+    return steps.astype(np.float32)
+
+
+def head_steps(x: torch.Tensor, fraction: float) -> np.ndarray:
+    """Each head's step as ``fraction`` times its channel-centred RMS (no profile)."""
+    rms, absmax = head_rms(x)
+    return finalize_steps(rms * fraction, absmax)
 
 
 def quantize_block(x: torch.Tensor, steps: np.ndarray) -> QuantizedBlock:

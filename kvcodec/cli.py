@@ -27,6 +27,7 @@ EXIT_USAGE = 2
 COMMAND_MODULES = (
     "kvcodec.codec.cli",
     "kvcodec.client.model_cli",
+    "kvcodec.client.calibrate",
     "kvcodec.store.cli",
     "kvcodec.service.cli",
     "kvcodec.client.cli",
