@@ -254,9 +254,15 @@ def load_model(
             raise ModelLoadError(f"{src}: expected a .gguf file or a transformers model directory")
         directory, digest = _resolve_gguf(src, Path(cache_dir) if cache_dir else default_cache_dir())
         name = src.stem
+        try:
+            model, tokenizer = _from_pretrained(directory, None)
+        except ModelLoadError:  # a damaged cached copy: convert again, once
+            shutil.rmtree(directory, ignore_errors=True)
+            directory, digest = _resolve_gguf(src, directory.parent.parent)
+            model, tokenizer = _from_pretrained(directory, None)
     else:
         directory, digest, name = src, _weights_digest(src), src.name
-    model, tokenizer = _from_pretrained(directory, None)
+        model, tokenizer = _from_pretrained(directory, None)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, name, _fingerprint(model.config, digest), model.config, src)

@@ -81,3 +81,22 @@ def test_tokenize_file_prefix_matches_full(smollm2, gpl_text):
     assert tokenize_file(smollm2, gpl_text, 10**7) == full
     with pytest.raises(ValueError, match="max_tokens"):
         tokenize_file(smollm2, gpl_text, 0)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_damaged_cached_copy_is_converted_again(smollm2, tmp_path):
+    """A GGUF converts into a fresh cache dir; a damaged cached copy is rebuilt, same identity."""
+    import hashlib
+    import json
+
+    gguf = default_model_path()
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    bad = tmp_path / f"{gguf.stem}-hf" / digest[:16]
+    bad.mkdir(parents=True)
+    (bad / "kvcodec-source.json").write_text(json.dumps({"weights_sha256": digest}))
+    (bad / "config.json").write_text("{not json")
+    again = load_model(gguf, cache_dir=tmp_path)
+    assert again.fingerprint == smollm2.fingerprint
+    assert json.loads((bad / "config.json").read_text())["num_hidden_layers"] == 30
+    assert not [p for p in bad.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
