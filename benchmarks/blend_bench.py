@@ -278,11 +278,13 @@ def write_plot(rows: list[dict], path: Path) -> None:
             if len(pts) > 1:
                 ax.plot([100 * p["ratio"] for p in pts], [p[key] for p in pts], "o-", label=sched)
         ax.axhline(target, color="grey", ls="--", lw=1, label="target")
+        if key == "ppl_change_pct":
+            ax.axhline(-target, color="grey", ls="--", lw=1)
         ax.axvline(15, color="grey", ls=":", lw=1)
         ax.set_xlabel("recompute ratio (%)")
         ax.set_title(label, fontsize=10)
         ax.set_xscale("symlog", linthresh=5)
-    axes[0].set_yscale("symlog", linthresh=1)
+    axes[0].set_yscale("symlog", linthresh=2)
     axes[0].legend()
     fig.suptitle(f"CacheBlend fusion, SmolLM2-135M, {naive['cases']} RAG-like cases "
                  f"({machine()})", fontsize=10)

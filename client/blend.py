@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf_bridge import kv_to_cache
-from .rope import apply_rotary, remove_rotary, rotary_table
+from .rope import apply_rotary, rerotation_table, rotary_table
 
 __all__ = [
     "BlendError", "BlendResult", "ChunkKV", "blend", "generate_greedy", "SCHEDULES", "DEVIATIONS",
@@ -151,7 +151,7 @@ def _build_context(
                 if n not in old_tables:
                     old_tables[n] = rotary_table(rotary, n, device=device)
                 new = slice(offset, offset + n)
-                k = apply_rotary(remove_rotary(k.float(), *old_tables[n]), cos[new], sin[new])
+                k = apply_rotary(k.float(), *rerotation_table(*old_tables[n], cos[new], sin[new]))
             keys[:, :, offset : offset + n] = k.to(dtype)
             values[:, :, offset : offset + n] = kv[1].to(device=device, dtype=dtype)
             reuse[offset : offset + n] = True

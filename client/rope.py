@@ -37,6 +37,7 @@ __all__ = [
     "rotary_table",
     "apply_rotary",
     "remove_rotary",
+    "rerotation_table",
     "reposition_keys",
 ]
 
@@ -131,6 +132,31 @@ def remove_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
+def rerotation_table(
+    cos_old: torch.Tensor, sin_old: torch.Tensor, cos_new: torch.Tensor, sin_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One table doing :func:`remove_rotary` (old) then :func:`apply_rotary` (new).
+
+    Both steps are scaled rotations of the same dimension pairs, so their product is one:
+    ``apply_rotary(x, *rerotation_table(...))`` equals the two steps (exact algebraically,
+    half the work on the keys).
+
+    Args:
+        cos_old: the ``cos`` the keys were rotated with, ``[tokens, rot_dim]``.
+        sin_old: its ``sin``.
+        cos_new: the ``cos`` of the new positions, same shape.
+        sin_new: its ``sin``.
+
+    Returns:
+        ``(cos, sin)`` of the combined re-rotation.
+    """
+    norm = cos_old * cos_old + sin_old * sin_old
+    return (
+        (cos_new * cos_old + sin_new * sin_old) / norm,
+        (sin_new * cos_old - cos_new * sin_old) / norm,
+    )
+
+
 def _as_positions(positions: torch.Tensor | range | list[int], name: str) -> torch.Tensor:
     pos = torch.as_tensor(list(positions) if isinstance(positions, range) else positions)
     if pos.ndim != 1 or pos.dtype.is_floating_point:
@@ -186,5 +212,5 @@ def reposition_keys(
     cos_o, sin_o = rotary_table(rotary_emb, old_len, device=device)
     cos_n, sin_n = rotary_table(rotary_emb, new_len, device=device)
     old, new = old.to(device), new.to(device)
-    raw = remove_rotary(keys.float(), cos_o[old], sin_o[old])
-    return apply_rotary(raw, cos_n[new], sin_n[new]).to(keys.dtype)
+    cos, sin = rerotation_table(cos_o[old], sin_o[old], cos_n[new], sin_n[new])
+    return apply_rotary(keys.float(), cos, sin).to(keys.dtype)
