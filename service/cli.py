@@ -21,6 +21,8 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
      "calls beyond this get RESOURCE_EXHAUSTED (default 64)"),
     ("--max-message-bytes", "max_message_bytes", int, "largest gRPC message (default 8 MiB)"),
     ("--max-chunk-bytes", "max_chunk_bytes", int, "largest chunk a Put may send (default 256 MiB)"),
+    ("--verify-processes", "verify_processes", int,
+     "verify uploads in N worker processes (default 0: in the RPC thread)"),
     ("--grace", "grace_s", float, "seconds to drain calls on SIGTERM (default 10)"),
     ("--tls-cert", "tls_cert", str, "PEM certificate (with --tls-key: TLS on)"),
     ("--tls-key", "tls_key", str, "PEM private key"),

@@ -61,6 +61,9 @@ class ServerConfig:
         default_prefill_tokens_per_s: prefill speed assumed when the client reports none.
         ewma_alpha: weight of a new bandwidth sample in the per-client EWMA.
         calibrate: measure decode speed per level at start (background thread).
+        verify_processes: verify uploaded streams in this many worker processes (0 = in
+            the RPC thread). The full check decodes every substream and holds the GIL, so
+            Put throughput scales with cores only through processes.
     """
 
     listen: str = "127.0.0.1:50051"
@@ -85,6 +88,7 @@ class ServerConfig:
     default_prefill_tokens_per_s: float = 500.0
     ewma_alpha: float = 0.3
     calibrate: bool = True
+    verify_processes: int = 0
 
     def validate(self) -> ServerConfig:
         """Check ranges and cross-field rules; returns self.

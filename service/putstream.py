@@ -20,7 +20,9 @@ client has half-closed and the call is still alive.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kvcodec.proto import kvcodec_pb2 as pb
 from kvcodec.service.config import ServerConfig
@@ -43,10 +45,13 @@ class PutAssembler:
 
     Args:
         config: limits (max_chunk_bytes, max_put_bytes).
+        verifier: the full stream check (default :func:`kvcodec.codec.verify`); the
+            server passes a process-pool version when ``verify_processes`` > 0.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, verifier: Callable[[bytes], Any] | None = None) -> None:
         self.config = config
+        self.verifier = verifier
         self.context: pb.Context | None = None
         self.staged: list[StagedChunk] = []
         self.received = 0
@@ -139,6 +144,8 @@ class PutAssembler:
         from kvcodec.codec import verify
         from kvcodec.codec.errors import KVCodecError
         from kvcodec.store.base import check_binding
+
+        verify = self.verifier or verify
         from kvcodec.store.errors import KeyMismatch
 
         key = self._expected_key(c)

@@ -80,6 +80,22 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=ca is not None)
 
 
+def _full_verify(blob: bytes) -> Any:
+    from kvcodec.codec import verify
+
+    return verify(blob)
+
+
+def _verify_pool(processes: int) -> Any:
+    """A spawn-context process pool for stream verification (fork is unsafe under gRPC)."""
+    if processes <= 0:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+
+
 class CacheServer:
     """One cache-server replica.
 
@@ -98,6 +114,10 @@ class CacheServer:
         self.authenticator = TokenAuthenticator(config.auth_tokens)
         self.servicer = KVCacheServicer(self.store, config, self.metrics, self.authenticator)
         self.health = health.HealthServicer()
+        self._verify_pool = _verify_pool(config.verify_processes)
+        if self._verify_pool is not None:
+            pool = self._verify_pool
+            self.servicer.verifier = lambda blob: pool.submit(_full_verify, blob).result()
         self._stopped = threading.Event()
         self._metrics_http: Any = None
         limit = config.max_message_bytes
@@ -161,6 +181,8 @@ class CacheServer:
             server, _thread = self._metrics_http
             server.shutdown()
         self.store.close()
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown(cancel_futures=True)
         log.info("stopped")
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -90,6 +90,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
         self.bandwidth = ctl.BandwidthEstimator(config.default_bandwidth_bytes_per_s,
                                                 config.ewma_alpha)
         self.decode_speeds: dict[str, float] = {}
+        self.verifier: Any = None  # set by CacheServer when verify_processes > 0
 
     # ------------------------------------------------------------ plumbing
     @contextmanager
@@ -219,7 +220,7 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
     def Put(self, request_iterator: Iterable[pb.PutRequest],
             context: grpc.ServicerContext) -> pb.PutResponse:
         with self._rpc("Put", context) as info:
-            assembler = PutAssembler(self.config)
+            assembler = PutAssembler(self.config, self.verifier)
             try:
                 for msg in request_iterator:
                     assembler.feed(msg)

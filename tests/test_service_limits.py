@@ -126,3 +126,18 @@ def test_concurrency_limit_sheds_load(start_server):
         release.set()
         assert [len(f.result().results) for f in futures] == [2, 2]
         assert client.lookup(ctx).chunks
+
+
+def test_put_verification_in_worker_processes(start_server):
+    server = start_server("memory", verify_processes=1)
+    ctx = toy_context(tokens=64, chunk_tokens=32, seed=15)
+    chunks = encode_chunks(ctx, *toy_kv(ctx, 15), level="high")
+    bad = bytearray(chunks[1][2])
+    bad[len(bad) // 2] ^= 0x10
+    with CacheClient(server.address, timeout_s=60) as client:
+        assert [r.created for r in client.put_chunks(ctx, chunks)] == [True, True]
+        from kvcodec.service.errors import RequestRejected
+
+        other = toy_context(tokens=64, chunk_tokens=32, seed=16)
+        with pytest.raises(RequestRejected, match="chunk 1: stream rejected"):
+            client.put_chunks(other, [(1, "high", bytes(bad))])
