@@ -20,9 +20,11 @@ import abc
 import functools
 import hashlib
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvcodec.store.envelope import unwrap, wrap
@@ -89,6 +91,24 @@ def check_binding(key: ChunkKey, info: Any, tenant: str) -> None:
         raise KeyMismatch(f"key {short}: stream model {model!r} != key's {spec.model!r}")
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+PARALLEL_MIN_ITEMS = 2
+
+
+def _parallel(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """Map ``fn`` over a batch on a shared thread pool (hashlib and zlib release the GIL
+    on large buffers, so verifying a batch of chunks scales with cores)."""
+    global _POOL
+    if len(items) < PARALLEL_MIN_ITEMS:
+        return [fn(item) for item in items]
+    with _POOL_LOCK:
+        if _POOL is None:
+            workers = min(8, os.cpu_count() or 1)
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvcodec-verify")
+    return list(_POOL.map(fn, items))
+
+
 class ChunkStore(abc.ABC):
     """A content-addressed store of verified ``.kvc`` chunk streams.
 
@@ -125,8 +145,11 @@ class ChunkStore(abc.ABC):
 
     def put_many(self, items: Sequence[tuple[KeyLike, bytes]]) -> list[bool]:
         """Store several entries in one batch; all are verified before any is written."""
-        blobs = [(hexkey, wrap(hexkey, payload, self.tenant))
-                 for hexkey, payload in (self._checked_upload(k, d) for k, d in items)]
+        def prepare(item: tuple[KeyLike, bytes]) -> tuple[str, bytes]:
+            hexkey, payload = self._checked_upload(*item)
+            return hexkey, wrap(hexkey, payload, self.tenant)
+
+        blobs = _parallel(prepare, list(items))
         created = self._write_many(blobs) if blobs else []
         self._count(puts=sum(created), put_existing=len(created) - sum(created))
         return created
@@ -139,7 +162,7 @@ class ChunkStore(abc.ABC):
         """Verified streams for several keys in one batch (None where missing or bad)."""
         hexes = [check_key(k) for k in keys]
         blobs = self._read_many(hexes) if hexes else []
-        out = [self._accept(k, h, b) for k, h, b in zip(keys, hexes, blobs)]
+        out = _parallel(lambda t: self._accept(*t), list(zip(keys, hexes, blobs)))
         hits = sum(1 for b in out if b is not None)
         self._count(hits=hits, misses=len(out) - hits)
         return out
