@@ -83,11 +83,15 @@ def head_rms(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def finalize_steps(target: np.ndarray, absmax: np.ndarray) -> np.ndarray:
     """Clamp target steps to the allowed range and round them to float32.
 
-    The floor ``absmax * 2**-14`` keeps every symbol within 16 bits.
+    The floor ``absmax / 32767`` keeps every symbol (and centre) within int16; a floor
+    that float32 rounds down (subnormals) or to zero is nudged up until it holds.
     """
-    steps = np.maximum(target, absmax * MIN_STEP_FRACTION_OF_ABSMAX)
-    steps = np.where(steps > 0, steps, 1.0)
-    return steps.astype(np.float32)
+    steps = np.maximum(target, absmax * MIN_STEP_FRACTION_OF_ABSMAX).astype(np.float32)
+    steps = np.where(steps > 0, steps, np.float32(1.0)).astype(np.float32)
+    amax = absmax.astype(np.float32)
+    while np.any(over := amax / steps > MAX_ABS_SYMBOL):
+        steps = np.where(over, np.nextafter(steps, np.float32(np.inf)), steps).astype(np.float32)
+    return steps
 
 
 def head_steps(x: torch.Tensor, fraction: float) -> np.ndarray:

@@ -163,7 +163,9 @@ def test_verify_full_catches_entropy_corruption_behind_a_recomputed_crc():
     caught = silent = 0
     for sid in range(h.n_substreams):
         start, length = layout.offsets[sid], layout.lengths[sid]
-        for pos in range(start + side, start + length, 3):
+        n_raw = h.block_raw_tokens(sid % h.blocks_per_tensor)
+        words = start + h.kv_heads * n_raw * h.head_dim * container.DTYPE_BYTES[h.dtype] + side
+        for pos in range(words, start + length, 3):
             bad = bytearray(blob)
             bad[pos] ^= 0x01
             payload = bytes(bad[start : start + length])
@@ -181,10 +183,12 @@ def test_verify_full_catches_entropy_corruption_behind_a_recomputed_crc():
 def test_verify_full_catches_side_info_corruption_behind_a_recomputed_crc():
     blob = golden("small_fp16.balanced.kvc")
     layout = container.parse(blob)
+    h = layout.header
     start, length = layout.offsets[0], layout.lengths[0]
+    raw = h.kv_heads * h.block_raw_tokens(0) * h.head_dim * container.DTYPE_BYTES[h.dtype]
     for step in (float("nan"), float("inf"), -1.0, 0.0):
         bad = bytearray(blob)
-        struct.pack_into("<f", bad, start, step)
+        struct.pack_into("<f", bad, start + raw, step)  # the first head's step
         forged = patch_index(bytes(bad), 0, crc=container.crc32(bytes(bad[start : start + length])))
         with pytest.raises(CorruptStream, match="step sizes"):
             verify(forged, full=True)
@@ -257,18 +261,17 @@ def test_tight_limits_refuse_a_valid_stream():
     decode(blob, limits=DecodeLimits(max_tokens=20, max_layers=2, max_elements=640))
 
 
-def _empty_index_stream(layers: int, heads: int, tokens: int, dim: int, block: int) -> bytes:
-    head = container._HEADER.pack(container.MAGIC, 1, 0, 1, 2, 1, 2, layers, heads, tokens, dim,
-                                  block, 0, 0, bytes(32), 0)
-    n = layers * 2 * -(-tokens // block)
-    index = bytes(8 * n)  # every substream empty: CRC-32 of b"" is 0
-    return head + _U32.pack(container.crc32(head)) + index + _U32.pack(container.crc32(index))
+def _lying_stream(heads: int, tokens: int, dim: int, block: int, payload: bytes) -> bytes:
+    """A well-formed container (valid CRCs) whose every quantized substream is ``payload``."""
+    header = container.Header(mode=1, level=2, dtype="float16", coder=container.CODER_ANS, layers=1,
+                              kv_heads=heads, tokens=tokens, head_dim=dim, token_block=block)
+    return container.pack(header, [payload] * header.n_substreams)
 
 
 def test_huge_shape_within_limits_with_empty_substreams_fails_before_allocating():
     """16 KB claiming 2 x 2**33 fp16 elements (32 GiB): the empty substreams are refused
     before the output tensors are allocated."""
-    blob = _empty_index_stream(1, 2, 2**22, 1024, 4096)
+    blob = _lying_stream(2, 2**22, 1024, 4096, b"")
     assert len(blob) < 20_000
     with pytest.raises(CorruptStream, match=r"substream 0 .*0 bytes, needs at least"):
         decode(blob)
@@ -281,18 +284,15 @@ def test_unallocatable_output_is_a_limit_error():
     LimitExceeded, not torch's RuntimeError (run with RLIMIT_AS in a child process)."""
     code = textwrap.dedent(
         """
-        import resource, struct
+        import resource
         from kvcodec.codec import container
         from kvcodec.codec.api import decode
         from kvcodec.codec.errors import LimitExceeded
         heads, dim, tokens, block = 2, 1024, 2**22, 4096
-        head = container._HEADER.pack(container.MAGIC, 1, 0, 1, 2, 1, 2, 1, heads, tokens, dim,
-                                      block, 0, 0, bytes(32), 0)
-        side = bytes(4 * heads + 5 * heads * dim)
-        n = 2 * tokens // block
-        index = struct.pack("<II", len(side), container.crc32(side)) * n
-        blob = (head + struct.pack("<I", container.crc32(head)) + index
-                + struct.pack("<I", container.crc32(index)) + side * n)
+        header = container.Header(mode=1, level=2, dtype="float16", coder=2, layers=1,
+                                  kv_heads=heads, tokens=tokens, head_dim=dim, token_block=block)
+        side = bytes(4 * heads + 5 * heads * dim)  # the smallest valid quantized substream
+        blob = container.pack(header, [side] * header.n_substreams)
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
         try:
             decode(blob)

@@ -61,6 +61,9 @@ def kv_values(shape: tuple[int, ...], dtype: torch.dtype, seed: int, style: str)
         x = x.sign() * torch.finfo(dtype).max * (0.5 + 0.5 * torch.rand(shape, generator=g))
     elif style == "tiny":  # subnormals of the dtype
         x = x * torch.finfo(dtype).tiny * 0.25
+    elif style == "min_subnormal":  # a few ulps of the smallest subnormal: the step floor
+        ulp = torch.tensor(1, dtype=INT_VIEW[dtype]).view(dtype).float()  # underflows in float32
+        x = torch.randint(-3, 4, shape, generator=g).float() * ulp
     return x.to(dtype)
 
 
@@ -70,20 +73,28 @@ def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def substream_steps(blob: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element step sizes for keys and values, read from each substream's side info."""
+    """Per-element step sizes for keys and values, read from each substream's side info.
+
+    Tokens a substream stores raw (the header's attention-sink ``raw_tokens``) get step 0:
+    they must come back exactly.
+    """
     layout = container.parse(blob)
     h = layout.header
-    out = [torch.empty(h.layers, h.kv_heads, h.tokens, 1) for _ in range(2)]
+    width = container.DTYPE_BYTES[h.dtype]
+    out = [torch.zeros(h.layers, h.kv_heads, h.tokens, 1) for _ in range(2)]
     for layer in range(h.layers):
         for is_value in (False, True):
             for b in range(h.blocks_per_tensor):
                 sid = h.substream_id(layer, is_value, b)
                 view = container.substream(blob, layout, sid)
-                steps = np.frombuffer(bytes(view[: 4 * h.kv_heads]), dtype="<f4").astype(np.float32)
-                start = b * h.token_block
-                out[is_value][layer, :, start : start + h.block_tokens(b), 0] = torch.from_numpy(
-                    steps
-                )[:, None]
+                n_raw = h.block_raw_tokens(b) if hasattr(h, "block_raw_tokens") else 0
+                if n_raw == h.block_tokens(b):
+                    continue
+                pos = h.kv_heads * n_raw * h.head_dim * width
+                raw = bytes(view[pos : pos + 4 * h.kv_heads])
+                steps = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+                start = b * h.token_block + n_raw
+                out[is_value][layer, :, start : b * h.token_block + h.block_tokens(b), 0] = steps[:, None]
     return out[0], out[1]
 
 
@@ -143,7 +154,7 @@ def test_lossless_keeps_special_values(dtype):
     seed=st.integers(0, 2**31),
     style=st.sampled_from(
         ["normal", "normal", "outlier_channels", "constant", "constant_channels", "zeros",
-         "huge", "tiny"]
+         "huge", "tiny", "min_subnormal"]
     ),
 )
 def test_lossy_error_within_half_step(shape, dtype, level, block, seed, style):
@@ -151,7 +162,7 @@ def test_lossy_error_within_half_step(shape, dtype, level, block, seed, style):
     values = kv_values(shape, dtype, seed + 7, "normal" if style == "huge" else style)
     blob = encode(keys, values, level=level, token_block=block)
     ksteps, vsteps = substream_steps(blob)
-    assert torch.all(ksteps > 0) and torch.all(torch.isfinite(ksteps))
+    assert torch.all(ksteps >= 0) and torch.all(torch.isfinite(ksteps))
     check_lossy_bound("keys", keys, blob, ksteps)
     check_lossy_bound("values", values, blob, vsteps)
 
@@ -164,6 +175,23 @@ def test_constant_tensor_decodes_to_itself():
         kv = decode(encode(keys, -keys, level=level))
         assert torch.equal(kv.keys, keys), level
         assert torch.equal(kv.values, -keys), level
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", LOSSY)
+def test_smallest_subnormals_round_trip(dtype, level):
+    """Regression: for float32 the step floor (a fraction of absmax) underflows; the step
+    must stay positive and every symbol must fit the int16 centres."""
+    ulp = torch.tensor(1, dtype=INT_VIEW[dtype]).view(dtype)
+    pattern = torch.tensor([3, -2, 1, 0, 3, 3, -3, 2], dtype=torch.float32)
+    keys = (pattern.reshape(1, 1, 8, 1).repeat(2, 2, 1, 3) * ulp.float()).to(dtype)
+    keys[:, :, :, 1] = keys[:, :, :1, 1]  # a constant channel too
+    blob = encode(keys, keys.flip(2).contiguous(), level=level, sink_tokens=0)
+    kv = decode(blob)
+    ksteps, _ = substream_steps(blob)
+    assert torch.all(ksteps > 0)
+    check_lossy_bound("keys", keys, blob, ksteps)
+    assert kv.keys.shape == keys.shape
 
 
 def test_fp16_near_max_never_decodes_to_inf():
