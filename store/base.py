@@ -155,7 +155,17 @@ class ChunkStore(abc.ABC):
         return created
 
     def get(self, key: KeyLike) -> bytes | None:
-        """The verified stream stored under ``key``, or None (a miss or a bad entry)."""
+        """The verified stream stored under ``key``, or None (a miss or a bad entry).
+
+        A bad entry (envelope, SHA-256, stream CRC or, for a :class:`ChunkKey`,
+        layout mismatch) is removed, logged, counted in ``stats()["bad_entries"]``
+        and returned as None: its bytes never reach the caller.
+
+        Raises:
+            InvalidKey: ``key`` is not 64 lowercase hex digits.
+            StoreUnavailable: the backend did not answer within its bounded
+                retries and timeouts — callers treat it as a miss (recompute).
+        """
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[KeyLike]) -> list[bytes | None]:

@@ -170,7 +170,11 @@ class LocalChunkStore(ChunkStore):
             raise _map_os_error(exc, f"write {hexkey[:12]}…") from None
         finally:
             tmp.unlink(missing_ok=True)
-        self._index.add(name, len(blob))
+        try:
+            self._index.add(name, len(blob))
+        except StoreError:  # e.g. the index hit ENOSPC: do not leave an unaccounted entry
+            final.unlink(missing_ok=True)
+            raise
         if self.capacity_bytes:
             self._count(evictions=self._shrink(self.capacity_bytes))
         return True
