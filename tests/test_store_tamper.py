@@ -129,3 +129,13 @@ def test_envelope_parser_only_raises_integrity_errors(junk: bytes, pos: int, xor
         bad[pos % len(good)] ^= xor
         with pytest.raises(IntegrityError):
             unwrap(bytes(bad), key_of(1), "t")
+
+
+def test_redis_setrange_in_place_is_a_clean_miss(make_store, redis_server) -> None:
+    store = make_store("redis")
+    store.put(key_of(1), chunk_stream(1))
+    name = store._name(key_of(1))
+    client = redis_server.client()
+    client.setrange(name, client.strlen(name) - 7, b"\x00\x01")
+    assert store.get(key_of(1)) is None and client.exists(name) == 0
+    assert store.stats()["bad_entries"] == 1
