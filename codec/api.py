@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -104,10 +105,12 @@ def _cpu_threads(device) -> Iterator[None]:
 def _resolve_profile(profile, model: str, layers: int, heads: int, dim: int) -> Profile | None:
     if profile is None:
         return None
-    if isinstance(profile, str):
-        if profile == "auto":
-            return builtin_profile(model, layers, heads, dim)
+    if isinstance(profile, str) and profile == "auto":
+        return builtin_profile(model, layers, heads, dim)
+    if isinstance(profile, (str, os.PathLike)):
         profile = load_profile(profile)
+    if not isinstance(profile, Profile):
+        raise InvalidInput(f"profile: expected a Profile, a path or 'auto', got {type(profile).__name__}")
     if not profile.matches(layers, heads, dim):
         raise InvalidInput(
             f"profile: {profile.model} is for {profile.layers} layers x {profile.kv_heads} kv heads x "
@@ -136,6 +139,7 @@ def encode(
     sink_tokens: int = DEFAULT_SINK_TOKENS,
     profile: Profile | str | None = "auto",
     progress: Progress | None = None,
+    threads: int = 1,
 ) -> bytes:
     """Encode a KV cache into a ``.kvc`` stream.
 
@@ -154,6 +158,7 @@ def encode(
             calibrated sensitivities; ``"auto"`` (default) uses the shipped profile
             for ``model`` if there is one; ``None`` sets steps from the data's RMS.
         progress: optional ``callback(done, total)`` called per substream.
+        threads: worker threads for substreams (the rANS coder releases the GIL).
 
     Returns:
         The stream bytes.
@@ -163,10 +168,12 @@ def encode(
     """
     check_kv(keys, values)
     with _cpu_threads(keys.device):
-        return _encode(keys, values, level, model, first_position, token_block, sink_tokens, profile, progress)
+        return _encode(
+            keys, values, level, model, first_position, token_block, sink_tokens, profile, progress, threads
+        )
 
 
-def _encode(keys, values, level, model, first_position, token_block, sink_tokens, profile, progress) -> bytes:
+def _encode(keys, values, level, model, first_position, token_block, sink_tokens, profile, progress, threads) -> bytes:
     lv = get_level(level)
     if not 1 <= token_block <= DecodeLimits().max_token_block:
         raise InvalidInput(f"token_block: {token_block} is outside 1..{DecodeLimits().max_token_block}")
@@ -182,25 +189,47 @@ def _encode(keys, values, level, model, first_position, token_block, sink_tokens
     prof = None if lossless else _resolve_profile(profile, model, layers, heads, dim)
     header = Header(
         mode=lv.mode, level=lv.id, dtype=_DTYPE_NAMES[keys.dtype],
-        coder=container.CODER_ZSTD_PLANES if lossless else container.CODER_ANS,
+        coder=container.CODER_ZSTD_PLANES if lossless else container.CODER_RANS,
         layers=layers, kv_heads=heads, tokens=tokens, head_dim=dim,
         token_block=token_block, first_position=first_position, model=model,
         raw_tokens=0 if lossless else max(0, min(tokens, sink_tokens - first_position)),
         profile=prof.digest if prof else container.NO_PROFILE,
     )
+    jobs = [
+        (layer, is_value, b, block)
+        for layer in range(layers)
+        for is_value, tensor in ((False, keys), (True, values))
+        for b, block in _blocks(tensor[layer], header)
+    ]
+
+    def run(job) -> bytes:
+        layer, is_value, b, block = job
+        if lossless:
+            return substream.encode_lossless(block)
+        rule = _step_rule(lv, prof, layer, is_value)
+        return substream.encode_quantized(block, rule, header.block_raw_tokens(b), header.coder)
+
     payloads: list[bytes] = []
-    total = header.n_substreams
-    for layer in range(layers):
-        for is_value, tensor in ((False, keys), (True, values)):
-            for b, block in _blocks(tensor[layer], header):
-                if lossless:
-                    payloads.append(substream.encode_lossless(block))
-                else:
-                    rule = _step_rule(lv, prof, layer, is_value)
-                    payloads.append(substream.encode_quantized(block, rule, header.block_raw_tokens(b)))
-                if progress:
-                    progress(len(payloads), total)
+    with ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
+        for payload in pool.map(run, jobs):
+            payloads.append(payload)
+            if progress:
+                progress(len(payloads), len(jobs))
     return container.pack(header, payloads)
+
+
+class _Serial:
+    """A stand-in for a one-thread pool: ``map`` runs in the caller's thread."""
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
 
 
 def _decode_sub(data, layout: Layout, sid: int, dtype, device) -> torch.Tensor:
@@ -215,7 +244,7 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device) -> torch.Tensor:
             out = substream.decode_lossless(view, h.kv_heads, tokens, h.head_dim, stored, device)
             return out.to(dtype)
         return substream.decode_quantized(
-            view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block)
+            view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder
         )
     except container.ChecksumMismatch:
         raise
@@ -231,7 +260,9 @@ def _min_length(h: Header, block: int) -> int:
     if h.mode == MODE_LOSSLESS:
         return 4 * width
     n_raw = h.block_raw_tokens(block)
-    return substream.quantized_min_bytes(h.kv_heads, h.head_dim, width, n_raw, h.block_tokens(block) - n_raw)
+    return substream.quantized_min_bytes(
+        h.kv_heads, h.head_dim, width, n_raw, h.block_tokens(block) - n_raw, h.coder
+    )
 
 
 def _check_min_lengths(layout: Layout, layers: list[int]) -> None:
@@ -340,7 +371,7 @@ def _side_bytes(layout: Layout) -> int:
         if h.mode == MODE_LOSSLESS:
             side += 4 * container.DTYPE_BYTES[h.dtype]
         elif h.block_tokens(block) > h.block_raw_tokens(block):
-            side += substream.quantized_side_bytes(h.kv_heads, h.head_dim)
+            side += substream.quantized_side_bytes(h.kv_heads, h.head_dim, h.coder)
     return layout.header_bytes + layout.index_bytes + side
 
 

@@ -277,3 +277,24 @@ def test_lossless_decode_to_another_dtype_and_verify(dtype):
     assert verify(blob, full=True).substreams == 2 * 2 * 2
     kv = decode(blob, dtype=torch.float32)
     assert kv.keys.dtype == torch.float32 and torch.equal(kv.keys, keys.float())
+
+
+def test_profile_given_as_object_str_or_path(tmp_path):
+    """Regression: a pathlib.Path profile raised AttributeError (not a KVCodecError)."""
+    import numpy as np
+
+    from kvcodec.codec.profile import Profile
+
+    prof = Profile("m", 1, 2, 3, np.array([[[1.0, 4.0], [2.0, 0.5]]]), {"balanced": 0.2})
+    path = tmp_path / "p.json"
+    prof.save(path)
+    keys = torch.randn(1, 2, 6, 3, generator=torch.Generator().manual_seed(0))
+    blobs = {encode(keys, keys, level="balanced", profile=p) for p in (prof, str(path), path)}
+    assert len(blobs) == 1
+    assert container.parse(blobs.pop()).header.profile == prof.digest
+    with pytest.raises(InvalidInput, match="^profile: expected a Profile"):
+        encode(keys, keys, profile=42)
+    with pytest.raises(InvalidInput, match="^profile: m is for 1 layers"):
+        encode(keys.repeat(2, 1, 1, 1), keys.repeat(2, 1, 1, 1), profile=prof)
+    with pytest.raises(InvalidInput, match="no such file"):
+        encode(keys, keys, profile=tmp_path / "missing.json")
