@@ -118,3 +118,12 @@ def test_bad_url_and_missing_token_ids(capsys, tmp_path: Path) -> None:
     write_kv(bare, torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), model="m")
     code, _, err = run(capsys, "store", "--url", str(tmp_path / "s"), "put", str(bare))
     assert code == 1 and "token_ids" in err
+
+
+def test_s3_url_with_endpoint_from_environment(capsys, moto_s3, kv_file: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
+    url = f"s3://{moto_s3.new_bucket()}/cli"
+    code, out, _ = run(capsys, "store", "--url", url, "put", str(kv_file))
+    assert code == 0 and out.split() == expected_keys()
+    assert sorted(run(capsys, "store", "--url", url, "ls")[1].split()) == sorted(expected_keys())
+    assert run(capsys, "store", "--url", url, "verify")[0] == 0
