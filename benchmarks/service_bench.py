@@ -36,7 +36,7 @@ GBPS = 1e9 / 8
 
 
 # ------------------------------------------------------------- part 1: load
-def _start_server() -> tuple[subprocess.Popen, str]:
+def _start_server(verify_processes: int = 0) -> tuple[subprocess.Popen, str]:
     import socket
 
     with socket.socket() as s:
@@ -45,7 +45,8 @@ def _start_server() -> tuple[subprocess.Popen, str]:
     kvcodec = str(Path(sys.executable).parent / "kvcodec")
     proc = subprocess.Popen([kvcodec, "serve", "--listen", f"127.0.0.1:{port}", "--store", "memory://",
                              "--no-calibrate", "--log-level", "warning", "--max-workers", "32",
-                             "--max-concurrent-rpcs", "256"],
+                             "--max-concurrent-rpcs", "256",
+                             "--verify-processes", str(verify_processes)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     proc.stdout.readline()
     return proc, f"127.0.0.1:{port}"
@@ -82,16 +83,17 @@ def _client_loop(address: str, kind: str, blob: bytes, layout, stop_at: float, o
             out.append(time.perf_counter() - t0)
 
 
-def load_benchmark(seconds: float, clients: list[int]) -> str:
+def load_benchmark(seconds: float, clients: list[int], ops: list[str],
+                   verify_processes: int = 0) -> str:
     from kvcodec.client.grpc_client import CacheClient, CacheContext
 
     blob, layout = _chunk_blob()
-    proc, address = _start_server()
+    proc, address = _start_server(verify_processes)
     rows = []
     try:
         with CacheClient(address) as c:
             c.put_chunks(CacheContext(layout, list(range(256)), 256), [(0, "balanced", blob)])
-        for kind in ("get", "put"):
+        for kind in ops:
             for n in clients:
                 lat: list[float] = []
                 stop_at = time.monotonic() + seconds
@@ -112,7 +114,8 @@ def load_benchmark(seconds: float, clients: list[int]) -> str:
         proc.terminate()
         proc.wait(30)
     return (f"Chunk: 256 tokens SmolLM2-shaped, balanced, {len(blob) / 1e6:.2f} MB; "
-            f"{seconds:.0f} s per row; server `kvcodec serve --store memory://` in its own process.\n\n"
+            f"{seconds:.0f} s per row; server `kvcodec serve --store memory:// --verify-processes "
+            f"{verify_processes}` in its own process.\n\n"
             + markdown_table(["op", "clients", "calls", "MB/s", "p50 ms", "p99 ms"], rows))
 
 
@@ -238,13 +241,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--clients", default="1,4,16,64")
+    p.add_argument("--ops", default="get,put")
+    p.add_argument("--verify-processes", type=int, default=0)
     p.add_argument("--skip-load", action="store_true")
     p.add_argument("--skip-controller", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"Machine: {machine()}\n")
     if not args.skip_load:
-        print(load_benchmark(args.seconds, [int(c) for c in args.clients.split(",")]), "\n")
+        print(load_benchmark(args.seconds, [int(c) for c in args.clients.split(",")],
+                             args.ops.split(","), args.verify_processes), "\n")
     if not args.skip_controller:
         print(controller_benchmark())
     return 0

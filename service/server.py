@@ -86,14 +86,30 @@ def _full_verify(blob: bytes) -> Any:
     return verify(blob)
 
 
+def _verify_worker_init() -> None:
+    """One torch thread per worker (the pool is the parallelism); JIT-compile the decoders now."""
+    import torch
+
+    from kvcodec.codec import encode, verify
+
+    torch.set_num_threads(1)
+    kv = torch.zeros(1, 1, 4, 8, dtype=torch.float16)
+    for level in ("lossless", "high"):
+        verify(encode(kv, kv, level=level))
+
+
 def _verify_pool(processes: int) -> Any:
-    """A spawn-context process pool for stream verification (fork is unsafe under gRPC)."""
+    """A spawn-context process pool for stream verification (fork is unsafe under gRPC);
+    workers are started and warmed up here, not on the first Put."""
     if processes <= 0:
         return None
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, wait
 
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_verify_worker_init)
+    wait([pool.submit(int) for _ in range(processes)])
+    return pool
 
 
 class CacheServer:
