@@ -35,7 +35,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPE_IDS.items()}
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 CODER_ZSTD_PLANES = 1
 CODER_ANS = 2
-CODER_NAMES = {CODER_ZSTD_PLANES: "zstd-byte-planes", CODER_ANS: "ans-geometric"}
+CODER_RANS = 3
+CODER_NAMES = {CODER_ZSTD_PLANES: "zstd-byte-planes", CODER_ANS: "ans-geometric", CODER_RANS: "rans-interleaved"}
 MAX_MODEL_NAME = 256
 NO_PROFILE = bytes(32)
 

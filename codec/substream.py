@@ -2,10 +2,14 @@
 
 Two payload layouts, chosen by the header's mode (FORMAT.md, "Substreams"):
 
-* quantized (coder 2): the raw bits of the block's first ``n_raw`` tokens
+* quantized: the raw bits of the block's first ``n_raw`` tokens
   (``[H, n_raw, head_dim]``, attention sinks, see the header's raw_tokens),
-  then, if tokens remain, ``steps f32[H] | centers i16[C] | kmax u16[C] |
-  classes u8[C] | ANS words u32[...]`` with ``C = H * head_dim``.
+  then, if tokens remain, with ``C = H * head_dim``:
+
+  - coder 3 (default): ``steps f32[H] | centers i16[C] | classes u8[C] |
+    n_escapes u32 | escapes u16[n_escapes] | rANS words u16[...]``;
+  - coder 2 (old streams): ``steps f32[H] | centers i16[C] | kmax u16[C] |
+    classes u8[C] | ANS words u32[...]``.
 * lossless (coder 1): the raw little-endian bits of the block in channel-major
   order ``[H, head_dim, tokens]``, split into byte planes (plane ``b`` holds
   byte ``b`` of every element), each plane a zstd frame preceded by its
@@ -16,12 +20,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zstandard
 
-from kvcodec.codec import entropy
+from kvcodec.codec import entropy, rans
 from kvcodec.codec.errors import CorruptStream
 from kvcodec.codec.quantize import dequantize_block, quantize_block
 
@@ -29,17 +34,37 @@ ZSTD_LEVEL = 10
 _U32 = struct.Struct("<I")
 StepRule = Callable[[torch.Tensor], np.ndarray]
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+CODER_ANS = 2
+CODER_RANS = 3
 
 
-def quantized_side_bytes(heads: int, dim: int) -> int:
-    """Size of the side information of a quantized substream's quantized part."""
+def quantized_side_bytes(heads: int, dim: int, coder: int = CODER_RANS) -> int:
+    """Size of the fixed side information of a quantized substream's quantized part."""
     channels = heads * dim
-    return 4 * heads + 5 * channels
+    if coder == CODER_ANS:
+        return 4 * heads + 5 * channels
+    return 4 * heads + 3 * channels + 4
 
 
-def quantized_min_bytes(heads: int, dim: int, width: int, n_raw: int, n_quant: int) -> int:
+def quantized_min_bytes(heads: int, dim: int, width: int, n_raw: int, n_quant: int, coder: int = CODER_RANS) -> int:
     """Smallest valid quantized substream: raw tokens plus the side information."""
-    return heads * n_raw * dim * width + (quantized_side_bytes(heads, dim) if n_quant else 0)
+    return heads * n_raw * dim * width + (quantized_side_bytes(heads, dim, coder) if n_quant else 0)
+
+
+@dataclass
+class RansPayload:
+    """The parsed quantized part of a coder-3 substream (before entropy decoding).
+
+    Attributes:
+        steps: float32 ``[H]``; centers: int32 ``[C]``; classes: uint8 ``[C]``;
+        escapes: uint16 escape magnitudes; words: uint16 rANS words.
+    """
+
+    steps: np.ndarray
+    centers: np.ndarray
+    classes: np.ndarray
+    escapes: np.ndarray
+    words: np.ndarray
 
 
 def _raw_bytes(x: torch.Tensor) -> bytes:
@@ -54,11 +79,12 @@ def _from_raw(buf: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> to
     return torch.from_numpy(ints).view(dtype)
 
 
-def encode_quantized(x: torch.Tensor, step_rule: StepRule, n_raw: int = 0) -> bytes:
+def encode_quantized(x: torch.Tensor, step_rule: StepRule, n_raw: int = 0, coder: int = CODER_RANS) -> bytes:
     """Encode ``x`` (``[H, T, D]`` in its stored dtype, any device).
 
     The first ``n_raw`` tokens (attention sinks) are stored as raw bits; the
-    rest are quantized with the steps ``step_rule`` picks and entropy-coded.
+    rest are quantized with the steps ``step_rule`` picks and entropy-coded
+    with ``coder`` (3: interleaved rANS, 2: constriction ANS).
     """
     raw = _raw_bytes(x[:, :n_raw]) if n_raw else b""
     rest = x[:, n_raw:].float()
@@ -67,14 +93,70 @@ def encode_quantized(x: torch.Tensor, step_rule: StepRule, n_raw: int = 0) -> by
     steps = step_rule(rest)
     block = quantize_block(rest, steps)
     classes = entropy.scale_classes(block.abs_sums, block.kmax, rest.shape[1])
-    words = entropy.encode_symbols(block.deltas, block.kmax, classes)
-    side = (
-        steps.astype("<f4").tobytes()
-        + block.centers.astype("<i2").tobytes()
-        + block.kmax.astype("<u2").tobytes()
-        + classes.tobytes()
+    head = steps.astype("<f4").tobytes() + block.centers.astype("<i2").tobytes()
+    if coder == CODER_ANS:
+        words = entropy.encode_symbols(block.deltas, block.kmax, classes)
+        return raw + head + block.kmax.astype("<u2").tobytes() + classes.tobytes() + words
+    words, escapes = rans.encode_deltas(block.deltas, classes)
+    return b"".join(
+        (raw, head, classes.tobytes(), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes())
     )
-    return raw + side + words
+
+
+def parse_rans(payload: memoryview, heads: int, dim: int) -> RansPayload:
+    """Split a coder-3 quantized part (after the raw tokens) into its fields.
+
+    Raises:
+        CorruptStream: a field is invalid or does not fit the substream.
+    """
+    channels = heads * dim
+    fixed = quantized_side_bytes(heads, dim, CODER_RANS)
+    if len(payload) < fixed:
+        raise CorruptStream(f"side information: {len(payload)} bytes, needs {fixed}")
+    steps = _read_steps(payload, heads)
+    pos = 4 * heads
+    centers = np.frombuffer(payload, dtype="<i2", count=channels, offset=pos).astype(np.int32)
+    pos += 2 * channels
+    classes = np.frombuffer(payload, dtype=np.uint8, count=channels, offset=pos).copy()
+    rans.check_classes(classes)
+    pos += channels
+    n_esc = _U32.unpack_from(payload, pos)[0]
+    pos += 4
+    if pos + 2 * n_esc > len(payload):
+        raise CorruptStream(f"escape list: {n_esc} escapes do not fit the {len(payload)}-byte substream")
+    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=pos).astype(np.uint16)
+    pos += 2 * n_esc
+    if (len(payload) - pos) % 2:
+        raise CorruptStream(f"rANS words: {len(payload) - pos} bytes is not a whole number of u16 words")
+    words = np.frombuffer(payload, dtype="<u2", offset=pos).astype(np.uint16)
+    return RansPayload(steps, centers, classes, escapes, words)
+
+
+def _read_steps(payload: memoryview, heads: int) -> np.ndarray:
+    steps = np.frombuffer(payload, dtype="<f4", count=heads).astype(np.float32)
+    if not np.all(np.isfinite(steps)) or np.any(steps <= 0):
+        raise CorruptStream(f"step sizes: invalid value in {steps.tolist()}")
+    return steps
+
+
+def split_raw(
+    payload: memoryview, heads: int, tokens: int, dim: int, stored: torch.dtype, n_raw: int, coder: int
+) -> tuple[torch.Tensor | None, memoryview]:
+    """Check the substream's minimum size; return its raw tokens (or None) and the rest.
+
+    Raises:
+        CorruptStream: the substream is too short, or has stray bytes after raw-only content.
+    """
+    width = torch.empty(0, dtype=stored).element_size()
+    n_quant = tokens - n_raw
+    need = quantized_min_bytes(heads, dim, width, n_raw, n_quant, coder)
+    if len(payload) < need:
+        raise CorruptStream(f"side information: {len(payload)} bytes, needs {need}")
+    raw_len = heads * n_raw * dim * width
+    raw = _from_raw(payload[:raw_len], (heads, n_raw, dim), stored) if n_raw else None
+    if n_quant == 0 and len(payload) != raw_len:
+        raise CorruptStream(f"raw tokens: {len(payload) - raw_len} stray bytes at the end")
+    return raw, payload[raw_len:]
 
 
 def decode_quantized(
@@ -86,38 +168,38 @@ def decode_quantized(
     dtype: torch.dtype,
     device=None,
     n_raw: int = 0,
+    coder: int = CODER_RANS,
 ) -> torch.Tensor:
     """Inverse of :func:`encode_quantized`; raises :class:`CorruptStream` on bad content."""
-    width = torch.empty(0, dtype=stored).element_size()
+    raw, payload = split_raw(payload, heads, tokens, dim, stored, n_raw, coder)
     n_quant = tokens - n_raw
-    need = quantized_min_bytes(heads, dim, width, n_raw, n_quant)
-    if len(payload) < need:
-        raise CorruptStream(f"side information: {len(payload)} bytes, needs {need}")
-    raw_len = heads * n_raw * dim * width
-    parts = []
-    if n_raw:
-        parts.append(_from_raw(payload[:raw_len], (heads, n_raw, dim), stored).to(dtype))
     if n_quant == 0:
-        if len(payload) != raw_len:
-            raise CorruptStream(f"raw tokens: {len(payload) - raw_len} stray bytes at the end")
-        return parts[0].to(device)
-    payload = payload[raw_len:]
+        return raw.to(dtype).to(device)
+    if coder == CODER_ANS:
+        steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
+    else:
+        p = parse_rans(payload, heads, dim)
+        steps, centers = p.steps, p.centers
+        deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
+    quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device)
+    if raw is None:
+        return quant
+    return torch.cat([raw.to(dtype).to(device), quant], dim=1)
+
+
+def _decode_ans(payload: memoryview, heads: int, dim: int, n_quant: int):
+    """Coder 2: side information and constriction ANS words -> (steps, centers, deltas)."""
     channels = heads * dim
+    steps = _read_steps(payload, heads)
     pos = 4 * heads
-    steps = np.frombuffer(payload[:pos], dtype="<f4").astype(np.float32)
-    if not np.all(np.isfinite(steps)) or np.any(steps <= 0):
-        raise CorruptStream(f"step sizes: invalid value in {steps.tolist()}")
     centers = np.frombuffer(payload[pos : pos + 2 * channels], dtype="<i2").astype(np.int32)
     pos += 2 * channels
     kmax = np.frombuffer(payload[pos : pos + 2 * channels], dtype="<u2").astype(np.int32)
     pos += 2 * channels
     classes = np.frombuffer(payload[pos : pos + channels], dtype=np.uint8)
     entropy.check_classes(classes, kmax)
-    deltas = entropy.decode_symbols(payload[quantized_side_bytes(heads, dim) :], kmax, classes, n_quant)
-    quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device)
-    if not parts:
-        return quant
-    return torch.cat([parts[0].to(device), quant], dim=1)
+    deltas = entropy.decode_symbols(payload[quantized_side_bytes(heads, dim, CODER_ANS) :], kmax, classes, n_quant)
+    return steps, centers, deltas
 
 
 def encode_lossless(x: torch.Tensor) -> bytes:

@@ -1,0 +1,295 @@
+"""Stage 2 (coder 3): interleaved rANS with global static models.
+
+FORMAT.md ("Mode 1, coder 3") is normative. Summary:
+
+* **Models.** One table per scale class (the classes of coder 2, see
+  :mod:`kvcodec.codec.entropy`), independent of the data. Class ``c`` codes
+  the alphabet ``delta in [-E_c, E_c]`` plus two escape symbols ``ESC-`` and
+  ``ESC+`` for ``delta < -E_c`` and ``delta > E_c``; an escaped delta's
+  magnitude ``|delta| - E_c - 1`` is stored as a u16 in the substream's
+  escape list. Frequencies are quantized to ``2**PROB_BITS`` with integer
+  arithmetic only (built from the ``RHO_Q20`` recurrence), so every machine
+  builds the same tables.
+* **Coder.** rANS with 32-bit states in ``[2**16, 2**32)``, 16-bit
+  renormalisation (at most one u16 word per symbol), ``N = min(32, max(1, n // 64))``
+  lanes for a substream of ``n`` symbols:
+  symbol ``i`` of the substream goes to lane ``i % N``. The words are stored
+  as little-endian u16: first every lane's initial state (low, high), then
+  the renormalisation words in the order the decoder reads them.
+
+The encoder and decoder are numba functions compiled with ``nogil=True`` so
+substreams code in parallel on Python threads; ``rans_torch`` decodes the same
+words with torch (CPU or CUDA) to identical symbols.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from kvcodec.codec.entropy import NUM_CLASSES, RHO_Q20
+from kvcodec.codec.errors import CorruptStream
+
+PROB_BITS = 14
+PROB_SCALE = 1 << PROB_BITS
+LANES = 32
+LANE_SYMBOLS = 64  # a substream of n symbols uses min(LANES, max(1, n // LANE_SYMBOLS)) lanes
+STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2**32)
+E_MAX = 1023  # largest escape threshold of any class
+ESCAPE_SLOTS = 2  # a class's alphabet stops where the tail per side weighs <= 2 slots
+MAX_ESCAPE_MAGNITUDE = 0xFFFF
+
+# numba status codes -> messages
+_ERRORS = {
+    1: "rANS words run out before the last symbol",
+    2: "rANS words left over after the last symbol",
+    3: "a lane does not end in the initial state",
+    4: "escape list shorter than the escapes decoded",
+    5: "escape list longer than the escapes decoded",
+    6: "fewer words than the lanes' initial states",
+}
+
+
+def _half_weights(rho: int, count: int) -> list[int]:
+    """``f[0..count-1]`` of the RHO_Q20 recurrence (as coder 2)."""
+    f = [1 << 22]
+    while len(f) < count:
+        f.append(max(1, (f[-1] * rho) >> 20))
+    return f
+
+
+def _class_table(cls: int) -> tuple[int, list[int]]:
+    """Escape threshold ``E`` and the quantized frequencies of class ``cls``.
+
+    Symbol order: ``delta + E`` for ``delta in [-E, E]``, then ``ESC-`` (``2E+1``)
+    and ``ESC+`` (``2E+2``). Integer arithmetic only.
+    """
+    rho = RHO_Q20[cls - 1]
+    denom = (1 << 20) - rho
+    f = _half_weights(rho, E_MAX + 2)
+
+    def tail(k: int) -> int:  # mass beyond k on one side: f[k+1] / (1 - rho)
+        return max(1, (f[k + 1] << 20) // denom)
+
+    whole = f[0] + 2 * tail(0)
+    e = E_MAX
+    for k in range(E_MAX + 1):
+        # stop where the tail weighs <= ESCAPE_SLOTS slots or the next symbol < 1/2 slot
+        if tail(k) * PROB_SCALE <= ESCAPE_SLOTS * whole or 2 * f[k + 1] * PROB_SCALE < whole:
+            e = k
+            break
+    weights = [f[abs(j - e)] for j in range(2 * e + 1)] + [tail(e), tail(e)]
+    total = sum(weights)
+    lo, hi = 0, PROB_SCALE  # largest scale s with sum(max(1, w * s // total)) <= PROB_SCALE
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(max(1, (w * mid) // total) for w in weights) <= PROB_SCALE:
+            lo = mid
+        else:
+            hi = mid - 1
+    freqs = [max(1, (w * lo) // total) for w in weights]
+    freqs[e] += PROB_SCALE - sum(freqs)
+    return e, freqs
+
+
+def build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Build every class's model.
+
+    Returns:
+        ``(esc, freq, cum, slot2sym)``: ``esc`` int32 ``[NUM_CLASSES + 1]`` (E per
+        class), ``freq`` / ``cum`` uint32 ``[NUM_CLASSES + 1, 2 * E_MAX + 3]``,
+        ``slot2sym`` uint16 ``[NUM_CLASSES + 1, PROB_SCALE]``. Row 0 (class 0,
+        nothing coded) is unused.
+    """
+    alphabet = 2 * E_MAX + 3
+    esc = np.zeros(NUM_CLASSES + 1, dtype=np.int32)
+    freq = np.zeros((NUM_CLASSES + 1, alphabet), dtype=np.uint32)
+    cum = np.zeros((NUM_CLASSES + 1, alphabet), dtype=np.uint32)
+    slot2sym = np.zeros((NUM_CLASSES + 1, PROB_SCALE), dtype=np.uint16)
+    for cls in range(1, NUM_CLASSES + 1):
+        e, f = _class_table(cls)
+        n = len(f)
+        esc[cls] = e
+        freq[cls, :n] = f
+        cum[cls, 1:n] = np.cumsum(f[:-1])
+        slot2sym[cls] = np.repeat(np.arange(n, dtype=np.uint16), f)
+    return esc, freq, cum, slot2sym
+
+
+ESC, FREQ, CUM, SLOT2SYM = build_tables()
+
+
+def model_bits(cls: int) -> np.ndarray:
+    """Code length (bits) of each symbol of class ``cls`` (escape payload excluded)."""
+    e = int(ESC[cls])
+    f = FREQ[cls, : 2 * e + 3].astype(np.float64)
+    return PROB_BITS - np.log2(f)
+
+
+@njit(nogil=True, cache=True)
+def _symbols(deltas, classes, esc):
+    """Symbols in substream order and the escape list; status 7 if an escape overflows."""
+    channels, tokens = deltas.shape
+    coded = 0
+    for c in range(channels):
+        if classes[c] != 0:
+            coded += 1
+    syms = np.empty(coded * tokens, dtype=np.int32)
+    cls_of = np.empty(coded * tokens, dtype=np.int32)
+    escapes = np.empty(coded * tokens, dtype=np.uint16)
+    n_esc = 0
+    i = 0
+    for c in range(channels):
+        k = classes[c]
+        if k == 0:
+            continue
+        e = esc[k]
+        for t in range(tokens):
+            d = deltas[c, t]
+            cls_of[i] = k
+            if d > e or d < -e:
+                m = (d if d > 0 else -d) - e - 1
+                if m > 0xFFFF:
+                    return syms, cls_of, escapes[:0], 7
+                escapes[n_esc] = m
+                n_esc += 1
+                syms[i] = 2 * e + 2 if d > 0 else 2 * e + 1
+            else:
+                syms[i] = d + e
+            i += 1
+    return syms, cls_of, escapes[:n_esc], 0
+
+
+@njit(nogil=True, cache=True)
+def _encode(deltas, classes, esc, freq, cum):
+    """Encode a substream's deltas; returns (u16 words, u16 escapes, status)."""
+    syms, cls_of, escapes, status = _symbols(deltas, classes, esc)
+    n = syms.shape[0]
+    if status != 0 or n == 0:
+        return np.empty(0, dtype=np.uint16), escapes, status
+    lanes = min(32, max(1, n // 64))
+    state = np.full(lanes, 1 << 16, dtype=np.int64)
+    out = np.empty(n + 2 * lanes, dtype=np.uint16)
+    top = n + 2 * lanes  # words are written backwards from the end
+    for i in range(n - 1, -1, -1):
+        lane = i % lanes
+        k = cls_of[i]
+        s = syms[i]
+        f = np.int64(freq[k, s])
+        x = state[lane]
+        if x >= (f << 18):  # x_max = ((L >> PROB_BITS) << 16) * f
+            top -= 1
+            out[top] = x & 0xFFFF
+            x >>= 16
+        state[lane] = ((x // f) << 14) + (x % f) + np.int64(cum[k, s])
+    for lane in range(lanes - 1, -1, -1):
+        top -= 2
+        out[top] = state[lane] & 0xFFFF
+        out[top + 1] = state[lane] >> 16
+    return out[top:].copy(), escapes, 0
+
+
+@njit(nogil=True, cache=True)
+def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
+    """Decode a substream; returns (int32 deltas [channels, tokens], status)."""
+    channels = classes.shape[0]
+    out = np.zeros((channels, tokens), dtype=np.int32)
+    coded = 0
+    for c in range(channels):
+        if classes[c] != 0:
+            coded += 1
+    n = coded * tokens
+    nw = words.shape[0]
+    if n == 0:
+        return out, (2 if nw or escapes.shape[0] else 0)
+    lanes = min(32, max(1, n // 64))
+    if nw < 2 * lanes:
+        return out, 6
+    state = np.empty(lanes, dtype=np.int64)
+    for lane in range(lanes):
+        state[lane] = np.int64(words[2 * lane]) | (np.int64(words[2 * lane + 1]) << 16)
+    pos = 2 * lanes
+    n_esc = escapes.shape[0]
+    ei = 0
+    lane = 0
+    for c in range(channels):
+        k = classes[c]
+        if k == 0:
+            continue
+        e = esc[k]
+        for t in range(tokens):
+            x = state[lane]
+            slot = x & 0x3FFF
+            s = np.int64(slot2sym[k, slot])
+            x = np.int64(freq[k, s]) * (x >> 14) + slot - np.int64(cum[k, s])
+            if x < (1 << 16):
+                if pos >= nw:
+                    return out, 1
+                x = (x << 16) | np.int64(words[pos])
+                pos += 1
+            state[lane] = x
+            d = np.int32(s) - e
+            if d > e:
+                if ei >= n_esc:
+                    return out, 4
+                m = np.int32(escapes[ei]) + e + 1
+                ei += 1
+                d = m if d == e + 2 else -m
+            out[c, t] = d
+            lane += 1
+            if lane == lanes:
+                lane = 0
+    if pos != nw:
+        return out, 2
+    if ei != n_esc:
+        return out, 5
+    for lane in range(lanes):
+        if state[lane] != (1 << 16):
+            return out, 3
+    return out, 0
+
+
+def encode_deltas(deltas: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy-code ``deltas`` (int32 ``[channels, tokens]``) with coder 3.
+
+    Args:
+        deltas: symbols minus centre, channel-major; channels of class 0 must be all zero.
+        classes: uint8 ``[channels]`` scale classes (0 = nothing coded).
+
+    Returns:
+        ``(words, escapes)``: uint16 arrays (rANS words incl. the lanes' initial states,
+        escape magnitudes).
+
+    Raises:
+        ValueError: an escaped magnitude does not fit 16 bits.
+    """
+    words, escapes, status = _encode(
+        np.ascontiguousarray(deltas, dtype=np.int32), np.ascontiguousarray(classes, dtype=np.uint8), ESC, FREQ, CUM
+    )
+    if status:
+        raise ValueError(f"delta magnitude exceeds the escape range (E + 1 + {MAX_ESCAPE_MAGNITUDE})")
+    return words, escapes
+
+
+def decode_deltas(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, tokens: int) -> np.ndarray:
+    """Inverse of :func:`encode_deltas`.
+
+    Raises:
+        CorruptStream: classes out of range, or the words do not decode to exactly
+            the expected symbols (every read is bounds-checked).
+    """
+    check_classes(classes)
+    out, status = _decode(words, escapes, classes, tokens, ESC, FREQ, CUM, SLOT2SYM)
+    if status:
+        raise CorruptStream(f"entropy payload: {_ERRORS[status]}")
+    return out
+
+
+def check_classes(classes: np.ndarray) -> None:
+    """Every class must be a known one (0 … NUM_CLASSES)."""
+    bad = np.nonzero(classes > NUM_CLASSES)[0]
+    if len(bad):
+        raise CorruptStream(f"channel {bad[0]}: scale class {classes[bad[0]]} > {NUM_CLASSES}")
+
+
+__all__ = ["PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "check_classes", "model_bits"]
