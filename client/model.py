@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay out of module import
@@ -334,6 +335,8 @@ def prefill(
     token_ids: list[int] | torch.Tensor,
     *,
     past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model over ``token_ids`` and return its KV cache.
 
@@ -343,6 +346,9 @@ def prefill(
         past: optional KV (keys, values) of earlier tokens, shaped
             ``[layers, kv_heads, past_tokens, head_dim]``; the new tokens are placed
             at positions ``past_tokens, past_tokens + 1, ...`` and attend to it.
+        chunk_tokens: if given, run the tokens in chunks of this many (chunked
+            prefill: same result up to float rounding, ~1e-5 in fp32).
+        progress: called as ``progress(done_tokens, total_tokens)`` after each chunk.
 
     Returns:
         ``(keys, values)`` for all tokens (past then new), each
@@ -350,7 +356,7 @@ def prefill(
         the GGUF), keys post-RoPE as the model caches them.
 
     Raises:
-        ValueError: ``token_ids`` is empty or not 1-D.
+        ValueError: ``token_ids`` is empty or not 1-D, or ``chunk_tokens`` <= 0.
     """
     import torch
 
@@ -359,14 +365,22 @@ def prefill(
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"token_ids: expected a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
-    ids = ids.reshape(1, -1)
+    if chunk_tokens is not None and chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens: must be positive, got {chunk_tokens}")
+    ids = ids.reshape(1, -1).to(loaded.device)
+    total = ids.shape[1]
+    step = chunk_tokens or total
     cache = (
         kv_to_cache(*past, config=loaded.config, dtype=loaded.dtype, device=loaded.device)
         if past is not None
         else _empty_cache(loaded)
     )
     with torch.inference_mode():
-        loaded.model.model(input_ids=ids.to(loaded.device), past_key_values=cache, use_cache=True)
+        for start in range(0, total, step):
+            chunk = ids[:, start : start + step]
+            loaded.model.model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            if progress is not None:
+                progress(start + chunk.shape[1], total)
     return cache_to_kv(cache)
 
 

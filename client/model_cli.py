@@ -9,6 +9,7 @@ model name), ``first_position=0``, ``token_ids`` and ``model_fingerprint``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,11 @@ def register(subparsers: Any) -> None:
         help="dtype of the written KV (the model computes in float32; default float32)",
     )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=512, metavar="N",
+        help="prefill N tokens at a time, with a progress bar (0: one pass; default 512)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=run_prefill)
 
 
@@ -53,6 +59,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--text: no such file: {args.text}")
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError(f"--max-tokens: must be positive, got {args.max_tokens}")
+    if args.chunk_tokens < 0:
+        raise UsageError(f"--chunk-tokens: must be >= 0, got {args.chunk_tokens}")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads: must be positive, got {args.threads}")
     out_dir = Path(args.out).parent
@@ -67,9 +75,12 @@ def run_prefill(args: argparse.Namespace) -> int:
     _check_args(args)
     import torch
 
-    from kvcodec.client.model import ModelLoadError, ModelNotFound, load_model, prefill, tokenize_file
+    from kvcodec.client.model import ModelLoadError, ModelNotFound, load_model, tokenize_file
     from kvcodec.codec.kvfile import write_kv
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # ours is enough
     t0 = time.perf_counter()
     try:
         loaded = load_model(args.model, threads=args.threads)
@@ -83,7 +94,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         raise DataError(f"--text: {args.text} holds no tokens")
     _log(f"prefilling {len(ids)} tokens ({loaded.num_layers} layers) ...")
     t1 = time.perf_counter()
-    keys, values = prefill(loaded, ids)
+    keys, values = _prefill_with_progress(loaded, ids, args.chunk_tokens or None)
     dt = time.perf_counter() - t1
     _log(f"prefill {len(ids)} tokens in {dt:.2f} s ({len(ids) / dt:.0f} tokens/s)")
     dtype = getattr(torch, args.dtype)
@@ -94,4 +105,28 @@ def run_prefill(args: argparse.Namespace) -> int:
     )
     size = Path(args.out).stat().st_size
     _log(f"wrote {args.out}: keys/values {tuple(keys.shape)} {args.dtype}, {size / 1e6:.1f} MB")
+    if args.json:
+        print(json.dumps({
+            "out": str(args.out), "model": loaded.name, "model_fingerprint": loaded.fingerprint,
+            "tokens": len(ids), "shape": list(keys.shape), "dtype": args.dtype,
+            "bytes": size, "prefill_seconds": round(dt, 3),
+        }))
     return 0
+
+
+def _prefill_with_progress(loaded: Any, ids: list[int], chunk_tokens: int | None) -> Any:
+    """Prefill with a progress bar on stderr (hidden when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from kvcodec.client.model import prefill
+
+    console = Console(stderr=True)
+    columns = (TextColumn("prefill"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("prefill", total=len(ids))
+        return prefill(
+            loaded, ids, chunk_tokens=chunk_tokens,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )

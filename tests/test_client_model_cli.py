@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -27,12 +29,29 @@ def test_missing_model_is_usage_error_with_fetch_hint(tmp_path, capsys):
     assert not (tmp_path / "o.kv").exists()
 
 
-def test_bad_max_tokens_is_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-tokens", "0", "--max-tokens: must be positive, got 0"),
+        ("--chunk-tokens", "-1", "--chunk-tokens: must be >= 0, got -1"),
+        ("--threads", "0", "--threads: must be positive, got 0"),
+        ("--dtype", "int8", "invalid choice: 'int8'"),
+    ],
+)
+def test_bad_options_are_usage_errors(tmp_path, capsys, option, value, message):
     text = tmp_path / "t.txt"
     text.write_text("hello")
-    rc = main(["prefill", "--text", str(text), "--out", str(tmp_path / "o"), "--max-tokens", "0"])
+    rc = main(["prefill", "--text", str(text), "--out", str(tmp_path / "o"), option, value])
     assert rc == 2
-    assert "--max-tokens: must be positive, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_missing_output_directory_is_usage_error(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    rc = main(["prefill", "--text", str(text), "--out", str(tmp_path / "no" / "o.kv")])
+    assert rc == 2
+    assert "--out: directory does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.model
@@ -41,10 +60,14 @@ def test_prefill_writes_kv_file(smollm2, gpl_text, tmp_path, capsys, dtype):
     out = tmp_path / "gpl.kv.safetensors"
     rc = main([
         "prefill", "--text", str(gpl_text), "--out", str(out), "--max-tokens", "64",
-        "--model", str(smollm2.source), "--dtype", dtype,
+        "--model", str(smollm2.source), "--dtype", dtype, "--chunk-tokens", "40", "--json",
     ])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0, err
+    summary = json.loads(captured.out)
+    assert summary["tokens"] == 64 and summary["shape"] == [30, 3, 64, 64]
+    assert summary["model_fingerprint"] == smollm2.fingerprint
     assert "prefill 64 tokens" in err and "wrote" in err
     kv = read_kv(out)
     assert kv.keys.shape == (30, 3, 64, 64)

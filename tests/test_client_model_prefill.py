@@ -40,6 +40,18 @@ def test_prefill_with_past_equals_one_pass(tiny_llama):
     assert torch.equal(past[0], past_copy[0])  # the caller's past is not modified
 
 
+def test_chunked_prefill_matches_one_pass_and_reports_progress(tiny_llama):
+    ids = _ids(50)
+    keys, values = prefill(tiny_llama, ids)
+    seen = []
+    k2, v2 = prefill(tiny_llama, ids, chunk_tokens=16, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(16, 50), (32, 50), (48, 50), (50, 50)]
+    torch.testing.assert_close(k2, keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v2, values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_tokens: must be positive, got 0"):
+        prefill(tiny_llama, ids, chunk_tokens=0)
+
+
 def test_prefill_accepts_tensor_ids_and_refuses_empty(tiny_llama):
     k, _ = prefill(tiny_llama, torch.tensor(_ids(5)))
     assert k.shape[2] == 5
