@@ -76,6 +76,44 @@ CASES = {
 }
 
 
+PROFILE_FILE = "profile_small.json"
+PROFILED_LEVELS = ("high", "compact")
+
+
+def _small_profile():
+    """A hand-made profile for the small_fp16 layout: heads and layers weighted unequally."""
+    import numpy as np
+
+    from kvcodec.codec.profile import Profile
+
+    weights = np.array([[[4.0, 1.0], [1.0, 0.25]], [[1.0, 16.0], [0.5, 2.0]]])
+    return Profile("golden-small", 2, 2, 8, weights, {"high": 0.05, "balanced": 0.15, "compact": 0.4},
+                   sink_tokens=1, step_scale=1.0, calibration={"source": "scripts/make_golden.py"})
+
+
+def _build_profiled(manifest: dict, put, changed: list[str], regen: bool) -> None:
+    """Streams of the small_fp16 input whose steps come from a profile (header digest set)."""
+    path = GOLDEN / PROFILE_FILE
+    if not path.exists():
+        changed.append(path.name)
+        if regen:
+            _small_profile().save(path)
+    profile = path if path.exists() else _small_profile()
+    kv = read_kv(GOLDEN / "kv_small_fp16.safetensors")
+    for level in PROFILED_LEVELS:
+        blob = encode(kv.keys, kv.values, level=level, token_block=8, model=kv.model,
+                      first_position=kv.first_position, profile=profile)
+        stream = f"small_fp16.profiled.{level}.kvc"
+        put(GOLDEN / stream, blob)
+        out = decode(blob)
+        manifest[stream] = {
+            "input": "kv_small_fp16.safetensors", "level": level, "token_block": 8,
+            "model": kv.model, "first_position": kv.first_position, "bytes": len(blob),
+            "profile": PROFILE_FILE, "stream_sha256": hashlib.sha256(blob).hexdigest(),
+            "keys_sha256": tensor_digest(out.keys), "values_sha256": tensor_digest(out.values),
+        }
+
+
 def build(regen: bool) -> tuple[dict, list[str]]:
     """Encode every case; returns the digests manifest and the files that differ."""
     manifest: dict[str, dict] = {}
@@ -106,6 +144,7 @@ def build(regen: bool) -> tuple[dict, list[str]]:
                 "stream_sha256": hashlib.sha256(blob).hexdigest(),
                 "keys_sha256": tensor_digest(out.keys), "values_sha256": tensor_digest(out.values),
             }
+    _build_profiled(manifest, put, changed, regen)
     from importlib.metadata import version
 
     import zstandard

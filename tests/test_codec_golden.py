@@ -32,6 +32,9 @@ from kvcodec.codec.quantize import head_steps, quantize_block
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "digests.json").read_text())
 STREAMS = sorted(k for k in MANIFEST if not k.startswith("_"))
+LEGACY_DIR = GOLDEN.parent / "golden_coder2"
+LEGACY = json.loads((LEGACY_DIR / "digests.json").read_text()) if LEGACY_DIR.is_dir() else {}
+LEGACY_STREAMS = sorted(k for k in LEGACY if not k.startswith("_"))
 LOSSY_STREAMS = [s for s in STREAMS if MANIFEST[s]["level"] != "lossless"]
 
 _spec = importlib.util.spec_from_file_location("make_golden", GOLDEN.parent.parent / "scripts" / "make_golden.py")
@@ -50,6 +53,8 @@ def test_manifest_covers_every_level_and_file():
     assert levels == {"lossless", "high", "balanced", "compact"}
     on_disk = {p.name for p in GOLDEN.glob("*.kvc")}
     assert on_disk == set(STREAMS)
+    assert any("profile" in MANIFEST[s] for s in STREAMS)
+    assert LEGACY_STREAMS, "the coder-2 legacy vectors are missing"
 
 
 @pytest.mark.parametrize("stream", STREAMS)
@@ -72,9 +77,31 @@ def test_encoding_golden_input_reproduces_stream(stream):
         pytest.skip(f"lossless bytes depend on libzstd ({_libzstd()} here, "
                     f"{MANIFEST['_generated_with']['libzstd']} at generation); decoding is still checked")
     kv = read_kv(GOLDEN / entry["input"])
+    extra = {"profile": GOLDEN / entry["profile"]} if "profile" in entry else {}
     blob = encode(kv.keys, kv.values, level=entry["level"], token_block=entry["token_block"],
-                  model=kv.model, first_position=kv.first_position)
+                  model=kv.model, first_position=kv.first_position, **extra)
     assert hashlib.sha256(blob).hexdigest() == entry["stream_sha256"]
+
+
+@pytest.mark.parametrize("stream", [s for s in STREAMS if "profile" in MANIFEST[s]])
+def test_profiled_stream_records_the_profile_digest(stream):
+    from kvcodec.codec.profile import load_profile
+
+    profile = load_profile(GOLDEN / MANIFEST[stream]["profile"])
+    header = container.parse((GOLDEN / stream).read_bytes()).header
+    assert header.profile == profile.digest
+
+
+@pytest.mark.parametrize("stream", LEGACY_STREAMS)
+def test_legacy_streams_still_decode_to_recorded_digest(stream):
+    """Streams written by older encoders (coder 2, constriction ANS) decode forever."""
+    entry = LEGACY[stream]
+    blob = (LEGACY_DIR / stream).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == entry["stream_sha256"]
+    kv = decode(blob)
+    assert make_golden.tensor_digest(kv.keys) == entry["keys_sha256"]
+    assert make_golden.tensor_digest(kv.values) == entry["values_sha256"]
+    verify(blob)
 
 
 @pytest.mark.parametrize("stream", [s for s in STREAMS if MANIFEST[s]["level"] == "lossless"])
@@ -148,8 +175,9 @@ def test_encode_of_non_contiguous_view_matches_contiguous():
 def test_cuda_encode_and_decode_match_golden(stream):
     entry = MANIFEST[stream]
     kv = read_kv(GOLDEN / entry["input"])
-    blob = encode(kv.keys.cuda(), kv.values.cuda(), level=entry["level"],
-                  token_block=entry["token_block"], model=kv.model, first_position=kv.first_position)
+    extra = {"profile": GOLDEN / entry["profile"]} if "profile" in entry else {}
+    blob = encode(kv.keys.cuda(), kv.values.cuda(), level=entry["level"], token_block=entry["token_block"],
+                  model=kv.model, first_position=kv.first_position, **extra)
     if entry["level"] != "lossless" or _libzstd() == MANIFEST["_generated_with"]["libzstd"]:
         assert hashlib.sha256(blob).hexdigest() == entry["stream_sha256"]
     out = decode((GOLDEN / stream).read_bytes(), device="cuda")
