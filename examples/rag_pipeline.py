@@ -72,7 +72,7 @@ def answer(loaded, context_kv, question_ids: list[int], max_new: int) -> tuple[l
     return out, ttft
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", help="HOST:PORT of a running server (default: start one here)")
     p.add_argument("--store", default="", help="store URL for the in-process server")
@@ -83,7 +83,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new", type=int, default=24)
     p.add_argument("--follow-plan", action="store_true",
                    help="request 2 loads or recomputes each chunk as the controller decides")
-    args = p.parse_args(argv)
+    return p
+
+
+def cold_request(client, loaded, ctx, question_ids, args):  # noqa: ANN001, ANN201
+    """Request 1: prefill, answer, then store the context's chunks."""
+    t0 = time.perf_counter()
+    kv = prefill(loaded, list(ctx.token_ids))
+    prefill_s = time.perf_counter() - t0
+    tokens, q_s = answer(loaded, kv, question_ids, args.max_new)
+    t1 = time.perf_counter()
+    stored = client.put_kv(ctx, kv[0], kv[1], level=args.level)
+    put_s = time.perf_counter() - t1
+    client.measured.prefill_tokens_per_s = len(ctx.token_ids) / prefill_s
+    print(f"request 1 (cold): prefill {prefill_s * 1e3:.0f} ms, TTFT {(prefill_s + q_s) * 1e3:.0f} ms; "
+          f"stored {sum(r.stored_bytes for r in stored) / 1e6:.1f} MB at {args.level} "
+          f"in {put_s * 1e3:.0f} ms (after the answer, off the critical path)")
+    return tokens, prefill_s + q_s
+
+
+def warm_request(client, loaded, ctx, question_ids, args):  # noqa: ANN001, ANN201
+    """Request 2: plan, fetch (streaming decode) or follow the plan, answer."""
+    t0 = time.perf_counter()
+    plan = client.plan(ctx, quality_floor="exact" if args.level == "lossless" else args.level,
+                       allow_blend=False)
+    if args.follow_plan:  # load or recompute each chunk as the controller decided
+        from kvcodec.client.plan_exec import run_plan
+
+        done = run_plan(client, loaded, ctx, plan)
+        keys, values = done.keys, done.values
+        print(f"plan carried out: {done.actions}")
+    else:  # fetch every chunk: this measures the fetch path even where recompute would win
+        refs = [pb.ChunkRef(key=k.hex, index=k.index, level=args.level) for k in ctx.keys(args.level)]
+        chunks = client.fetch_refs(refs)
+        if any(c.kv is None for c in chunks):
+            raise SystemExit("error: a chunk was missing on the second request")
+        keys = torch.cat([c.kv.keys for c in chunks], dim=2)
+        values = torch.cat([c.kv.values for c in chunks], dim=2)
+    fetch_s = time.perf_counter() - t0
+    tokens, q_s = answer(loaded, (keys, values), question_ids, args.max_new)
+    print(f"request 2 (warm): plan+fetch+decode {fetch_s * 1e3:.0f} ms, TTFT "
+          f"{(fetch_s + q_s) * 1e3:.0f} ms")
+    print(f"controller: {plan.explanation}")
+    for d in plan.decisions:
+        print(f"  chunk {d.index}: {d.reason}")
+    return tokens, fetch_s + q_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     loaded = load_model()
     server = None
@@ -107,48 +155,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(question_ids)} tokens; server {args.server}")
 
     with CacheClient(args.server, timeout_s=600) as client:
-        # ---- request 1: prefill, answer, store
-        t0 = time.perf_counter()
-        kv = prefill(loaded, context_ids)
-        prefill_s = time.perf_counter() - t0
-        cold_tokens, q_s = answer(loaded, kv, question_ids, args.max_new)
-        cold_ttft = prefill_s + q_s
-        t1 = time.perf_counter()
-        stored = client.put_kv(ctx, kv[0], kv[1], level=args.level)
-        put_s = time.perf_counter() - t1
-        client.measured.prefill_tokens_per_s = len(context_ids) / prefill_s
-        print(f"request 1 (cold): prefill {prefill_s * 1e3:.0f} ms, TTFT {cold_ttft * 1e3:.0f} ms; "
-              f"stored {sum(r.stored_bytes for r in stored) / 1e6:.1f} MB at {args.level} "
-              f"in {put_s * 1e3:.0f} ms (after the answer, off the critical path)")
-
-        # ---- request 2: plan, fetch (streaming decode), skip the prefill
-        t0 = time.perf_counter()
-        plan = client.plan(ctx, quality_floor="exact" if args.level == "lossless" else args.level,
-                           allow_blend=False)
-        if args.follow_plan:  # load or recompute each chunk as the controller decided
-            from kvcodec.client.plan_exec import run_plan
-
-            done = run_plan(client, loaded, ctx, plan)
-            keys, values = done.keys, done.values
-            print(f"plan carried out: {done.actions}")
-        else:  # fetch every chunk: this measures the fetch path even where recompute would win
-            refs = [pb.ChunkRef(key=k.hex, index=k.index, level=args.level)
-                    for k in ctx.keys(args.level)]
-            chunks = client.fetch_refs(refs)
-            if any(c.kv is None for c in chunks):
-                print("error: a chunk was missing on the second request", file=sys.stderr)
-                return 1
-            keys = torch.cat([c.kv.keys for c in chunks], dim=2)
-            values = torch.cat([c.kv.values for c in chunks], dim=2)
-        fetch_s = time.perf_counter() - t0
-        warm_tokens, q_s = answer(loaded, (keys, values), question_ids, args.max_new)
-        warm_ttft = fetch_s + q_s
-        print(f"request 2 (warm): plan+fetch+decode {fetch_s * 1e3:.0f} ms, TTFT "
-              f"{warm_ttft * 1e3:.0f} ms ({cold_ttft / warm_ttft:.2f}x vs cold)")
-        print(f"controller: {plan.explanation}")
-        for d in plan.decisions:
-            print(f"  chunk {d.index}: {d.reason}")
-
+        cold_tokens, cold_ttft = cold_request(client, loaded, ctx, question_ids, args)
+        warm_tokens, warm_ttft = warm_request(client, loaded, ctx, question_ids, args)
+    print(f"TTFT: cold {cold_ttft * 1e3:.0f} ms, warm {warm_ttft * 1e3:.0f} ms "
+          f"({cold_ttft / warm_ttft:.2f}x)")
     agree = sum(a == b for a, b in zip(cold_tokens, warm_tokens)) / max(len(cold_tokens), 1)
     print(f"answer: {tok.decode(cold_tokens)!r}")
     print(f"generated tokens match: {cold_tokens == warm_tokens} ({agree:.0%} agreement)")
