@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schedules", default="single,gradual", help="single,gradual")
     p.add_argument("--check-layer", type=int, default=1)
     p.add_argument("--deviation", default="k", choices=("k", "v", "kv"))
-    p.add_argument("--query-weight", type=float, default=0.0,
+    p.add_argument("--query-weight", type=float, default=1.0,
                    help="weight of suffix attention in the selection (0: deviation only)")
     p.add_argument("--repeats", type=int, default=1, help="timing repeats, min taken (1)")
     p.add_argument("--threads", type=int, default=1,
@@ -175,6 +175,10 @@ def methods(args: argparse.Namespace) -> list[dict]:
             if r <= 0 or (r >= 1 and sched != "single"):
                 continue
             out.append({"method": "blend", "schedule": sched, "ratio": r})
+    if args.query_weight > 0 and 0.15 in ratios:  # ablation: deviation-only selection
+        for sched in [s.strip() for s in args.schedules.split(",") if s.strip()]:
+            out.append({"method": "blend, deviation only", "schedule": sched, "ratio": 0.15,
+                        "query_weight": 0.0})
     return out
 
 
@@ -197,7 +201,8 @@ def run_case(loaded, case: Case, configs: list[dict], args: argparse.Namespace) 
             res, t_blend, c_blend = timed(lambda: blend(
                 loaded, case.prefix, chunk_kv, case.suffix, cfg["ratio"], schedule=sched,
                 check_layer=args.check_layer, deviation=args.deviation,
-                fix_positions=cfg.get("fix_positions", True), query_weight=args.query_weight,
+                fix_positions=cfg.get("fix_positions", True),
+                query_weight=cfg.get("query_weight", args.query_weight),
             ), args.repeats)
             nll, am = score(model, res.cache, res.logits_last, case.continuation)
             rows.append({
@@ -274,7 +279,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
               ("time_fraction", "blend time / full prefill time", 0.30))
     for ax, (key, label, target) in zip(axes, panels):
         for sched in ("single", "gradual"):
-            pts = [naive] + [r for r in rows if r["schedule"] == sched]
+            pts = [naive] + [r for r in rows if r["schedule"] == sched and r["method"] == "blend"]
             if len(pts) > 1:
                 ax.plot([100 * p["ratio"] for p in pts], [p[key] for p in pts], "o-", label=sched)
         ax.axhline(target, color="grey", ls="--", lw=1, label="target")

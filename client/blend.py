@@ -310,13 +310,13 @@ def blend(
     ratio: float = 0.15,
     *,
     check_layer: int = 1,
-    schedule: str = "single",
+    schedule: str = "gradual",
     deviation: str = "k",
-    start_factor: float = 2.0,
-    gradual_layers: int = 3,
+    start_factor: float = 3.0,
+    gradual_layers: int = 6,
     prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     fix_positions: bool = True,
-    query_weight: float = 0.0,
+    query_weight: float = 1.0,
 ) -> BlendResult:
     """Fuse independently computed chunk caches into one context and repair it selectively.
 
@@ -329,7 +329,8 @@ def blend(
         suffix_ids: tokens after the chunks (the question); always computed fresh.
         ratio: share of the chunk tokens recomputed after the check layer (0..1).
         check_layer: layer at which tokens are selected; layers before it run on every token.
-        schedule: ``"single"`` (one check layer) or ``"gradual"`` (the paper's filter).
+        schedule: ``"gradual"`` (the paper's filter, the default: it measured better at equal
+            time) or ``"single"`` (one check layer, as LMCache ships).
         deviation: what selects the tokens: ``"k"``, ``"v"`` or ``"kv"`` deviation.
         start_factor: gradual only: share kept at the check layer = ``start_factor * ratio``.
         gradual_layers: gradual only: layers over which the share shrinks to ``ratio``.
@@ -337,7 +338,8 @@ def blend(
         fix_positions: re-rotate the chunk keys (True); False keeps them at their original
             positions — only useful as a baseline showing what the correction buys.
         query_weight: > 0 adds query awareness to the selection: score = deviation / mean +
-            query_weight * (attention from the suffix at the check layer) / mean.
+            query_weight * (attention the suffix pays the token at that layer) / mean;
+            0 selects by deviation alone, as CacheBlend does.
 
     Returns:
         A :class:`BlendResult` with the cache of the whole fused context.

@@ -83,14 +83,16 @@ def test_zero_ratio_equals_naive_reuse(tiny4) -> None:
 def test_selection_counts_and_fresh_tokens(tiny4) -> None:
     prefix, chunks, suffix = _case(2, sizes=(20, 20))
     n_prefix, n_chunk = len(prefix), 40
-    res = blend(tiny4, prefix, _with_kv(tiny4, chunks), suffix, 0.25, check_layer=1)
+    res = blend(tiny4, prefix, _with_kv(tiny4, chunks), suffix, 0.25, check_layer=1,
+                schedule="single", query_weight=0.0)
     n_total = n_prefix + n_chunk + len(suffix)
     assert res.recomputed_per_layer == [n_total, n_total, 17, 17]  # 3 + 10 + 4
     sel = res.selected.tolist()
     assert sel == sorted(sel)
     assert set(range(n_prefix)) <= set(sel)
     assert set(range(n_total - len(suffix), n_total)) <= set(sel)
-    gradual = blend(tiny4, prefix, _with_kv(tiny4, chunks), suffix, 0.25, schedule="gradual")
+    gradual = blend(tiny4, prefix, _with_kv(tiny4, chunks), suffix, 0.25, schedule="gradual",
+                    start_factor=2.0, gradual_layers=3)
     counts = gradual.recomputed_per_layer
     assert counts[:2] == [n_total, n_total] and counts[2] > counts[3] == 17
 
