@@ -3,10 +3,13 @@
 The pipeline, one module per stage::
 
     quantize.py   per-head uniform steps, per-channel centres (torch, any device)
-    entropy.py    discrete-Laplace models + constriction ANS
+    entropy.py    discrete-Laplace models + constriction ANS (coder 2, old streams)
+    rans.py       coder 3: interleaved rANS, static per-class tables (numba, nogil)
+    rans_torch.py coder 3 decoded with torch, lanes as a tensor dimension (CPU/CUDA)
     substream.py  one layer x tensor x token block: quantized or lossless payload
     container.py  header, substream index, CRC-32s, decoder limits (FORMAT.md)
     api.py        encode / decode / decode_layer / inspect / verify
+    layers.py     decode_layers: yield layer by layer (numba threads or torch batches)
     kvfile.py     safetensors KV files, the CLI's interchange format
 
 Errors are in :mod:`kvcodec.codec.errors` (root: ``KVCodecError``).
@@ -23,12 +26,14 @@ from kvcodec.codec.api import (
 )
 from kvcodec.codec.container import DecodeLimits
 from kvcodec.codec.errors import KVCodecError
+from kvcodec.codec.layers import decode_layers
 from kvcodec.codec.levels import DEFAULT_LEVEL, LEVELS
 
 __all__ = [
     "encode",
     "decode",
     "decode_layer",
+    "decode_layers",
     "inspect",
     "verify",
     "KVPair",

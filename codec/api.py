@@ -326,6 +326,7 @@ def decode(
     allow_trailing: bool = False,
     progress: Progress | None = None,
     threads: int = 1,
+    backend: str = "auto",
 ) -> KVPair:
     """Decode a whole stream into ``KVPair(keys, values)``.
 
@@ -336,14 +337,33 @@ def decode(
         limits: decoder limits (defaults are safe for untrusted input).
         allow_trailing: accept bytes after the last substream.
         progress: optional ``callback(done, total)``.
-        threads: worker threads for substreams (zstd releases the GIL).
+        threads: worker threads for substreams (zstd and the rANS decoder release the GIL).
+        backend: rANS entropy decoder: ``auto`` (torch on CUDA, else numba), ``numba``
+            or ``torch`` (see :mod:`kvcodec.codec.layers`); all give identical tensors.
 
     Raises:
         KVCodecError: any malformed, truncated or corrupted input.
     """
+    from kvcodec.codec import layers as _layers  # layers imports this module
+
     layout = container.parse(data, limits, allow_trailing=allow_trailing)
+    if _layers.resolve_backend(backend, device, layout.header.coder) == "torch":
+        return _decode_torch(data, layout, device, dtype, progress)
     with _cpu_threads(device):
         return _decode_layers(data, layout, list(range(layout.header.layers)), dtype, device, progress, threads)
+
+
+def _decode_torch(data, layout: Layout, device, dtype, progress: Progress | None) -> KVPair:
+    """Whole-stream decode through the torch rANS back end, layer by layer."""
+    from kvcodec.codec import layers as _layers
+
+    h = layout.header
+    parts = []
+    for layer, keys, values in _layers.iter_layers(data, layout, device, dtype, "torch", 1, 2):
+        parts.append((keys, values))
+        if progress:
+            progress(layer + 1, h.layers)
+    return KVPair(torch.stack([k for k, _ in parts]), torch.stack([v for _, v in parts]))
 
 
 def decode_layer(

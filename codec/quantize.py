@@ -131,8 +131,8 @@ def dequantize_block(
 ) -> torch.Tensor:
     """Rebuild ``[heads, tokens, head_dim]`` from the symbols and side information."""
     tokens = deltas.shape[1]
-    d = torch.from_numpy(deltas).to(device)
-    c = torch.from_numpy(centers).to(device)
+    d = torch.as_tensor(deltas).to(device)  # numpy from the numba decoder, a tensor from the torch one
+    c = torch.as_tensor(centers).to(device)
     q = (d + c[:, None]).to(torch.float32)
     q = q.reshape(heads, dim, tokens).permute(0, 2, 1)
     step_t = torch.from_numpy(steps).to(device)

@@ -1,0 +1,171 @@
+"""Layer-by-layer decoding: use layer ``i`` while layer ``i + 1`` is still decoding.
+
+Example::
+
+    from kvcodec.codec.layers import decode_layers
+
+    for layer, keys, values in decode_layers(blob, device="cuda"):
+        cache.update(keys, values, layer)     # [kv_heads, tokens, head_dim] each
+
+Two entropy back ends give identical tensors (tests and
+``benchmarks/gpu_bench.py --check`` prove it):
+
+* ``numba``: substreams decode on a thread pool (the rANS decoder releases the
+  GIL); every substream of the stream is queued at once, layers are yielded in
+  order as soon as theirs are done. Dequantization runs on ``device``.
+* ``torch``: all substreams of ``batch_layers`` layers are decoded together by
+  :mod:`kvcodec.codec.rans_torch` on ``device`` (lanes as a tensor dimension),
+  then dequantized there, without a trip through host memory.
+
+``auto`` picks ``torch`` for CUDA devices and ``numba`` otherwise. Streams of
+the other coders (lossless, coder 2) always take the per-substream path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from kvcodec.codec import api, container, rans_torch, substream
+from kvcodec.codec.container import DecodeLimits, Layout
+from kvcodec.codec.errors import CorruptStream, InvalidInput
+from kvcodec.codec.quantize import dequantize_block
+
+BACKENDS = ("auto", "numba", "torch")
+
+
+def resolve_backend(name: str, device, coder: int) -> str:
+    """The entropy back end that decodes a stream of ``coder`` on ``device``."""
+    if name not in BACKENDS:
+        raise InvalidInput(f"backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if coder != container.CODER_RANS:
+        return "numba"
+    if name == "auto":
+        return "torch" if device is not None and torch.device(device).type == "cuda" else "numba"
+    return name
+
+
+def decode_layers(
+    data: bytes | memoryview,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    limits: DecodeLimits | None = None,
+    backend: str = "auto",
+    threads: int = 1,
+    batch_layers: int = 2,
+    allow_trailing: bool = False,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(layer, keys, values)`` for every layer in order, each ``[kv_heads, tokens, head_dim]``.
+
+    Args:
+        data: the stream.
+        device: where the tensors are built (and, with the torch back end, decoded).
+        dtype: output dtype (default: the stream's).
+        limits: decoder limits.
+        backend: ``auto``, ``numba`` or ``torch`` (see the module docstring).
+        threads: numba back end: worker threads.
+        batch_layers: torch back end: layers decoded per batch.
+        allow_trailing: accept bytes after the last substream.
+
+    Raises:
+        KVCodecError: malformed, truncated or corrupted input (raised when the
+            layer that holds the problem is reached).
+    """
+    layout = container.parse(data, limits, allow_trailing=allow_trailing)
+    yield from iter_layers(data, layout, device, dtype, backend, threads, batch_layers)
+
+
+def iter_layers(
+    data, layout: Layout, device, dtype, backend: str, threads: int, batch_layers: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """:func:`decode_layers` on an already parsed stream (used by ``api.decode``)."""
+    h = layout.header
+    api._check_min_lengths(layout, list(range(h.layers)))
+    out_dtype = dtype or api._TORCH_DTYPES[h.dtype]
+    if resolve_backend(backend, device, h.coder) == "torch":
+        yield from _torch_layers(data, layout, out_dtype, device, max(1, batch_layers))
+    else:
+        yield from _numba_layers(data, layout, out_dtype, device, max(1, threads))
+
+
+def _layer_sids(h: container.Header, layer: int) -> list[int]:
+    return [h.substream_id(layer, kv, b) for kv in (False, True) for b in range(h.blocks_per_tensor)]
+
+
+def _assemble(h: container.Header, parts: list[torch.Tensor], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a layer's block tensors (keys' blocks, then values') into two output tensors."""
+    shape = (h.kv_heads, h.tokens, h.head_dim)
+    keys = torch.empty(shape, dtype=dtype, device=device)
+    values = torch.empty(shape, dtype=dtype, device=device)
+    blocks = h.blocks_per_tensor
+    for i, part in enumerate(parts):
+        start = (i % blocks) * h.token_block
+        (values if i >= blocks else keys)[:, start : start + part.shape[1]] = part
+    return keys, values
+
+
+def _numba_layers(data, layout: Layout, dtype, device, threads: int):
+    h = layout.header
+    with api._cpu_threads(device), ThreadPoolExecutor(threads) as pool:
+        futures: list[list[Future]] = [
+            [pool.submit(api._decode_sub, data, layout, sid, dtype, device) for sid in _layer_sids(h, layer)]
+            for layer in range(h.layers)
+        ]
+        try:
+            for layer, fs in enumerate(futures):
+                keys, values = _assemble(h, [f.result() for f in fs], dtype, device)
+                yield layer, keys, values
+        finally:
+            for fs in futures:
+                for f in fs:
+                    f.cancel()
+
+
+def _torch_layers(data, layout: Layout, dtype, device, batch_layers: int):
+    h = layout.header
+    for first in range(0, h.layers, batch_layers):
+        layers = range(first, min(first + batch_layers, h.layers))
+        sids = [sid for layer in layers for sid in _layer_sids(h, layer)]
+        parts = _decode_batch(data, layout, sids, dtype, device)
+        per = 2 * h.blocks_per_tensor
+        for i, layer in enumerate(layers):
+            keys, values = _assemble(h, parts[i * per : (i + 1) * per], dtype, device)
+            yield layer, keys, values
+
+
+def _decode_batch(data, layout: Layout, sids: list[int], dtype, device) -> list[torch.Tensor]:
+    """Decode coder-3 substreams together on ``device``; returns each block ``[H, T, D]``."""
+    h = layout.header
+    stored = api._TORCH_DTYPES[h.dtype]
+    raws, payloads, subs = [], [], []
+    for sid in sids:
+        block = sid % h.blocks_per_tensor
+        n_raw, tokens = h.block_raw_tokens(block), h.block_tokens(block)
+        try:
+            raw, rest = substream.split_raw(
+                container.substream(data, layout, sid), h.kv_heads, tokens, h.head_dim, stored, n_raw, h.coder
+            )
+            p = substream.parse_rans(rest, h.kv_heads, h.head_dim) if tokens > n_raw else None
+        except CorruptStream as exc:
+            raise CorruptStream(f"{h.describe(sid)}: {exc}") from None
+        raws.append(raw)
+        payloads.append(p)
+        if p is not None:
+            subs.append(rans_torch.Substream(p.words, p.escapes, p.classes, tokens - n_raw))
+    try:
+        deltas = iter(rans_torch.decode_symbols(subs, device))
+    except CorruptStream as exc:
+        raise CorruptStream(f"{h.describe(sids[0])} and the rest of its batch: {exc}") from None
+    out = []
+    for raw, p in zip(raws, payloads):
+        parts = [] if raw is None else [raw.to(device=device).to(dtype)]
+        if p is not None:
+            parts.append(dequantize_block(p.steps, p.centers, next(deltas), h.kv_heads, h.head_dim, dtype, device))
+        out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return out
+
+
+__all__ = ["decode_layers", "iter_layers", "resolve_backend", "BACKENDS"]
