@@ -133,16 +133,13 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             raise CallAbandoned()
 
     def _present(self, tenant: str, keys: list[str]) -> list[int | None]:
-        """Encoded size of each key in the caller's namespace (None = absent)."""
+        """Encoded size of each key in the caller's namespace (None = absent or bad).
+
+        One batched, verified read (``get_many``: pipelined on Redis): the store has no
+        size-only query, and a size is only worth reporting for an entry that verifies.
+        """
         names = [store_key(tenant, k) for k in keys]
-        sizes = getattr(self.store, "sizes", None)
-        if callable(sizes):
-            return list(sizes(names))
-        out: list[int | None] = []
-        for name in names:
-            blob = self.store.get(name) if self.store.has(name) else None
-            out.append(None if blob is None else len(blob))
-        return out
+        return [None if blob is None else len(blob) for blob in self.store.get_many(names)]
 
     # ------------------------------------------------------------- Lookup
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
