@@ -15,10 +15,15 @@ and repairs it at a fraction of a full prefill's cost:
    the full fused context: cached K/V for the others, fresh K/V for themselves, with a causal
    mask at their true positions. The other tokens keep their (re-rotated) cached K/V.
 
-``schedule="gradual"`` is the paper's gradual filter: keep ``start_factor * ratio`` at the
-check layer and shrink geometrically to ``ratio`` over ``gradual_layers`` more layers, choosing
-each time by the deviation at that layer. ``ratio=1`` reproduces a full prefill; ``ratio=0``
-is the naive reuse (positions fixed, no recompute; only the fresh tokens are computed).
+``schedule="gradual"`` (default) is the paper's gradual filter: keep ``start_factor * ratio``
+at the check layer and shrink geometrically to ``ratio`` over ``gradual_layers`` more layers,
+choosing each time by the deviation at that layer; ``"single"`` selects once, as LMCache does.
+``query_weight`` (default 1) adds, beyond CacheBlend, the attention the suffix (the question)
+pays each token at the selecting layer to its normalized deviation. On SmolLM2 both measured
+better than one deviation-only check layer at equal time (benchmarks/RESULTS.md, "Blend").
+``ratio=1`` reproduces a full prefill; ``ratio=0`` is the naive reuse (positions fixed, no
+recompute; only the fresh tokens are computed). The last layer computes only the last
+position's output (the others' K/V at that layer are all it needs).
 
 Errors::
 
