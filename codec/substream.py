@@ -233,8 +233,13 @@ def decode_lossless(
         pos += 4
         if pos + n > len(payload):
             raise CorruptStream(f"byte plane {b}: {n} bytes past the end of the substream")
+        frame = bytes(payload[pos : pos + n])
         try:
-            raw = dctx.decompress(bytes(payload[pos : pos + n]), max_output_size=count)
+            # a declared content size overrides max_output_size: check it before allocating
+            size = zstandard.get_frame_parameters(frame).content_size
+            if size not in (count, zstandard.CONTENTSIZE_UNKNOWN):
+                raise CorruptStream(f"byte plane {b}: frame declares {size} bytes, expected {count}")
+            raw = dctx.decompress(frame, max_output_size=count)
         except zstandard.ZstdError as exc:
             raise CorruptStream(f"byte plane {b}: {exc}") from None
         if len(raw) != count:

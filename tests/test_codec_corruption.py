@@ -371,3 +371,34 @@ def test_trailing_junk_and_concatenation(stream):
         ok = decode(blob + extra, allow_trailing=True)
         ref = decode(blob)
         assert torch.equal(ok.keys, ref.keys) and torch.equal(ok.values, ref.values)
+
+
+# ---- content that passes forged CRCs but must still be refused ----------------------------
+
+
+def test_zstd_frame_declaring_a_huge_size_is_refused_before_allocating():
+    """Regression: python-zstandard ignores max_output_size when the frame header declares
+    its content size, so a forged 2**40-byte frame raised MemoryError (found by the fuzzer)."""
+    frame = (b"\x28\xb5\x2f\xfd" + b"\xc0\x00" + struct.pack("<Q", 2**40)  # magic, FHD, window, FCS
+             + b"\x01\x00\x00")  # one empty raw block, the last
+    payload = (_U32.pack(len(frame)) + frame) * 2
+    header = container.Header(mode=0, level=0, dtype="float16", coder=container.CODER_ZSTD_PLANES,
+                              layers=1, kv_heads=1, tokens=4, head_dim=2, token_block=4)
+    blob = container.pack(header, [payload, payload])
+    for fn in (decode, lambda b: verify(b, full=True)):
+        with pytest.raises(CorruptStream, match=r"byte plane 0: frame declares 1099511627776 bytes, expected 8"):
+            fn(blob)
+
+
+def test_non_finite_raw_sink_token_behind_a_forged_crc_is_refused():
+    """Lossy streams hold finite KV only (the encoder refuses NaN/Inf), raw sink tokens included."""
+    blob = golden("small_fp16.high.kvc")
+    layout = container.parse(blob)
+    assert layout.header.raw_tokens == 1
+    start, length = layout.offsets[0], layout.lengths[0]
+    for bits in (0x7E00, 0x7C00, 0xFC00):  # NaN, +Inf, -Inf
+        bad = bytearray(blob)
+        struct.pack_into("<H", bad, start, bits)
+        forged = patch_index(bytes(bad), 0, crc=container.crc32(bytes(bad[start : start + length])))
+        with pytest.raises(CorruptStream, match="raw tokens: non-finite"):
+            decode(forged)
