@@ -1,0 +1,143 @@
+"""Coder 3 (interleaved rANS): round trips, escapes, extreme classes, tables, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcodec.codec import container, decode, encode, entropy, inspect, rans
+from kvcodec.codec.layers import decode_layers
+
+LEGACY = Path(__file__).parent / "golden_coder2"
+
+
+def _classes(d: np.ndarray) -> np.ndarray:
+    a = np.abs(d)
+    return entropy.scale_classes(a.sum(axis=1), a.max(axis=1), d.shape[1])
+
+
+def test_tables_are_normalised_and_cover_every_class():
+    assert rans.FREQ.shape[0] == entropy.NUM_CLASSES + 1
+    for cls in range(1, entropy.NUM_CLASSES + 1):
+        e = int(rans.ESC[cls])
+        f = rans.FREQ[cls, : 2 * e + 3].astype(np.int64)
+        assert f.sum() == rans.PROB_SCALE and f.min() >= 1
+        assert not rans.FREQ[cls, 2 * e + 3 :].any()
+        assert np.array_equal(np.bincount(rans.SLOT2SYM[cls], minlength=2 * e + 3), f)
+
+
+def test_tables_digest_is_pinned():
+    """The tables are normative: any change to their construction must be deliberate."""
+    h = hashlib.sha256()
+    for a in (rans.ESC, rans.FREQ, rans.CUM):
+        h.update(a.astype("<u4").tobytes())
+    assert h.hexdigest() == "d490fa20bf3a23b6f58351589a2138f55973bb42079cc1d0cee578eb0b7ab671"
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.3, 3.0, 40.0, 900.0, 30000.0])
+def test_round_trip_across_classes(scale):
+    rng = np.random.default_rng(int(scale * 10) + 1)
+    d = np.round(rng.laplace(size=(24, 50)) * scale).astype(np.int32)
+    d = np.clip(d, -65000, 65000)
+    cls = _classes(d)
+    words, escapes = rans.encode_deltas(d, cls)
+    assert np.array_equal(rans.decode_deltas(words, escapes, cls, 50), d)
+
+
+def test_escapes_cover_rare_outliers_and_the_extremes():
+    d = np.zeros((4, 300), dtype=np.int32)
+    d[0, ::7] = 1
+    d[0, 5] = 65534  # largest |delta| the quantizer can produce
+    d[0, 6] = -65534
+    d[1] = np.arange(300) % 5 - 2
+    d[1, 100] = -3000
+    d[3, 299] = 1
+    cls = _classes(d)
+    words, escapes = rans.encode_deltas(d, cls)
+    assert len(escapes) >= 3
+    assert np.array_equal(rans.decode_deltas(words, escapes, cls, 300), d)
+
+
+def test_every_symbol_of_every_class_round_trips():
+    for cls in (1, 20, 40, 60, 70, 80, 107):
+        e = int(rans.ESC[cls])
+        row = np.arange(-e - 3, e + 4, dtype=np.int32)
+        d = np.tile(row, (2, 1))
+        c = np.full(2, cls, dtype=np.uint8)
+        words, escapes = rans.encode_deltas(d, c)
+        assert np.array_equal(rans.decode_deltas(words, escapes, c, d.shape[1]), d)
+
+
+def test_magnitude_beyond_the_escape_range_is_refused():
+    d = np.array([[0, 70000]], dtype=np.int32)
+    with pytest.raises(ValueError, match="escape range"):
+        rans.encode_deltas(d, np.array([1], dtype=np.uint8))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 200), st.floats(0, 50), st.integers(0, 2**31))
+def test_property_round_trip(channels, tokens, scale, seed):
+    rng = np.random.default_rng(seed)
+    d = np.round(rng.laplace(size=(channels, tokens)) * scale * rng.uniform(0, 1, (channels, 1))).astype(np.int32)
+    cls = _classes(d)
+    words, escapes = rans.encode_deltas(d, cls)
+    assert np.array_equal(rans.decode_deltas(words, escapes, cls, tokens), d)
+
+
+def test_encoder_is_deterministic_across_threads():
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(4, 2, 70, 16, generator=g).half()
+    v = torch.randn(4, 2, 70, 16, generator=g).half()
+    blobs = {encode(k, v, token_block=32, threads=t) for t in (1, 2, 3) for _ in range(2)}
+    assert len(blobs) == 1
+    assert inspect(blobs.pop()).coder == "rans-interleaved"
+
+
+@pytest.mark.parametrize("level", ["high", "balanced", "compact"])
+def test_stream_round_trip_and_layers_iterator(level):
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(3, 2, 40, 8, generator=g)
+    k[..., 2] *= 30
+    v = torch.randn(3, 2, 40, 8, generator=g).to(torch.bfloat16)
+    k = k.to(torch.bfloat16)
+    blob = encode(k, v, level=level, token_block=16)
+    kv = decode(blob)
+    seen = []
+    for layer, keys, values in decode_layers(blob, threads=2):
+        assert torch.equal(keys, kv.keys[layer]) and torch.equal(values, kv.values[layer])
+        seen.append(layer)
+    assert seen == [0, 1, 2]
+    assert (kv.keys.float() - k.float()).abs().max() < 0.6 * k.float().abs().max()
+
+
+def test_size_within_one_percent_of_coder_2():
+    rng = np.random.default_rng(9)
+    d = np.round(rng.laplace(size=(256, 255)) * rng.uniform(0.2, 6, (256, 1))).astype(np.int32)
+    a = np.abs(d)
+    cls = _classes(d)
+    words, escapes = rans.encode_deltas(d, cls)
+    new = 2 * len(words) + 2 * len(escapes) + 4 + len(cls)
+    old = len(entropy.encode_symbols(d, a.max(axis=1), cls)) + 3 * len(cls)
+    assert new < 1.01 * old
+
+
+@pytest.mark.parametrize("name", ["small_fp16.balanced.kvc", "tiny_fp32.high.kvc"])
+def test_coder_2_streams_still_decode(name):
+    entry = json.loads((LEGACY / "digests.json").read_text())[name]
+    blob = (LEGACY / name).read_bytes()
+    assert blob[15] == container.CODER_ANS
+    kv = decode(blob)
+    width = {torch.float16: "<i2", torch.float32: "<i4"}[kv.keys.dtype]
+    for t, key in ((kv.keys, "keys_sha256"), (kv.values, "values_sha256")):
+        h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()]).numpy().astype(width).tobytes())
+        assert h.hexdigest() == entry[key]
+    for layer, keys, _ in decode_layers(blob, backend="torch"):  # coder 2 falls back to constriction
+        assert torch.equal(keys, kv.keys[layer])
