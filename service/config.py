@@ -61,6 +61,8 @@ class ServerConfig:
         default_prefill_tokens_per_s: prefill speed assumed when the client reports none.
         ewma_alpha: weight of a new bandwidth sample in the per-client EWMA.
         calibrate: measure decode speed per level at start (background thread).
+        health_interval_s: how often the store's health is checked; a failing store turns
+            the gRPC health status NOT_SERVING until it recovers.
         verify_processes: verify uploaded streams in this many worker processes (0 = in
             the RPC thread). The full check decodes every substream and holds the GIL, so
             Put throughput scales with cores only through processes.
@@ -89,6 +91,7 @@ class ServerConfig:
     ewma_alpha: float = 0.3
     calibrate: bool = True
     verify_processes: int = 0
+    health_interval_s: float = 5.0
 
     def validate(self) -> ServerConfig:
         """Check ranges and cross-field rules; returns self.
@@ -112,6 +115,8 @@ class ServerConfig:
             raise ConfigError(f"metrics_port: {self.metrics_port} outside 0..65535")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert/tls_key: set both or neither")
+        if self.health_interval_s <= 0:
+            raise ConfigError(f"health_interval_s: {self.health_interval_s} must be > 0")
         if not 0 < self.ewma_alpha <= 1:
             raise ConfigError(f"ewma_alpha: {self.ewma_alpha} outside (0, 1]")
         if self.log_format not in ("json", "text"):

@@ -47,7 +47,6 @@ from kvcodec.service.metrics import ServerMetrics, configure_logging
 from kvcodec.service.servicer import KVCacheServicer
 
 log = logging.getLogger("kvcodec.service")
-HEALTH_INTERVAL_S = 5.0
 
 
 
@@ -213,7 +212,7 @@ class CacheServer:
 
     def _watch_store(self) -> None:
         healthy = True
-        while not self._stopped.wait(HEALTH_INTERVAL_S):
+        while not self._stopped.wait(self.config.health_interval_s):
             ok = bool(self.store.health().get("ok", False))
             if ok != healthy and not self._stopped.is_set():
                 log.warning("store health changed", extra={"ok": ok})

@@ -28,6 +28,7 @@ from kvcodec.service.errors import Overloaded, RequestRejected, ServiceError
 from kvcodec.service.metrics import ServerMetrics
 from kvcodec.service.naming import check_client_key, check_level, context_keys, store_key
 from kvcodec.service.putstream import PutAssembler, StagedChunk
+from kvcodec.store.errors import StoreUnavailable
 
 log = logging.getLogger("kvcodec.service")
 CLIENT_HEADER = "x-kvcodec-client"
@@ -268,9 +269,16 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             floor = request.quality_floor or ctl.DEFAULT_FLOOR
             if floor not in ctl.QUALITY_RANK:
                 raise RequestRejected(f"quality_floor: {floor!r} not one of {', '.join(ctl.QUALITY_RANK)}")
-            chunks = self._plan_inputs(request, info["tenant"], context)
+            note = ""
+            try:
+                chunks = self._plan_inputs(request, info["tenant"], context)
+            except StoreUnavailable as exc:  # the store is down: recompute everything
+                keys = context_keys(request.context, ctl.DEFAULT_FLOOR)
+                chunks = [ctl.ChunkInput(k.index, k.token_count) for k in keys]
+                note = f"store unavailable ({exc}); "
             meas = self._measurements(request, context)
             result = ctl.plan(chunks, meas, floor, request.ttft_budget_ms, request.allow_blend)
+            result.explanation = note + result.explanation
             for d in result.decisions:
                 self.metrics.decisions.labels(d.action).inc()
             info.update(chunks=len(chunks), ttft_ms=round(result.expected_ttft_ms, 3))
