@@ -50,6 +50,7 @@ __all__ = ["CacheClient", "AsyncCacheClient", "ModelLayout", "CacheContext", "Fe
 class _Base:
     def __init__(self, address: str, *, token: str | None = None, tenant: str | None = None,
                  root_certificates: bytes | None = None, tls: bool = False,
+                 client_cert: bytes | None = None, client_key: bytes | None = None,
                  server_name: str | None = None, timeout_s: float = 30.0, retries: int = 4,
                  backoff_s: float = 0.05, max_backoff_s: float = 2.0,
                  max_message_bytes: int = 8 * MiB, client_id: str | None = None) -> None:
@@ -64,7 +65,8 @@ class _Base:
             md.append(("x-kvcodec-tenant", tenant))
         self.metadata = tuple(md)
         self._secure = tls or root_certificates is not None
-        self._creds = grpc.ssl_channel_credentials(root_certificates) if self._secure else None
+        self._creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert) \
+            if self._secure else None
         self._options = _options(max_message_bytes)
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))
@@ -97,6 +99,7 @@ class CacheClient(_Base):
         address: HOST:PORT of a server (or a load balancer in front of replicas).
         token: bearer token (auth on); tenant: ask for this tenant explicitly.
         root_certificates: PEM CA to trust (TLS on); tls: TLS with system roots.
+        client_cert / client_key: PEM pair for mutual TLS (server ``tls_client_ca``).
         server_name: TLS name override (tests with self-signed certificates).
         timeout_s: default deadline per call, retries included.
         retries / backoff_s / max_backoff_s: UNAVAILABLE retry policy.

@@ -223,7 +223,7 @@ class CacheServer:
         from kvcodec.service.controller import calibrate_decode
 
         try:
-            self.servicer.decode_speeds.update(calibrate_decode())
+            self.servicer.decode_speeds = dict(calibrate_decode())  # one atomic swap
             log.info("calibrated", extra={"decode_elements_per_s": self.servicer.decode_speeds})
         except Exception as exc:  # calibration is an optimisation; defaults remain
             log.warning("decode calibration failed: %s", exc)

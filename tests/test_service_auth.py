@@ -53,7 +53,7 @@ def test_tenants_see_only_their_namespace(start_server, backend):
         assert all(c.kv is not None for c in a.fetch_kv(ctx, level="high"))
 
 
-def _self_signed(tmp_path):
+def _self_signed(tmp_path, stem="tls"):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -72,8 +72,8 @@ def _self_signed(tmp_path):
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp_path / "tls.crt").write_bytes(cert_pem)
-    (tmp_path / "tls.key").write_bytes(key.private_bytes(
+    (tmp_path / f"{stem}.crt").write_bytes(cert_pem)
+    (tmp_path / f"{stem}.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     return cert_pem
@@ -92,3 +92,18 @@ def test_tls_with_token(start_server, tmp_path):
     with CacheClient(address, retries=0, timeout_s=3) as plaintext:
         with pytest.raises(ServerUnavailable):
             plaintext.health()
+
+
+def test_mutual_tls_requires_a_client_certificate(start_server, tmp_path):
+    server_cert = _self_signed(tmp_path, "server")
+    client_cert = _self_signed(tmp_path, "client")
+    server = start_server("memory", tls_cert=str(tmp_path / "server.crt"),
+                          tls_key=str(tmp_path / "server.key"),
+                          tls_client_ca=str(tmp_path / "client.crt"))
+    address = f"localhost:{server.port}"
+    with CacheClient(address, root_certificates=server_cert, client_cert=client_cert,
+                     client_key=(tmp_path / "client.key").read_bytes()) as client:
+        assert client.stats()["store"]["backend"] == "memory"
+    with CacheClient(address, root_certificates=server_cert, retries=0, timeout_s=3) as anonymous:
+        with pytest.raises(ServerUnavailable):
+            anonymous.stats()
