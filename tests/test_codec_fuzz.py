@@ -134,6 +134,8 @@ def run_decoders(data: bytes) -> tuple[int, bool]:
 
 
 def test_fuzz_only_codec_errors_escape_and_nothing_hangs():
+    for seed in SEEDS.values():  # warm up first: numba compiles the rANS decoder on first use
+        run_decoders(seed)
     rng = random.Random(SEED)
     accepted = slowest = 0.0
     for case in range(CASES):
