@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Codec speed on a device, and bit-exactness between the CPU and device paths.
+
+    python benchmarks/gpu_bench.py --device cpu --check     # bit-exactness; exit 1 on any mismatch
+    python benchmarks/gpu_bench.py --device cuda             # throughput on the GPU vs copies
+    python benchmarks/gpu_bench.py --device cpu --kv smol.safetensors   # CPU table (issue 4 target)
+
+Throughput is GB/s (or MB/s) of fp16 KV: bytes of the uncompressed keys and
+values over the wall time. Chunks are 8B-shaped (32 layers x 8 kv heads x 128
+dims); the KV is either a real model's KV (``--kv``, a ``kvcodec prefill``
+file, tiled to the 8B shape: layer l <- l mod L, head h dims 0..63/64..127 <-
+source heads h and h+1 mod H) or synthetic (Laplace values, per-channel scales,
+a few outlier channels and tokens). Every speed is printed with its size in
+bits per element. On CUDA the decode is compared with a device-to-device copy
+(the bandwidth limit) and a host-to-device copy of the fp16 KV (what
+compression has to beat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table  # noqa: E402
+
+from kvcodec.codec import decode, encode, inspect  # noqa: E402
+from kvcodec.codec.layers import decode_layers  # noqa: E402
+
+SHAPE = (32, 8, 128)  # layers, kv heads, head dim
+
+
+def synthetic_kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Laplace-ish fp16 KV with per-channel scales, outlier key channels and a few outlier tokens."""
+    layers, heads, dim = SHAPE
+    g = torch.Generator().manual_seed(seed)
+    lap = torch.distributions.Laplace(0.0, 1.0)
+    torch.manual_seed(seed)
+    scale = torch.rand(layers, heads, 1, dim, generator=g) * 1.5 + 0.2
+    keys = lap.sample((layers, heads, tokens, dim)) * scale
+    keys[..., :4] *= 12.0  # outlier channels (as real keys have)
+    keys[:, :, :: max(1, tokens // 7)] *= 4.0  # outlier tokens
+    values = lap.sample((layers, heads, tokens, dim)) * 0.5
+    return keys.half(), values.half()
+
+
+def tiled_kv(path: str, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile a real model's KV (``kvcodec prefill`` output) to the 8B shape."""
+    from kvcodec.codec.kvfile import read_kv
+
+    kv = read_kv(path)
+    out = []
+    for t in (kv.keys, kv.values):
+        src_layers, src_heads, src_tokens, src_dim = t.shape
+        reps = -(-tokens // src_tokens)
+        t = t.repeat(1, 1, reps, 1)[:, :, :tokens]
+        layers = [t[layer % src_layers] for layer in range(SHAPE[0])]
+        heads = []
+        for layer in layers:
+            row = []
+            for h in range(SHAPE[1]):
+                halves = [layer[(h + j) % src_heads] for j in range(-(-SHAPE[2] // src_dim))]
+                row.append(torch.cat(halves, dim=-1)[..., : SHAPE[2]])
+            heads.append(torch.stack(row))
+        out.append(torch.stack(heads).to(torch.float16).contiguous())
+    return out[0], out[1]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu().view(torch.int16), b.cpu().view(torch.int16))
+
+
+def check(device: str, kv_path: str | None) -> int:
+    """Bit-exactness: encoders agree, and every stream decodes identically on every path."""
+    failures = []
+    cases = [(synthetic_kv(40, seed=s), lv, tb) for s, lv, tb in ((1, "balanced", 16), (2, "high", 32), (3, "compact", 7))]
+    if kv_path:
+        cases.append((tiled_kv(kv_path, 64), "balanced", 32))
+    for (k, v), level, block in cases:
+        k, v = k[:3], v[:3]  # 3 layers keep the torch decoder quick on a CPU
+        name = f"{level}/block {block}"
+        blob = encode(k, v, level=level, token_block=block)
+        if encode(k, v, level=level, token_block=block, threads=2) != blob:
+            failures.append(f"{name}: 1-thread and 2-thread encodes differ")
+        if device != "cpu" and encode(k.to(device), v.to(device), level=level, token_block=block) != blob:
+            failures.append(f"{name}: encoding {device} tensors gives other bytes than CPU tensors")
+        ref = decode(blob, backend="numba")
+        for backend in ("numba", "torch"):
+            got = decode(blob, device=device, backend=backend)
+            if not (_equal(got.keys, ref.keys) and _equal(got.values, ref.values)):
+                failures.append(f"{name}: decode on {device} with {backend} differs from the CPU numba decode")
+            for layer, keys, values in decode_layers(blob, device=device, backend=backend, threads=2):
+                if not (_equal(keys, ref.keys[layer]) and _equal(values, ref.values[layer])):
+                    failures.append(f"{name}: decode_layers({backend}, {device}) layer {layer} differs")
+        print(f"checked {name}: {len(blob)} bytes, numba/torch on {device}")
+    for f in failures:
+        print("MISMATCH:", f)
+    print("bit-exact" if not failures else f"{len(failures)} mismatches")
+    return 1 if failures else 0
+
+
+def _row(label, tokens, backend, threads, nbytes, seconds, bits) -> list[object]:
+    return [label, tokens, backend, threads, f"{bits:.3f}", f"{nbytes / seconds / 1e6:,.0f}", f"{seconds * 1e3:.1f}"]
+
+
+def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int, torch_tokens: int) -> str:
+    """Encode/decode throughput table (plus copy baselines on CUDA)."""
+    rows = []
+    for tokens in tokens_list:
+        k, v = tiled_kv(kv_path, tokens) if kv_path else synthetic_kv(tokens)
+        nbytes = 2 * k.numel() * 2
+        kd, vd = k.to(device), v.to(device)
+        blob = encode(kd, vd, level="balanced")
+        bits = 8 * len(blob) / (2 * k.numel())
+        for threads in (1, 2):
+            s = timed(lambda: encode(kd, vd, level="balanced", threads=threads), device, repeats)
+            rows.append(_row("encode", tokens, "numba", threads, nbytes, s, bits))
+            s = timed(lambda: decode(blob, device=device, backend="numba", threads=threads), device, repeats)
+            rows.append(_row("decode", tokens, "numba", threads, nbytes, s, bits))
+        if tokens <= torch_tokens:
+            s = timed(lambda: decode(blob, device=device, backend="torch"), device, 1)
+            rows.append(_row("decode", tokens, "torch", "-", nbytes, s, bits))
+        if device.startswith("cuda"):
+            s = timed(lambda: kd.clone(), device, repeats) * 2
+            rows.append(_row("copy device->device", tokens, "-", "-", nbytes, s, 16.0))
+            pinned = k.pin_memory()
+            s = timed(lambda: pinned.to(device, non_blocking=True), device, repeats) * 2
+            rows.append(_row("copy host->device", tokens, "-", "-", nbytes, s, 16.0))
+    source = f"tiled from {kv_path}" if kv_path else "synthetic Laplace KV with outlier channels/tokens"
+    head = ["op", "tokens", "entropy back end", "threads", "bits/element", "MB/s of fp16 KV", "ms"]
+    return (
+        f"Device: {device}; host: {machine()}\nKV: 8B-shaped {SHAPE}, {source}; level balanced\n\n"
+        + markdown_table(head, rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--check", action="store_true", help="run the bit-exactness checks only")
+    p.add_argument("--kv", default=None, help="a KV safetensors file (kvcodec prefill) to tile to the 8B shape")
+    p.add_argument("--tokens", default=None, help="comma-separated chunk sizes (default 256 on CPU, 256..4096 on CUDA)")
+    p.add_argument("--torch-tokens", type=int, default=None, help="largest chunk timed with the torch decoder")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"device {args.device}: CUDA is not available here", file=sys.stderr)
+        return 2
+    if args.check:
+        return check(args.device, args.kv)
+    cuda = args.device.startswith("cuda")
+    tokens = [int(t) for t in (args.tokens or ("256,1024,4096" if cuda else "256")).split(",")]
+    torch_tokens = args.torch_tokens if args.torch_tokens is not None else (4096 if cuda else 0)
+    print(speed(args.device, tokens, args.kv, args.repeats, torch_tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
