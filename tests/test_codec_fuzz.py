@@ -124,6 +124,7 @@ def run_decoders(data: bytes) -> tuple[int, bool]:
         lambda: verify(data, limits=LIMITS, full=True),
         lambda: verify(data, limits=LIMITS, full=False),
         lambda: decode(data, limits=LIMITS, allow_trailing=True, threads=2),
+        lambda: decode(data, limits=LIMITS, backend="torch"),  # the GPU decoder, run on the CPU
     ):
         try:
             call()
@@ -160,4 +161,4 @@ def test_fuzz_only_codec_errors_escape_and_nothing_hangs():
 
 @pytest.mark.parametrize("name", sorted(SEEDS))
 def test_seeds_pass_every_decoder(name):
-    assert run_decoders(SEEDS[name]) == (6, True)
+    assert run_decoders(SEEDS[name]) == (7, True)
