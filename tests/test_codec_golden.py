@@ -10,7 +10,8 @@ The quantizer claims the same symbols on any device and reduction order
 (codec/quantize.py): checked here with 1 vs 2 CPU threads, with a token
 permutation (integer statistics must not change), and, when CUDA is present,
 CPU vs CUDA. torch's ``meta`` device computes no values, so it cannot stand in
-for a GPU; on a CPU-only machine the CUDA test is skipped.
+for a GPU; on a CPU-only machine the CUDA tests are skipped, and the torch rANS
+decoder (the one CUDA runs) is checked against the golden digests on the CPU.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def test_golden_stream_decodes_to_recorded_digest(stream):
     info = verify(blob)
     assert info.level == entry["level"] and info.model == entry["model"]
     assert info.first_position == entry["first_position"] and info.total_bytes == entry["bytes"]
+
+
+@pytest.mark.parametrize("stream", LOSSY_STREAMS)
+def test_torch_decoder_gives_the_recorded_digest(stream):
+    """The torch rANS decoder (the one CUDA uses), run here on the CPU, decodes the golden
+    streams to the same bits as the numba decoder."""
+    entry = MANIFEST[stream]
+    kv = decode((GOLDEN / stream).read_bytes(), backend="torch")
+    assert make_golden.tensor_digest(kv.keys) == entry["keys_sha256"]
+    assert make_golden.tensor_digest(kv.values) == entry["values_sha256"]
 
 
 @pytest.mark.parametrize("stream", STREAMS)
