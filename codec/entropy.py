@@ -20,7 +20,6 @@ uint32 words.
 
 from __future__ import annotations
 
-import bisect
 import functools
 
 import numpy as np
@@ -44,15 +43,14 @@ RHO_Q20 = (
 NUM_CLASSES = len(RHO_Q20)  # classes 1..NUM_CLASSES; 0 = all zero
 # Class boundaries: mean |d| between 2**((c-40)/4 - 1/8) and 2**((c-40)/4 + 1/8) -> class c.
 _BOUNDS = [2.0 ** ((c - 40) / 4 + 0.125) for c in range(1, NUM_CLASSES)]
+_BOUNDS_NP = np.array(_BOUNDS, dtype=np.float64)
 
 
 def scale_classes(abs_sums: np.ndarray, kmax: np.ndarray, count: int) -> np.ndarray:
     """Pick each channel's scale class from its sum of ``|delta|`` over ``count`` symbols."""
-    out = np.zeros(len(abs_sums), dtype=np.uint8)
-    for i, (s, k) in enumerate(zip(abs_sums.tolist(), kmax.tolist())):
-        if k > 0:
-            out[i] = 1 + bisect.bisect_left(_BOUNDS, s / count)
-    return out
+    means = np.asarray(abs_sums, dtype=np.float64) / count  # the same float division as s / count
+    cls = 1 + np.searchsorted(_BOUNDS_NP, means, side="left")  # == bisect.bisect_left
+    return np.where(np.asarray(kmax) > 0, cls, 0).astype(np.uint8)
 
 
 _PREFIXES: dict[int, list[int]] = {}

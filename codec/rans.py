@@ -117,6 +117,8 @@ def build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 ESC, FREQ, CUM, SLOT2SYM = build_tables()
+with np.errstate(divide="ignore"):
+    _INV = np.where(FREQ > 0, 1.0 / np.maximum(FREQ, 1), 0.0)  # encoder: x // f by multiplication
 
 
 def model_bits(cls: int) -> np.ndarray:
@@ -127,66 +129,66 @@ def model_bits(cls: int) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _symbols(deltas, classes, esc):
-    """Symbols in substream order and the escape list; status 7 if an escape overflows."""
+def _encode(deltas, classes, esc, freq, cum, inv):
+    """Encode a substream's deltas; returns (u16 words, u16 escapes, status 7 if an escape overflows).
+
+    Symbols are visited backwards (channel, then token, descending), so the
+    words come out in reverse reading order and escapes fill their list from the end.
+    """
     channels, tokens = deltas.shape
     coded = 0
     for c in range(channels):
         if classes[c] != 0:
             coded += 1
-    syms = np.empty(coded * tokens, dtype=np.int32)
-    cls_of = np.empty(coded * tokens, dtype=np.int32)
-    escapes = np.empty(coded * tokens, dtype=np.uint16)
-    n_esc = 0
-    i = 0
-    for c in range(channels):
-        k = classes[c]
-        if k == 0:
-            continue
-        e = esc[k]
-        for t in range(tokens):
-            d = deltas[c, t]
-            cls_of[i] = k
-            if d > e or d < -e:
-                m = (d if d > 0 else -d) - e - 1
-                if m > 0xFFFF:
-                    return syms, cls_of, escapes[:0], 7
-                escapes[n_esc] = m
-                n_esc += 1
-                syms[i] = 2 * e + 2 if d > 0 else 2 * e + 1
-            else:
-                syms[i] = d + e
-            i += 1
-    return syms, cls_of, escapes[:n_esc], 0
-
-
-@njit(nogil=True, cache=True)
-def _encode(deltas, classes, esc, freq, cum):
-    """Encode a substream's deltas; returns (u16 words, u16 escapes, status)."""
-    syms, cls_of, escapes, status = _symbols(deltas, classes, esc)
-    n = syms.shape[0]
-    if status != 0 or n == 0:
-        return np.empty(0, dtype=np.uint16), escapes, status
+    n = coded * tokens
+    escapes = np.empty(n, dtype=np.uint16)
+    if n == 0:
+        return np.empty(0, dtype=np.uint16), escapes[:0], 0
     lanes = min(32, max(1, n // 64))
     state = np.full(lanes, 1 << 16, dtype=np.int64)
     out = np.empty(n + 2 * lanes, dtype=np.uint16)
     top = n + 2 * lanes  # words are written backwards from the end
-    for i in range(n - 1, -1, -1):
-        lane = i % lanes
-        k = cls_of[i]
-        s = syms[i]
-        f = np.int64(freq[k, s])
-        x = state[lane]
-        if x >= (f << 18):  # x_max = ((L >> PROB_BITS) << 16) * f
-            top -= 1
-            out[top] = x & 0xFFFF
-            x >>= 16
-        state[lane] = ((x // f) << 14) + (x % f) + np.int64(cum[k, s])
+    etop = n
+    i = n - 1
+    for c in range(channels - 1, -1, -1):
+        k = classes[c]
+        if k == 0:
+            continue
+        e = esc[k]
+        for t in range(tokens - 1, -1, -1):
+            d = deltas[c, t]
+            if d > e or d < -e:
+                m = (d if d > 0 else -d) - e - 1
+                if m > 0xFFFF:
+                    return out[:0], escapes[:0], 7
+                etop -= 1
+                escapes[etop] = m
+                s = 2 * e + 2 if d > 0 else 2 * e + 1
+            else:
+                s = d + e
+            lane = i % lanes
+            i -= 1
+            f = np.int64(freq[k, s])
+            x = state[lane]
+            if x >= (f << 18):  # x_max = ((L >> PROB_BITS) << 16) * f
+                top -= 1
+                out[top] = x & 0xFFFF
+                x >>= 16
+            # x // f through a double reciprocal (x < 2**32 is exact), corrected to the exact quotient
+            q = np.int64(np.float64(x) * inv[k, s])
+            r = x - q * f
+            if r < 0:
+                q -= 1
+                r += f
+            elif r >= f:
+                q += 1
+                r -= f
+            state[lane] = (q << 14) + r + np.int64(cum[k, s])
     for lane in range(lanes - 1, -1, -1):
         top -= 2
         out[top] = state[lane] & 0xFFFF
         out[top + 1] = state[lane] >> 16
-    return out[top:].copy(), escapes, 0
+    return out[top:].copy(), escapes[etop:].copy(), 0
 
 
 @njit(nogil=True, cache=True)
@@ -249,6 +251,50 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
     return out, 0
 
 
+@njit(nogil=True, cache=True)
+def _channel_deltas(q):
+    """Integer half of ``quantize_block`` for ``q`` int32 ``[H, T, D]`` (see :func:`channel_deltas`)."""
+    heads, tokens, dim = q.shape
+    channels = heads * dim
+    sums = np.zeros(channels, dtype=np.int64)
+    for h in range(heads):
+        for t in range(tokens):
+            for d in range(dim):
+                sums[h * dim + d] += q[h, t, d]
+    centers = np.empty(channels, dtype=np.int32)
+    for c in range(channels):
+        centers[c] = (2 * sums[c] + tokens) // (2 * tokens)  # round half up, floor division
+    deltas = np.empty((channels, tokens), dtype=np.int32)
+    kmax = np.zeros(channels, dtype=np.int32)
+    abs_sums = np.zeros(channels, dtype=np.int64)
+    for h in range(heads):
+        for t in range(tokens):
+            for d in range(dim):
+                c = h * dim + d
+                v = q[h, t, d] - centers[c]
+                deltas[c, t] = v
+                a = v if v >= 0 else -v
+                abs_sums[c] += a
+                if a > kmax[c]:
+                    kmax[c] = a
+    return centers, deltas, kmax, abs_sums
+
+
+def channel_deltas(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Channel centres, deltas, largest and summed ``|delta|`` of quantized symbols.
+
+    The same integers as :func:`kvcodec.codec.quantize.quantize_block` computes in
+    torch (tests check it), in one pass without the GIL.
+
+    Args:
+        q: int32 ``[heads, tokens, head_dim]`` symbols ``round(x / step)``.
+
+    Returns:
+        ``(centers int32 [C], deltas int32 [C, T], kmax int32 [C], abs_sums int64 [C])``.
+    """
+    return _channel_deltas(np.ascontiguousarray(q, dtype=np.int32))
+
+
 def encode_deltas(deltas: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Entropy-code ``deltas`` (int32 ``[channels, tokens]``) with coder 3.
 
@@ -264,7 +310,7 @@ def encode_deltas(deltas: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, 
         ValueError: an escaped magnitude does not fit 16 bits.
     """
     words, escapes, status = _encode(
-        np.ascontiguousarray(deltas, dtype=np.int32), np.ascontiguousarray(classes, dtype=np.uint8), ESC, FREQ, CUM
+        np.ascontiguousarray(deltas, dtype=np.int32), np.ascontiguousarray(classes, dtype=np.uint8), ESC, FREQ, CUM, _INV
     )
     if status:
         raise ValueError(f"delta magnitude exceeds the escape range (E + 1 + {MAX_ESCAPE_MAGNITUDE})")
@@ -292,4 +338,4 @@ def check_classes(classes: np.ndarray) -> None:
         raise CorruptStream(f"channel {bad[0]}: scale class {classes[bad[0]]} > {NUM_CLASSES}")
 
 
-__all__ = ["PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "check_classes", "model_bits"]
+__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "check_classes", "model_bits"]

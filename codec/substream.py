@@ -91,16 +91,21 @@ def encode_quantized(x: torch.Tensor, step_rule: StepRule, n_raw: int = 0, coder
     if rest.shape[1] == 0:
         return raw
     steps = step_rule(rest)
-    block = quantize_block(rest, steps)
-    classes = entropy.scale_classes(block.abs_sums, block.kmax, rest.shape[1])
-    head = steps.astype("<f4").tobytes() + block.centers.astype("<i2").tobytes()
     if coder == CODER_ANS:
+        block = quantize_block(rest, steps)
+        classes = entropy.scale_classes(block.abs_sums, block.kmax, rest.shape[1])
+        head = steps.astype("<f4").tobytes() + block.centers.astype("<i2").tobytes()
         words = entropy.encode_symbols(block.deltas, block.kmax, classes)
         return raw + head + block.kmax.astype("<u2").tobytes() + classes.tobytes() + words
-    words, escapes = rans.encode_deltas(block.deltas, classes)
-    return b"".join(
-        (raw, head, classes.tobytes(), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes())
-    )
+    # quantize_block's float half in torch (on the tensor's device), its integer half in numba
+    q = torch.round(rest / torch.from_numpy(steps).to(rest.device)[:, None, None]).to(torch.int32).cpu().numpy()
+    centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
+    classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
+    words, escapes = rans.encode_deltas(deltas, classes)
+    return b"".join((
+        raw, steps.astype("<f4").tobytes(), centers.astype("<i2").tobytes(), classes.tobytes(),
+        _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes(),
+    ))
 
 
 def parse_rans(payload: memoryview, heads: int, dim: int) -> RansPayload:
@@ -177,12 +182,12 @@ def decode_quantized(
     n_quant = tokens - n_raw
     if n_quant == 0:
         return raw.to(dtype).to(device)
-    if coder == CODER_ANS:
-        steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
-    else:
+    if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim)
         steps, centers = p.steps, p.centers
         deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
+    else:
+        steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
     quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device)
     if raw is None:
         return quant

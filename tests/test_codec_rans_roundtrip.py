@@ -141,3 +141,18 @@ def test_coder_2_streams_still_decode(name):
         assert h.hexdigest() == entry[key]
     for layer, keys, _ in decode_layers(blob, backend="torch"):  # coder 2 falls back to constriction
         assert torch.equal(keys, kv.keys[layer])
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 33, 255])
+def test_numba_channel_deltas_equal_quantize_block(tokens):
+    from kvcodec.codec.quantize import head_steps, quantize_block
+
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(3, tokens, 16, generator=g) * torch.rand(1, 1, 16, generator=g) * 5 - 2.5
+    steps = head_steps(x, 0.3)
+    ref = quantize_block(x, steps)
+    q = torch.round(x / torch.from_numpy(steps)[:, None, None]).to(torch.int32).numpy()
+    centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
+    for a, b in ((centers, ref.centers), (deltas, ref.deltas), (kmax, ref.kmax), (abs_sums, ref.abs_sums)):
+        assert np.array_equal(a, b)
+    assert np.array_equal(entropy.scale_classes(abs_sums, kmax, tokens), _classes(ref.deltas))
