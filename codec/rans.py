@@ -211,6 +211,8 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
     for lane in range(lanes):
         state[lane] = np.int64(words[2 * lane]) | (np.int64(words[2 * lane + 1]) << 16)
     pos = 2 * lanes
+    last = nw - 1
+    overrun = np.int64(0)
     n_esc = escapes.shape[0]
     ei = 0
     lane = 0
@@ -224,11 +226,12 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
             slot = x & 0x3FFF
             s = np.int64(slot2sym[k, slot])
             x = np.int64(freq[k, s]) * (x >> 14) + slot - np.int64(cum[k, s])
-            if x < (1 << 16):
-                if pos >= nw:
-                    return out, 1
-                x = (x << 16) | np.int64(words[pos])
-                pos += 1
+            # branchless renormalisation; a read past the end is clamped and flagged
+            need = np.int64(x < (1 << 16))
+            w = np.int64(words[min(pos, last)])
+            x = (x << (need << 4)) | (w & -need)
+            overrun |= need & np.int64(pos >= nw)
+            pos += need
             state[lane] = x
             d = np.int32(s) - e
             if d > e:
@@ -241,6 +244,8 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
             lane += 1
             if lane == lanes:
                 lane = 0
+    if overrun:
+        return out, 1
     if pos != nw:
         return out, 2
     if ei != n_esc:
