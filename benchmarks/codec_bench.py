@@ -45,6 +45,23 @@ def ours(level: str, keys: torch.Tensor, values: torch.Tensor, threads: int) -> 
     }
 
 
+def sweep_points(level: str, keys, values, scales: list[float]):
+    """Our rate-quality curve: the level's profile lambda scaled by each factor."""
+    import copy
+
+    from kvcodec.codec.profile import builtin_profile
+
+    base = builtin_profile("smollm2-135m", *keys.shape[:2], keys.shape[3])
+    for scale in scales:
+        if base is None:
+            break
+        prof = copy.deepcopy(base)
+        prof.levels[level] = base.levels[level] * scale
+        blob = encode(keys.half(), values.half(), level=level, model="smollm2-135m", profile=prof)
+        kv = decode(blob)
+        yield f"kvcodec {level} x{scale:g}", inspect(blob).bits_per_element, (kv.keys, kv.values)
+
+
 def baselines(keys: torch.Tensor, values: torch.Tensor):
     yield "fp16 + zstd-19 (lossless)", fp16_zstd(keys, values)
     yield "8-bit per-token g64", per_token(keys, values, 8)
@@ -76,13 +93,55 @@ def run_text(loaded, path: str, args) -> list[dict]:
     if not args.no_baselines:
         for name, (bits, k, v) in baselines(keys, values):
             add(name, bits, (k, v))
+    if args.sweep:
+        for name, bits, kv in sweep_points("balanced", keys, values, args.sweep):
+            add(name, bits, kv, sweep=True)
     return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Rate-quality plot: bits/element vs |ppl change| and vs greedy agreement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    texts = sorted({r["text"] for r in rows})
+    markers = "osD^v<>"
+    for ax, key, label in ((axes[0], "ppl_change_pct", "|perplexity change| (%)"),
+                           (axes[1], "agree_pct", "greedy agreement (%)")):
+        for ti, text in enumerate(texts):
+            mine = sorted((r for r in rows if r["text"] == text and r["method"].startswith("kvcodec")
+                           and r["method"] != "kvcodec lossless"), key=lambda r: r["bits_per_element"])
+            ys = [abs(r[key]) if key == "ppl_change_pct" else r[key] for r in mine]
+            ax.plot([r["bits_per_element"] for r in mine], ys, "-" + markers[ti % 7], color="C0",
+                    label=f"kvcodec ({text})")
+            for r in rows:
+                if r["text"] != text or r["method"].startswith("kvcodec") or "lossless" in r["method"]:
+                    continue
+                y = abs(r[key]) if key == "ppl_change_pct" else r[key]
+                ax.scatter(r["bits_per_element"], y, marker=markers[ti % 7], color="C3")
+                if ti == 0:
+                    ax.annotate(r["method"], (r["bits_per_element"], y), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        ax.set_xlabel("bits per KV element (all side information)")
+        ax.set_ylabel(label)
+        if key == "ppl_change_pct":
+            ax.set_yscale("symlog", linthresh=0.05)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: rate vs quality (blue: kvcodec levels and sweep, red: baselines)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def render(rows: list[dict]) -> str:
     headers = ["text", "method", "bits/el", "× fp16", "ppl change", "greedy agree", "side info", "enc MB/s", "dec MB/s"]
     out = []
     for r in rows:
+        if r.get("sweep"):
+            continue
         out.append([
             r["text"], r["method"], f"{r['bits_per_element']:.3f}", f"{r['ratio_vs_fp16']:.2f}",
             f"{r['ppl_change_pct']:+.2f}%", f"{r['agree_pct']:.1f}%",
@@ -103,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="decoder threads")
     parser.add_argument("--model", help="model path (default: SmolLM2 GGUF)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
+    parser.add_argument("--sweep", type=float, nargs="*", default=[],
+                        help="extra points for our curve: balanced's lambda times each factor")
+    parser.add_argument("--plot", help="write the rate-quality plot (PNG) here")
     args = parser.parse_args(argv)
     texts = args.text or ["/usr/share/common-licenses/GPL-3"]
 
@@ -113,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in texts:
         print(f"{path}:", file=sys.stderr)
         rows += run_text(loaded, path, args)
+    if args.plot:
+        plot(rows, args.plot)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

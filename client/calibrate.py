@@ -88,8 +88,15 @@ def bisect_lambda(score, floor: tuple[float, float], lo: float = 0.02, hi: float
 
 
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
-              levels: dict[str, tuple[float, float]] | None = None, log=print):
-    """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``."""
+              levels: dict[str, tuple[float, float]] | None = None,
+              fixed: dict[str, float] | None = None, log=print):
+    """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``.
+
+    Args:
+        levels: quality floor per level to bisect lambda against (default LEVEL_FLOORS).
+        fixed: lambdas to take as given instead of bisecting (e.g. from an earlier run).
+    """
+    fixed = dict(fixed or {})
     import torch
 
     from kvcodec.client.model import tokenize_file
@@ -111,7 +118,11 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
                       {"texts": [str(t) for t in texts], "prefix_len": prefix_len, "eval_len": eval_len})
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
     kvs = [tuple(t.half() for t in p.exact_kv) for p in probes]
+    profile.levels.update(fixed)
     for level, floor in levels.items():
+        if level in fixed:
+            continue
+
         def score(lam: float, level=level):
             profile.levels[level] = lam
             out = []
@@ -140,6 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", type=int, default=1536, help="prefix tokens (default: %(default)s)")
     p.add_argument("--eval", type=int, default=512, help="scored tokens (default: %(default)s)")
     p.add_argument("--alias", action="append", default=[], help="other model names the profile applies to")
+    p.add_argument("--lambda", dest="lambdas", action="append", default=[], metavar="LEVEL=VALUE",
+                   help="use this step multiplier for a level instead of searching for it")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -152,11 +165,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for t in args.text:
         if not Path(t).is_file():
             raise UsageError(f"--text: {t}: no such file")
+    fixed = {}
+    for item in args.lambdas:
+        level, _, value = item.partition("=")
+        try:
+            fixed[level] = float(value)
+        except ValueError:
+            raise UsageError(f"--lambda: {item!r} is not LEVEL=NUMBER") from None
+        if level not in LEVEL_FLOORS or fixed[level] <= 0:
+            raise UsageError(f"--lambda: {item!r}: level must be one of {', '.join(LEVEL_FLOORS)}, value > 0")
     try:
         loaded = load_model(args.model)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
-    profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval,
+    profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, fixed=fixed,
                         log=lambda m: print(m, file=sys.stderr))
     profile.calibration["aliases"] = args.alias
     profile.save(args.out)
