@@ -167,6 +167,35 @@ def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int
     )
 
 
+def sizes(kv_path: str | None, tokens: int = 256) -> str:
+    """Bytes of coder 3 vs coder 2 (same quantized symbols) and the symbols' empirical entropy."""
+    from kvcodec.codec import api, substream
+    from kvcodec.codec.levels import get_level
+
+    k, v = tiled_kv(kv_path, tokens) if kv_path else synthetic_kv(tokens)
+    rows = []
+    for level in ("high", "balanced", "compact"):
+        lv = get_level(level)
+        c2 = c3 = 0
+        for layer in range(k.shape[0]):
+            for is_value, t in ((False, k), (True, v)):
+                block = t[layer]
+                rule = api._step_rule(lv, None, layer, is_value)
+                c2 += len(substream.encode_quantized(block, rule, 1, substream.CODER_ANS))
+                c3 += len(substream.encode_quantized(block, rule, 1, substream.CODER_RANS))
+        n = 2 * k.numel()
+        subs, heads, dim = 2 * k.shape[0], k.shape[1], k.shape[3]
+        fixed2 = subs * (heads * dim * 2 + substream.quantized_side_bytes(heads, dim, substream.CODER_ANS))
+        fixed3 = subs * (heads * dim * 2 + substream.quantized_side_bytes(heads, dim, substream.CODER_RANS))
+        e2, e3 = c2 - fixed2, c3 - fixed3  # entropy-coded part only (words; coder 3: + escapes)
+        rows.append([level, f"{8 * c2 / n:.4f}", f"{8 * c3 / n:.4f}", f"{100 * (c3 - c2) / c2:+.2f}%",
+                     f"{100 * (e3 - e2) / e2:+.2f}%"])
+    source = f"tiled from {kv_path}" if kv_path else "synthetic"
+    head = ["level", "coder 2 bits/element", "coder 3 bits/element", "coder 3 vs 2 (stream)",
+            "coder 3 vs 2 (entropy-coded part)"]
+    return f"Substream bytes, {tokens}-token 8B-shaped chunk ({source}), steps from RMS (no profile)\n\n" + markdown_table(head, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -175,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default=None, help="comma-separated chunk sizes (default 256 on CPU, 256..4096 on CUDA)")
     p.add_argument("--torch-tokens", type=int, default=None, help="largest chunk timed with the torch decoder")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sizes", action="store_true", help="compare coder 3 with coder 2 on size only")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"device {args.device}: CUDA is not available here", file=sys.stderr)
         return 2
     if args.check:
         return check(args.device, args.kv)
+    if args.sizes:
+        print(sizes(args.kv))
+        return 0
     cuda = args.device.startswith("cuda")
     tokens = [int(t) for t in (args.tokens or ("256,1024,4096" if cuda else "256")).split(",")]
     torch_tokens = args.torch_tokens if args.torch_tokens is not None else (4096 if cuda else 0)
