@@ -338,8 +338,8 @@ def decode(
         allow_trailing: accept bytes after the last substream.
         progress: optional ``callback(done, total)``.
         threads: worker threads for substreams (zstd and the rANS decoder release the GIL).
-        backend: rANS entropy decoder: ``auto`` (torch on CUDA, else numba), ``numba``
-            or ``torch`` (see :mod:`kvcodec.codec.layers`); all give identical tensors.
+        backend: rANS entropy decoder: ``auto`` (= ``numba``, host threads), ``numba``
+            or ``torch`` (on ``device``, see :mod:`kvcodec.codec.layers`); all give identical tensors.
 
     Raises:
         KVCodecError: any malformed, truncated or corrupted input.
