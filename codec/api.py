@@ -232,7 +232,7 @@ class _Serial:
         return map(fn, items)
 
 
-def _decode_sub(data, layout: Layout, sid: int, dtype, device) -> torch.Tensor:
+def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor | None = None) -> torch.Tensor:
     h = layout.header
     block = sid % h.blocks_per_tensor
     tokens = h.block_tokens(block)
@@ -244,7 +244,7 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device) -> torch.Tensor:
             out = substream.decode_lossless(view, h.kv_heads, tokens, h.head_dim, stored, device)
             return out.to(dtype)
         return substream.decode_quantized(
-            view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder
+            view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder, out
         )
     except container.ChecksumMismatch:
         raise
@@ -299,7 +299,10 @@ def _decode_layers(
         start = b * h.token_block
         n = h.block_tokens(b)
         sid = h.substream_id(layer, is_value, b)
-        target[i, :, start : start + n] = _decode_sub(data, layout, sid, out_dtype, device)
+        part = target[i, :, start : start + n]
+        result = _decode_sub(data, layout, sid, out_dtype, device, part)  # quantized: written in place
+        if result is not part:
+            part.copy_(result)
 
     done = 0
     if threads > 1:

@@ -176,8 +176,13 @@ def decode_quantized(
     device=None,
     n_raw: int = 0,
     coder: int = CODER_RANS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`encode_quantized`; raises :class:`CorruptStream` on bad content."""
+    """Inverse of :func:`encode_quantized`; raises :class:`CorruptStream` on bad content.
+
+    With ``out`` (``[heads, tokens, dim]`` of ``dtype`` on ``device``, e.g. a slice of
+    the caller's output) the block is written there and ``out`` is returned.
+    """
     raw, payload = split_raw(payload, heads, tokens, dim, stored, n_raw, coder)
     n_quant = tokens - n_raw
     if n_quant == 0:
@@ -189,6 +194,11 @@ def decode_quantized(
     else:
         steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
     quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device)
+    if out is not None:
+        if raw is not None:
+            out[:, :n_raw] = raw.to(dtype)
+        out[:, n_raw:] = quant
+        return out
     if raw is None:
         return quant
     return torch.cat([raw.to(dtype).to(device), quant], dim=1)
