@@ -110,15 +110,28 @@ def _assemble(h: container.Header, parts: list[torch.Tensor], dtype, device) -> 
 
 def _numba_layers(data, layout: Layout, dtype, device, threads: int):
     h = layout.header
+    shape = (h.kv_heads, h.tokens, h.head_dim)
+    blocks = h.blocks_per_tensor
+
+    def run(sid: int, target: torch.Tensor) -> None:
+        start = (sid % blocks) * h.token_block
+        part = target[:, start : start + h.block_tokens(sid % blocks)]
+        result = api._decode_sub(data, layout, sid, dtype, device, part)  # quantized: in place
+        if result is not part:
+            part.copy_(result)
+
     with api._cpu_threads(device), ThreadPoolExecutor(threads) as pool:
-        futures: list[list[Future]] = [
-            [pool.submit(api._decode_sub, data, layout, sid, dtype, device) for sid in _layer_sids(h, layer)]
-            for layer in range(h.layers)
-        ]
+        outputs, futures = [], []
+        for layer in range(h.layers):
+            kv = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            outputs.append(kv)
+            futures.append([pool.submit(run, sid, kv[i // blocks]) for i, sid in enumerate(_layer_sids(h, layer))])
         try:
             for layer, fs in enumerate(futures):
-                keys, values = _assemble(h, [f.result() for f in fs], dtype, device)
-                yield layer, keys, values
+                for f in fs:
+                    f.result()
+                yield layer, outputs[layer][0], outputs[layer][1]
+                outputs[layer] = None
         finally:
             for fs in futures:
                 for f in fs:
