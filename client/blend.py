@@ -106,9 +106,8 @@ def _decoder(model: nn.Module) -> nn.Module:
     return inner
 
 
-def _ids(tokens: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
-    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-    return ids
+def _ids(tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
 
 
 def _check_kv(keys: torch.Tensor, values: torch.Tensor, n: int, cfg, name: str) -> None:
@@ -132,7 +131,7 @@ def _build_context(
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     parts = [(prefix_ids, prefix_kv, "prefix")] + [
-        (_ids(c[0], f"chunk {i}"), (c[1], c[2]), f"chunk {i}") for i, c in enumerate(chunks)
+        (_ids(c[0]), (c[1], c[2]), f"chunk {i}") for i, c in enumerate(chunks)
     ]
     parts.append((suffix_ids, None, "suffix"))
     n_total = sum(int(p[0].numel()) for p in parts)
@@ -366,7 +365,7 @@ def blend(
     plan = _keep_plan(ratio, schedule, check_layer, num_layers, start_factor, gradual_layers)
     with torch.no_grad():
         ctx = _build_context(
-            model, _ids(prefix_ids, "prefix"), chunks, _ids(suffix_ids, "suffix"), prefix_kv,
+            model, _ids(prefix_ids), chunks, _ids(suffix_ids), prefix_kv,
             fix_positions,
         )
         t1 = time.perf_counter()

@@ -151,3 +151,13 @@ def test_full_ratio_equals_full_prefill_smollm2(smollm2) -> None:
     torch.testing.assert_close(res.logits_last, logits, atol=2e-3, rtol=1e-4)
     naive = blend(smollm2, prefix, _with_kv(smollm2, chunks), suffix, 0.0)
     assert float((naive.logits_last - logits).abs().max()) > 1e-2
+
+
+def test_cached_prefix_is_reused_exactly(tiny4) -> None:
+    prefix, chunks, suffix = _case(7)
+    with_kv = _with_kv(tiny4, chunks)
+    cached = blend(tiny4, prefix, with_kv, suffix, 1.0, prefix_kv=prefill(tiny4, prefix))
+    _, _, logits = _full(tiny4, prefix + sum(chunks, []) + suffix)
+    torch.testing.assert_close(cached.logits_last, logits, atol=1e-5, rtol=1e-5)
+    naive = blend(tiny4, prefix, with_kv, suffix, 0.0, prefix_kv=prefill(tiny4, prefix))
+    assert naive.recomputed_per_layer == [len(suffix)] * 4
