@@ -7,9 +7,10 @@ and repairs it at a fraction of a full prefill's cost:
 
 1. **Positional correction** — each chunk's keys are re-rotated to its offset in the fused
    context (:mod:`kvcodec.client.rope`, exact for every RoPE scaling transformers supports).
-2. **Check layer(s)** — layers ``0..check_layer`` are computed fresh for every token. At the
-   check layer the fresh K/V of each chunk token is compared with its cached K/V; the tokens
-   with the highest deviation (``ratio`` of the chunk tokens) are kept.
+2. **Check layer(s)** — the layers before ``check_layer`` run on every token, and so does
+   the K/V projection of the check layer itself. There the fresh K of each chunk token is
+   compared with its cached K; the tokens with the highest deviation (``ratio`` of the chunk
+   tokens) are kept. Every token's K/V at and below the check layer is the fresh one.
 3. **Selective recompute** — through the later layers only the kept tokens (plus the prefix,
    when it has no cache, and the suffix, which are always fresh) are computed, attending over
    the full fused context: cached K/V for the others, fresh K/V for themselves, with a causal
@@ -33,7 +34,7 @@ Errors::
 Example:
     >>> res = blend(loaded, prefix_ids, [(ids1, k1, v1), (ids2, k2, v2)], question_ids)
     >>> next_token = int(res.logits_last.argmax())
-    >>> out = loaded.model(next_ids, past_key_values=res.cache)   # continue decoding
+    >>> answer = generate_greedy(loaded, res, max_new_tokens=32)  # or decode with res.cache
 """
 
 from __future__ import annotations
