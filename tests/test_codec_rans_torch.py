@@ -53,5 +53,7 @@ def test_cuda_decode_matches_cpu():
     k = torch.randn(2, 2, 100, 16).half()
     blob = encode(k, k * 0.5, token_block=32)
     a = decode(blob)
-    b = decode(blob, device="cuda")
-    assert torch.equal(a.keys, b.keys.cpu()) and torch.equal(a.values, b.values.cpu())
+    for backend in ("numba", "torch"):
+        b = decode(blob, device="cuda", backend=backend)
+        assert torch.equal(a.keys, b.keys.cpu()) and torch.equal(a.values, b.values.cpu())
+    assert encode(k.cuda(), k.cuda() * 0.5, token_block=32) == blob
