@@ -149,7 +149,7 @@ def _encode(deltas, classes, esc, freq, cum, inv):
     out = np.empty(n + 2 * lanes, dtype=np.uint16)
     top = n + 2 * lanes  # words are written backwards from the end
     etop = n
-    i = n - 1
+    next_lane = (n - 1) % lanes  # symbol i goes to lane i % lanes; walk i downwards
     for c in range(channels - 1, -1, -1):
         k = classes[c]
         if k == 0:
@@ -166,8 +166,8 @@ def _encode(deltas, classes, esc, freq, cum, inv):
                 s = 2 * e + 2 if d > 0 else 2 * e + 1
             else:
                 s = d + e
-            lane = i % lanes
-            i -= 1
+            lane = next_lane
+            next_lane = next_lane - 1 if next_lane > 0 else lanes - 1
             f = np.int64(freq[k, s])
             x = state[lane]
             if x >= (f << 18):  # x_max = ((L >> PROB_BITS) << 16) * f
