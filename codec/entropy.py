@@ -24,9 +24,12 @@ import functools
 
 import numpy as np
 
-from kvcodec.codec.errors import CorruptStream
+from kvcodec.codec.errors import CorruptStream, LimitExceeded
 
 F0_BITS = 22
+# Decode-work limit for coder-2 model tables: entries per payload byte, plus a floor.
+TABLE_ENTRIES_PER_BYTE = 64
+TABLE_ENTRIES_FLOOR = 1 << 16
 RHO_Q20 = (
     609, 724, 861, 1024, 1218, 1448, 1722, 2048, 2435, 2896,
     3444, 4096, 4871, 5792, 6888, 8192, 9741, 11584, 13775, 16380,
@@ -123,11 +126,21 @@ def decode_symbols(
 
     Raises:
         CorruptStream: the words do not decode to exactly the expected symbols.
+        LimitExceeded: the side information asks for more model-table work than
+            the payload's size justifies (a crafted stream could otherwise cost
+            ~100 µs of CPU per input byte).
     """
     import constriction
 
     if len(data) % 4:
         raise CorruptStream(f"entropy payload: {len(data)} bytes is not a whole number of words")
+    models = {(int(c), int(k)) for c, k in zip(classes.tolist(), kmax.tolist()) if k > 0}
+    entries = sum(2 * k + 1 for _, k in models)
+    budget = TABLE_ENTRIES_PER_BYTE * len(data) + TABLE_ENTRIES_FLOOR
+    if entries > budget:
+        raise LimitExceeded(
+            f"entropy models: {entries} table entries for a {len(data)}-byte payload (limit {budget})"
+        )
     words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
     out = np.zeros((len(kmax), tokens), dtype=np.int32)
     try:
