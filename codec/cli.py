@@ -45,12 +45,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
+    _register_bench(sub)
+
     p = sub.add_parser("verify", help="check every checksum of a .kvc stream; exit 1 if any fails",
                        description="Check the header, index and every substream CRC, and that every substream decodes.")
     p.add_argument("input", nargs="+", help=".kvc stream(s)")
     p.add_argument("--quick", action="store_true", help="check CRCs only, do not decode")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_verify)
+
+
+def _register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure size and speed of every level on a KV file or a synthetic chunk",
+        description=(
+            "Encode and decode a KV file (or a synthetic chunk of a given shape) at every level; "
+            "print bits/element, ratio vs fp16, side information, max error and MB/s of fp16 KV "
+            "on this machine. Quality on a real model: benchmarks/codec_bench.py."
+        ),
+    )
+    p.add_argument("--kv", help="KV file to measure (default: a synthetic chunk)")
+    p.add_argument("--shape", default="32,8,256,128",
+                   help="synthetic layers,kv_heads,tokens,head_dim (default: 8B-shaped 256-token chunk)")
+    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats; the median is reported")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="decoder threads")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_bench)
 
 
 def read_input(path: str) -> bytes:
@@ -196,3 +218,64 @@ def cmd_verify(args: argparse.Namespace) -> int:
             else:
                 print(f"{r['path']}: FAILED: {r['error']}", file=sys.stderr)
     return 0 if all(r["ok"] for r in results) else 1
+
+
+def _synthetic_kv(shape_text: str):
+    """Laplace-distributed KV with a few large-magnitude key channels, fp16."""
+    import torch
+
+    from kvcodec.cli import UsageError
+
+    try:
+        shape = tuple(int(x) for x in shape_text.split(","))
+    except ValueError:
+        raise UsageError(f"--shape: {shape_text!r} is not four comma-separated integers") from None
+    if len(shape) != 4 or min(shape) < 1 or shape[0] * shape[1] * shape[2] * shape[3] > 1 << 28:
+        raise UsageError(f"--shape: {shape_text!r} must be 4 positive integers, at most 2**28 elements")
+    gen = torch.Generator().manual_seed(0)
+    lap = torch.distributions.Laplace(0.0, 1.0)
+    keys = lap.sample(shape) * 0.8
+    values = lap.sample(shape) * 0.3
+    outliers = torch.randint(0, shape[3], (shape[0], shape[1], 4), generator=gen)
+    keys.scatter_add_(3, outliers[:, :, None, :].expand(-1, -1, shape[2], -1), torch.full((*shape[:3], 4), 6.0))
+    return keys.half(), values.half()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+
+    from kvcodec.codec.api import decode, encode, inspect
+
+    if args.kv:
+        kv = _read_kv(args.kv)
+        keys, values, model = kv.keys, kv.values, kv.model
+    else:
+        (keys, values), model = _synthetic_kv(args.shape), "synthetic"
+    fp16_mb = (keys.numel() + values.numel()) * 2 / 1e6
+    rows = []
+    for level in args.levels:
+        enc, dec = [], []
+        for _ in range(max(1, args.repeats)):
+            t0 = time.perf_counter()
+            blob = encode(keys, values, level=level, model=model)
+            t1 = time.perf_counter()
+            out = decode(blob, threads=max(1, args.threads))
+            enc.append(t1 - t0)
+            dec.append(time.perf_counter() - t1)
+        info = inspect(blob)
+        err = max(float((out.keys.float() - keys.float()).abs().max()),
+                  float((out.values.float() - values.float()).abs().max()))
+        rows.append({"level": level, "bits_per_element": info.bits_per_element,
+                     "ratio_vs_fp16": info.ratio_vs_fp16,
+                     "side_info_pct": 100 * info.side_info_bytes / info.total_bytes, "max_abs_error": err,
+                     "encode_mb_s": fp16_mb / statistics.median(enc), "decode_mb_s": fp16_mb / statistics.median(dec)})
+    if args.json:
+        print(json.dumps({"shape": list(keys.shape), "fp16_mb": fp16_mb, "rows": rows}, indent=2))
+        return 0
+    print(f"KV {list(keys.shape)} ({fp16_mb:.1f} MB fp16), {os.cpu_count()} CPUs, decoder threads {args.threads}")
+    print(f"{'level':<10}{'bits/el':>9}{'x fp16':>8}{'side %':>8}{'max err':>10}{'enc MB/s':>10}{'dec MB/s':>10}")
+    for r in rows:
+        print(f"{r['level']:<10}{r['bits_per_element']:>9.3f}{r['ratio_vs_fp16']:>8.2f}{r['side_info_pct']:>8.2f}"
+              f"{r['max_abs_error']:>10.4f}{r['encode_mb_s']:>10.0f}{r['decode_mb_s']:>10.0f}")
+    return 0
