@@ -20,7 +20,5 @@ def test_readme_python_block_runs(index: int, tmp_path, monkeypatch, request) ->
     code = BLOCKS[index]
     if "load_model" in code:
         request.getfixturevalue("smollm2")  # skips with a reason when the GGUF is absent
-    if "grpc" in code or "KVCacheClient" in code or "connect(" in code:
-        pytest.skip("service examples are exercised by tests/test_service_*.py against a live server")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme_example"})
