@@ -16,7 +16,7 @@ i+1 arrives, so transfer and decode overlap)::
 
     LOAD_KV(level)  max(transfer, decode)
     LOAD_TEXT       prefill(tokens)
-    BLEND(level)    max(transfer, decode) + prefill(tokens * (fraction + 1/layers))
+    BLEND(level)    max(transfer, decode) + prefill(tokens * (fraction + overhead))
 
 and the expected time to first token is their sum plus one round trip. The sum
 is separable, so choosing the cheapest admissible option per chunk minimises
@@ -81,8 +81,12 @@ class Measurements:
         prefill_tokens_per_s: the client's prefill speed.
         decode_elements_per_s: KV elements decoded per second, per level.
         elements_per_token: KV elements per token (2 * layers * kv_heads * head_dim).
-        layers: model layers (BLEND recomputes one layer fully to pick tokens).
+        layers: model layers.
         blend_fraction: share of a chunk's tokens BLEND recomputes.
+        blend_overhead: BLEND's cost beyond that share, as a fraction of a full prefill
+            (the gradual filter recomputes more tokens in the first layers, plus selection
+            and RoPE re-rotation). benchmarks/blend_bench.py measured 0.26 of a full
+            prefill's time at 15% recompute on SmolLM2, so 0.11 by default.
         rtt_ms: one request round trip.
         probe: the bandwidth estimate is stale (no transfer to this client lately):
             load one chunk as KV even if recompute looks cheaper, to re-measure.
@@ -94,6 +98,7 @@ class Measurements:
     elements_per_token: int
     layers: int = 1
     blend_fraction: float = 0.15
+    blend_overhead: float = 0.11
     rtt_ms: float = 1.0
     probe: bool = False
 
@@ -142,7 +147,7 @@ def _option(chunk: ChunkInput, action: str, copy: StoredCopy | None, m: Measurem
     decode = 1000.0 * chunk.tokens * m.elements_per_token / speed
     compute = 0.0
     if action == BLEND:
-        compute = prefill_ms * (m.blend_fraction + 1.0 / max(m.layers, 1))
+        compute = prefill_ms * (m.blend_fraction + m.blend_overhead)
     return Decision(chunk.index, action, copy.level, copy.key, copy.size_bytes, transfer, decode,
                     compute, max(transfer, decode) + compute)
 
