@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table  # noqa: E402
 
-from kvcodec.codec import decode, encode, inspect  # noqa: E402
+from kvcodec.codec import decode, encode  # noqa: E402
 from kvcodec.codec.layers import decode_layers  # noqa: E402
 
 SHAPE = (32, 8, 128)  # layers, kv heads, head dim

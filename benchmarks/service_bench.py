@@ -209,7 +209,7 @@ def _per_chunk_request(inputs, est, true_bw, prefill_tps, speeds, floor) -> floa
 
 def controller_benchmark(requests: int = 400) -> str:
     sizes, speeds, prefill_tps = measure_codec()
-    header = (f"Measured here on one real 256-token SmolLM2 chunk (GPL-3 text, fp16 KV): "
+    header = ("Measured here on one real 256-token SmolLM2 chunk (GPL-3 text, fp16 KV): "
               + ", ".join(f"{lv} {sizes[lv] / 1e6:.2f} MB / decode {speeds[lv] / 1e6:.1f} M el/s"
                           for lv in sizes)
               + f"; prefill {prefill_tps:.0f} tok/s (2 threads). Context: 8 chunks (2,048 tokens); "

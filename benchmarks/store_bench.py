@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -36,18 +38,6 @@ TOKENS = 256
 CACHE = Path.home() / ".cache" / "kvcodec" / "bench"
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-            f"load average at start {load}")
 
 
 def chunk_blob(name: str) -> bytes:

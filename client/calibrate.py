@@ -97,7 +97,6 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
         fixed: lambdas to take as given instead of bisecting (e.g. from an earlier run).
     """
     fixed = dict(fixed or {})
-    import torch
 
     from kvcodec.client.model import tokenize_file
     from kvcodec.client.quality import QualityProbe

@@ -27,7 +27,7 @@ the other coders (lossless, coder 2) always take the per-substream path.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
