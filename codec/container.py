@@ -61,6 +61,9 @@ class DecodeLimits:
         max_layers / max_kv_heads / max_head_dim / max_tokens: per-field caps.
         max_elements: cap on layers * kv_heads * tokens * head_dim per tensor.
         max_token_block: cap on tokens per substream.
+        max_output_bytes: cap on the decoded keys + values in the stream's dtype
+            (a valid stream expands at most a few thousand times, like any codec,
+            so services decoding untrusted input should lower this).
     """
 
     max_layers: int = 1024
@@ -69,6 +72,7 @@ class DecodeLimits:
     max_tokens: int = 1 << 22
     max_elements: int = 1 << 33
     max_token_block: int = 4096
+    max_output_bytes: int = 1 << 34
 
 
 @dataclass
@@ -164,6 +168,9 @@ def _check_limits(h: Header, limits: DecodeLimits) -> None:
     elements = h.layers * h.kv_heads * h.tokens * h.head_dim
     if elements > limits.max_elements:
         raise LimitExceeded(f"header: {elements} elements per tensor exceed the limit {limits.max_elements}")
+    output = 2 * elements * DTYPE_BYTES[h.dtype]
+    if output > limits.max_output_bytes:
+        raise LimitExceeded(f"header: {output} output bytes exceed the limit {limits.max_output_bytes}")
 
 
 def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -> tuple[Header, int]:

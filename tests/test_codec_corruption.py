@@ -273,10 +273,13 @@ def test_huge_shape_within_limits_with_empty_substreams_fails_before_allocating(
     before the output tensors are allocated."""
     blob = _lying_stream(2, 2**22, 1024, 4096, b"")
     assert len(blob) < 20_000
-    with pytest.raises(CorruptStream, match=r"substream 0 .*0 bytes, needs at least"):
+    with pytest.raises(LimitExceeded, match="output bytes"):  # the default output cap (16 GiB)
         decode(blob)
+    roomy = container.DecodeLimits(max_output_bytes=1 << 40)  # past the cap: the length check
+    with pytest.raises(CorruptStream, match=r"substream 0 .*0 bytes, needs at least"):
+        decode(blob, limits=roomy)
     with pytest.raises(CorruptStream):
-        decode_layer(blob, 0)
+        decode_layer(blob, 0, limits=roomy)
 
 
 def test_unallocatable_output_is_a_limit_error():
@@ -295,7 +298,7 @@ def test_unallocatable_output_is_a_limit_error():
         blob = container.pack(header, [side] * header.n_substreams)
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
         try:
-            decode(blob)
+            decode(blob, limits=container.DecodeLimits(max_output_bytes=1 << 40))
         except LimitExceeded as exc:
             print("LIMIT", exc)
         """

@@ -56,3 +56,14 @@ def test_legitimate_legacy_streams_stay_within_the_limit() -> None:
             decode(path.read_bytes())
         except KVCodecError as exc:  # pragma: no cover - the assertion explains
             pytest.fail(f"{path.name}: {exc}")
+
+
+def test_max_output_bytes_is_enforced_before_decoding() -> None:
+    import torch
+
+    from kvcodec.codec import DecodeLimits, encode
+
+    blob = encode(torch.zeros(1, 1, 64, 8, dtype=torch.float16), torch.zeros(1, 1, 64, 8, dtype=torch.float16))
+    decode(blob, limits=DecodeLimits(max_output_bytes=2 * 64 * 8 * 2))  # exactly fits
+    with pytest.raises(LimitExceeded, match="output bytes"):
+        decode(blob, limits=DecodeLimits(max_output_bytes=2 * 64 * 8 * 2 - 1))
