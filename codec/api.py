@@ -349,7 +349,7 @@ def decode(
         progress: optional ``callback(done, total)``.
         threads: worker threads for substreams (zstd and the rANS decoder release the GIL).
         backend: rANS entropy decoder: ``auto`` (= ``numba``, host threads), ``numba``
-            or ``torch`` (on ``device``, see :mod:`kvcodec.codec.layers`); all give identical tensors.
+            ``torch`` or ``triton`` (on ``device``, see :mod:`kvcodec.codec.layers`); all give identical tensors.
 
     Raises:
         KVCodecError: any malformed, truncated or corrupted input.
@@ -357,19 +357,20 @@ def decode(
     from kvcodec.codec import layers as _layers  # layers imports this module
 
     layout = container.parse(data, limits, allow_trailing=allow_trailing)
-    if _layers.resolve_backend(backend, device, layout.header.coder) == "torch":
-        return _decode_torch(data, layout, device, dtype, progress)
+    resolved = _layers.resolve_backend(backend, device, layout.header.coder)
+    if resolved in ("torch", "triton"):
+        return _decode_torch(data, layout, device, dtype, progress, resolved)
     with _cpu_threads(device):
         return _decode_layers(data, layout, list(range(layout.header.layers)), dtype, device, progress, threads)
 
 
-def _decode_torch(data, layout: Layout, device, dtype, progress: Progress | None) -> KVPair:
+def _decode_torch(data, layout: Layout, device, dtype, progress: Progress | None, backend: str = "torch") -> KVPair:
     """Whole-stream decode through the torch rANS back end, layer by layer."""
     from kvcodec.codec import layers as _layers
 
     h = layout.header
     parts = []
-    for layer, keys, values in _layers.iter_layers(data, layout, device, dtype, "torch", 1, 2):
+    for layer, keys, values in _layers.iter_layers(data, layout, device, dtype, backend, 1, 2):
         parts.append((keys, values))
         if progress:
             progress(layer + 1, h.layers)

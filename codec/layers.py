@@ -16,12 +16,17 @@ Two entropy back ends give identical tensors (tests and
 * ``torch``: all substreams of ``batch_layers`` layers are decoded together by
   :mod:`kvcodec.codec.rans_torch` on ``device`` (lanes as a tensor dimension),
   then dequantized there, without a trip through host memory.
+* ``triton``: the same batches decoded by one fused Triton kernel per batch
+  (:mod:`kvcodec.codec.rans_triton`: one program per substream, lanes in
+  registers) instead of ~15 torch operations per step. Needs triton (the
+  ``gpu`` extra) and a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU.
 
 ``auto`` picks ``numba`` (entropy decoding on the host, dequantization on
 ``device``): the torch decoder runs ~15 small kernels per lock-step step and a
 256-token substream takes ~8,200 steps, so until it is measured on a GPU (or
 replaced by a fused kernel) it is the reference, not the default. Streams of
 the other coders (lossless, coder 2) always take the per-substream path.
+``triton`` is opt-in too until its GPU throughput is measured.
 """
 
 from __future__ import annotations
@@ -31,12 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from kvcodec.codec import api, container, rans_torch, substream
+from kvcodec.codec import api, container, rans_torch, rans_triton, substream
 from kvcodec.codec.container import DecodeLimits, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput
 from kvcodec.codec.quantize import dequantize_block
 
-BACKENDS = ("auto", "numba", "torch")
+BACKENDS = ("auto", "numba", "torch", "triton")
 
 
 def resolve_backend(name: str, device, coder: int) -> str:
@@ -45,6 +50,8 @@ def resolve_backend(name: str, device, coder: int) -> str:
         raise InvalidInput(f"backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if coder != container.CODER_RANS:
         return "numba"
+    if name == "triton":
+        rans_triton.check_usable(device)
     return "numba" if name == "auto" else name
 
 
@@ -66,7 +73,7 @@ def decode_layers(
         device: where the tensors are built (and, with the torch back end, decoded).
         dtype: output dtype (default: the stream's).
         limits: decoder limits.
-        backend: ``auto``, ``numba`` or ``torch`` (see the module docstring).
+        backend: ``auto``, ``numba``, ``torch`` or ``triton`` (see the module docstring).
         threads: numba back end: worker threads.
         batch_layers: torch back end: layers decoded per batch.
         allow_trailing: accept bytes after the last substream.
@@ -86,8 +93,9 @@ def iter_layers(
     h = layout.header
     api._check_min_lengths(layout, list(range(h.layers)))
     out_dtype = dtype or api._TORCH_DTYPES[h.dtype]
-    if resolve_backend(backend, device, h.coder) == "torch":
-        yield from _torch_layers(data, layout, out_dtype, device, max(1, batch_layers))
+    resolved = resolve_backend(backend, device, h.coder)
+    if resolved in ("torch", "triton"):
+        yield from _torch_layers(data, layout, out_dtype, device, max(1, batch_layers), resolved)
     else:
         yield from _numba_layers(data, layout, out_dtype, device, max(1, threads))
 
@@ -138,19 +146,19 @@ def _numba_layers(data, layout: Layout, dtype, device, threads: int):
                     f.cancel()
 
 
-def _torch_layers(data, layout: Layout, dtype, device, batch_layers: int):
+def _torch_layers(data, layout: Layout, dtype, device, batch_layers: int, backend: str = "torch"):
     h = layout.header
     for first in range(0, h.layers, batch_layers):
         layers = range(first, min(first + batch_layers, h.layers))
         sids = [sid for layer in layers for sid in _layer_sids(h, layer)]
-        parts = _decode_batch(data, layout, sids, dtype, device)
+        parts = _decode_batch(data, layout, sids, dtype, device, backend)
         per = 2 * h.blocks_per_tensor
         for i, layer in enumerate(layers):
             keys, values = _assemble(h, parts[i * per : (i + 1) * per], dtype, device)
             yield layer, keys, values
 
 
-def _decode_batch(data, layout: Layout, sids: list[int], dtype, device) -> list[torch.Tensor]:
+def _decode_batch(data, layout: Layout, sids: list[int], dtype, device, backend: str = "torch") -> list[torch.Tensor]:
     """Decode coder-3 substreams together on ``device``; returns each block ``[H, T, D]``."""
     h = layout.header
     stored = api._TORCH_DTYPES[h.dtype]
@@ -170,7 +178,8 @@ def _decode_batch(data, layout: Layout, sids: list[int], dtype, device) -> list[
         if p is not None:
             subs.append(rans_torch.Substream(p.words, p.escapes, p.classes, tokens - n_raw))
     try:
-        deltas = iter(rans_torch.decode_symbols(subs, device))
+        decoder = rans_torch if backend == "torch" else rans_triton
+        deltas = iter(decoder.decode_symbols(subs, device))
     except CorruptStream as exc:
         raise CorruptStream(f"{h.describe(sids[0])} and the rest of its batch: {exc}") from None
     out = []

@@ -1,0 +1,267 @@
+"""Coder 3 decoding as one fused Triton kernel: a batch of substreams per launch.
+
+:mod:`kvcodec.codec.rans_torch` decodes lanes in lock step with ~15 small
+tensor operations per step; a 256-token substream takes ~8,200 steps, so on
+a GPU it is bound by kernel launches. Here one *program* decodes one whole
+substream: its (up to 32) lane states live in registers and a loop over the
+steps does, per step,
+
+* ``slot = x & (M - 1)``, the symbol by a gather from the class's
+  slot-to-symbol table, ``x = f * (x >> 14) + slot - cum``;
+* the renormalisation words: lanes that need one take them in lane order,
+  word ``ptr + exclusive_cumsum(need)`` (exactly the order the sequential
+  numba decoder reads them);
+* escapes: a running count plus an exclusive prefix sum of the escape
+  symbols gives each escaped symbol its entry in the escape list;
+* the delta is written to its place (channel-major, coded channels only).
+
+A batch of ``B`` substreams is **one launch** (grid ``(B,)``) instead of
+~15 launches per step. Every load is masked (words past the substream's end
+read as 0 and are flagged); the launcher checks each program's final word
+position, escape count and lane states against what the stream says and
+raises :class:`CorruptStream` like the other decoders, so corrupt input never
+reads out of bounds and never decodes silently.
+
+Triton is optional (``pip install kvcodec[gpu]``) and imported lazily. On the
+CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before
+triton is first imported); that is how CI proves it bit-exact against numba.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from kvcodec.codec import rans
+from kvcodec.codec.errors import CorruptStream, InvalidInput
+from kvcodec.codec.rans_torch import Substream, _lanes
+
+# status columns written by the kernel per substream
+_ST_PTR, _ST_OVERRUN, _ST_ESCAPES, _ST_BAD_STATES = range(4)
+
+
+def available() -> bool:
+    """Whether triton can be imported (the ``gpu`` extra is installed)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    """Whether the kernel runs in Triton's interpreter (decided when triton was first imported)."""
+    return type(_kernel()).__name__ == "InterpretedFunction"
+
+
+@lru_cache(maxsize=1)
+def _kernel():
+    """Build (once) and return the jitted kernel; raises InvalidInput without triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as exc:
+        raise InvalidInput(
+            "backend 'triton': triton is not installed (pip install 'kvcodec[gpu]')"
+        ) from exc
+
+    @triton.jit
+    def rans_decode_kernel(
+        words, word_start, word_end, init, n_syms, lanes_of, tokens_of, cls_buf, cls_off,
+        esc_buf, esc_off, esc_count, slot2sym, freq, cum, esc_e, out, out_off, status,
+        PROB_BITS: tl.constexpr, ALPHABET: tl.constexpr, LANES: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        lane = tl.arange(0, LANES)
+        n = tl.load(n_syms + b)
+        nl = tl.load(lanes_of + b)
+        tokens = tl.load(tokens_of + b)
+        c_off = tl.load(cls_off + b)
+        o_off = tl.load(out_off + b)
+        e_off = tl.load(esc_off + b)
+        e_cnt = tl.load(esc_count + b)
+        end = tl.load(word_end + b)
+        ptr = tl.load(word_start + b)
+        x = tl.load(init + b * LANES + lane)
+        overrun = tl.zeros((), dtype=tl.int64)
+        ei = tl.zeros((), dtype=tl.int64)
+        steps = (n + nl - 1) // tl.maximum(nl, 1)
+        for k in range(0, steps):
+            i = k * nl + lane
+            active = (lane < nl) & (i < n)
+            cls = tl.load(cls_buf + c_off + i // tokens, mask=active, other=1).to(tl.int64)
+            slot = x & ((1 << PROB_BITS) - 1)
+            s = tl.load(slot2sym + cls * (1 << PROB_BITS) + slot, mask=active, other=0).to(tl.int64)
+            fi = cls * ALPHABET + s
+            f = tl.load(freq + fi, mask=active, other=1).to(tl.int64)
+            c = tl.load(cum + fi, mask=active, other=0).to(tl.int64)
+            nx = f * (x >> PROB_BITS) + slot - c
+            need = active & (nx < 65536)
+            need_i = need.to(tl.int64)
+            pos = ptr + tl.cumsum(need_i, axis=0) - need_i
+            ok = need & (pos < end)
+            w = tl.load(words + pos, mask=ok, other=0).to(tl.int64)
+            overrun = overrun | tl.max((need & (pos >= end)).to(tl.int64), axis=0)
+            nx = tl.where(need, (nx << 16) | w, nx)
+            x = tl.where(active, nx, x)
+            ptr = ptr + tl.sum(need_i, axis=0)
+            # deltas; escapes take entries of the escape list in symbol order
+            e = tl.load(esc_e + cls, mask=active, other=0).to(tl.int64)
+            d = s - e
+            is_esc = active & (d > e)
+            esc_i = is_esc.to(tl.int64)
+            gi = ei + tl.cumsum(esc_i, axis=0) - esc_i
+            m = tl.load(esc_buf + e_off + gi, mask=is_esc & (gi < e_cnt), other=0).to(tl.int64) + e + 1
+            d = tl.where(is_esc, tl.where(d == e + 2, m, -m), d)
+            ei = ei + tl.sum(esc_i, axis=0)
+            tl.store(out + o_off + i, d.to(tl.int32), mask=active)
+        bad_states = tl.max(((lane < nl) & (x != 65536)).to(tl.int64), axis=0)
+        tl.store(status + b * 4 + 0, ptr)
+        tl.store(status + b * 4 + 1, overrun)
+        tl.store(status + b * 4 + 2, ei)
+        tl.store(status + b * 4 + 3, bad_states)
+
+    return rans_decode_kernel
+
+
+_TABLES: dict[str, tuple[torch.Tensor, ...]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Flat int32 tables on ``device``: slot2sym, freq, cum (row stride per class), esc."""
+    key = str(device)
+    if key not in _TABLES:
+        _TABLES[key] = tuple(
+            torch.from_numpy(a.astype(np.int32).reshape(-1)).to(device)
+            for a in (rans.SLOT2SYM, rans.FREQ, rans.CUM, rans.ESC)
+        )
+    return _TABLES[key]
+
+
+def check_usable(device) -> None:
+    """Raise :class:`InvalidInput` unless the kernel can run on ``device``.
+
+    Args:
+        device: a CUDA device, or the CPU when triton was imported with ``TRITON_INTERPRET=1``.
+
+    Raises:
+        InvalidInput: triton is missing, or ``device`` cannot run the kernel.
+    """
+    device = torch.device(device or "cpu")
+    interpreting = _interpreting()  # also raises if triton is missing
+    if (device.type == "cuda" and not interpreting) or (device.type == "cpu" and interpreting):
+        return
+    raise InvalidInput(
+        f"backend 'triton': device {device} cannot run the kernel (it needs CUDA; on the CPU, set "
+        "TRITON_INTERPRET=1 before triton is first imported)"
+    )
+
+
+def _pack(subs: list[Substream], counts: list[int]) -> dict[str, np.ndarray]:
+    """Host-side batch arrays for the substreams with symbols (bounds checked here)."""
+    cols: dict[str, list] = {k: [] for k in ("words", "start", "end", "init", "n", "lanes", "tokens",
+                                              "cls", "cls_off", "esc", "esc_off", "esc_count", "out_off")}
+    wpos = cpos = epos = opos = 0
+    for b, (s, n) in enumerate(zip(subs, counts)):
+        lanes = _lanes(n)
+        w = np.asarray(s.words, dtype=np.int64)
+        if len(w) < 2 * lanes:
+            raise CorruptStream(f"batch item {b}: entropy payload: {rans._ERRORS[6]}")
+        init = np.full(rans.LANES, rans.STATE_LOW, dtype=np.int64)
+        init[:lanes] = w[0 : 2 * lanes : 2] | (w[1 : 2 * lanes : 2] << 16)
+        coded = s.classes[s.classes != 0].astype(np.int32)
+        for key, value in (("words", w), ("init", init), ("cls", coded), ("esc", np.asarray(s.escapes, np.int64))):
+            cols[key].append(value)
+        for key, value in (("start", wpos + 2 * lanes), ("end", wpos + len(w)), ("n", n), ("lanes", lanes),
+                           ("tokens", s.tokens), ("cls_off", cpos), ("esc_off", epos),
+                           ("esc_count", len(s.escapes)), ("out_off", opos)):
+            cols[key].append(value)
+        wpos, cpos, epos, opos = wpos + len(w), cpos + len(coded), epos + len(s.escapes), opos + n
+    flat = {k: np.concatenate(cols[k] + [np.zeros(1, np.int64)]) for k in ("words", "cls", "esc")}
+    flat["init"] = np.concatenate(cols["init"])
+    flat.update({k: np.asarray(v, dtype=np.int64) for k, v in cols.items() if k not in flat})
+    flat["total"] = np.int64(opos)
+    return flat
+
+
+def _launch(p: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """One kernel launch over the packed batch; returns (flat deltas, status [B, 4])."""
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in p.items() if k != "total"}
+    t["words"] = t["words"].to(torch.int32)
+    t["cls"] = t["cls"].to(torch.int32)
+    t["esc"] = t["esc"].to(torch.int32)
+    slot2sym, freq, cum, esc_e = _tables(device)
+    batch = len(p["n"])
+    out = torch.zeros(int(p["total"]) + 1, dtype=torch.int32, device=device)
+    status = torch.zeros((batch, 4), dtype=torch.int64, device=device)
+    _kernel()[(batch,)](
+        t["words"], t["start"], t["end"], t["init"], t["n"], t["lanes"], t["tokens"], t["cls"], t["cls_off"],
+        t["esc"], t["esc_off"], t["esc_count"], slot2sym, freq, cum, esc_e, out, t["out_off"], status,
+        PROB_BITS=rans.PROB_BITS, ALPHABET=rans.FREQ.shape[1], LANES=rans.LANES,
+    )
+    return out, status.cpu().numpy()
+
+
+def _check_status(p: dict[str, np.ndarray], status: np.ndarray, index: list[int]) -> None:
+    """The checks of the numba decoder, on each program's final position, escapes and states."""
+    for row, b in enumerate(index):
+        ptr, overrun, n_esc, bad_states = (int(v) for v in status[row])
+        code = 0
+        if overrun:
+            code = 1
+        elif ptr != p["end"][row]:
+            code = 2
+        elif n_esc > p["esc_count"][row]:
+            code = 4
+        elif n_esc < p["esc_count"][row]:
+            code = 5
+        elif bad_states:
+            code = 3
+        if code:
+            raise CorruptStream(f"batch item {b}: entropy payload: {rans._ERRORS[code]}")
+
+
+def decode_symbols(subs: list[Substream], device=None) -> list[torch.Tensor]:
+    """Decode a batch of substreams to their deltas with one kernel launch.
+
+    Same inputs and outputs as :func:`kvcodec.codec.rans_torch.decode_symbols`.
+
+    Args:
+        subs: the substreams (classes already checked with :func:`rans.check_classes`).
+        device: a CUDA device (or the CPU under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        int32 ``[channels, tokens]`` deltas per substream, on ``device``.
+
+    Raises:
+        InvalidInput: triton is not installed, or ``device`` cannot run the kernel.
+        CorruptStream: a substream's words or escapes do not decode exactly
+            (the message names the batch index).
+    """
+    device = torch.device(device or "cpu")
+    check_usable(device)
+    counts = [int((s.classes != 0).sum()) * s.tokens for s in subs]
+    for b, (s, n) in enumerate(zip(subs, counts)):
+        rans.check_classes(s.classes)
+        if n == 0 and (len(s.words) or len(s.escapes)):
+            raise CorruptStream(f"batch item {b}: entropy payload: {rans._ERRORS[2]}")
+    index = [b for b, n in enumerate(counts) if n]
+    flat = None
+    if index:
+        p = _pack([subs[b] for b in index], [counts[b] for b in index])
+        flat, status = _launch(p, device)
+        _check_status(p, status, index)
+    result, pos = [], 0
+    for s, n in zip(subs, counts):
+        out = torch.zeros((len(s.classes), s.tokens), dtype=torch.int32, device=device)
+        if n:
+            coded = torch.from_numpy(np.nonzero(s.classes)[0]).to(device)
+            out[coded] = flat[pos : pos + n].reshape(-1, s.tokens)
+            pos += n
+        result.append(out)
+    return result
+
+
+__all__ = ["available", "check_usable", "decode_symbols"]
