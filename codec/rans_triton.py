@@ -88,7 +88,7 @@ def _kernel():
         overrun = tl.zeros((), dtype=tl.int64)
         ei = tl.zeros((), dtype=tl.int64)
         steps = (n + nl - 1) // tl.maximum(nl, 1)
-        for k in range(0, steps):
+        for k in range(steps):
             i = k * nl + lane
             active = (lane < nl) & (i < n)
             cls = tl.load(cls_buf + c_off + i // tokens, mask=active, other=1).to(tl.int64)
