@@ -5,6 +5,10 @@
     python benchmarks/gpu_bench.py --device cuda             # throughput on the GPU vs copies
     python benchmarks/gpu_bench.py --device cpu --kv smol.safetensors   # CPU table (issue 4 target)
 
+With triton installed (extra ``gpu``) the fused Triton decoder is timed on CUDA
+and checked by ``--check`` (on the CPU in Triton's interpreter, on a small slice
+of each case: the interpreter runs the kernel step by step in Python).
+
 Throughput is GB/s (or MB/s) of fp16 KV: bytes of the uncompressed keys and
 values over the wall time. Chunks are 8B-shaped (32 layers x 8 kv heads x 128
 dims); the KV is either a real model's KV (``--kv``, a ``kvcodec prefill``
@@ -19,6 +23,7 @@ compression has to beat).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -29,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table  # noqa: E402
 
-from kvcodec.codec import decode, encode  # noqa: E402
+from kvcodec.codec import decode, encode, rans_triton  # noqa: E402
 from kvcodec.codec.layers import decode_layers  # noqa: E402
 
 SHAPE = (32, 8, 128)  # layers, kv heads, head dim
@@ -122,11 +127,39 @@ def check(device: str, kv_path: str | None) -> int:
             for layer, keys, values in decode_layers(blob, device=device, backend=backend, threads=2):
                 if not (_equal(keys, ref.keys[layer]) and _equal(values, ref.values[layer])):
                     failures.append(f"{name}: decode_layers({backend}, {device}) layer {layer} differs")
-        print(f"checked {name}: {len(blob)} bytes, numba/torch on {device}")
+        tried = _check_triton(name, k, v, level, block, device, failures)
+        print(f"checked {name}: {len(blob)} bytes, numba/torch{tried} on {device}")
     for f in failures:
         print("MISMATCH:", f)
     print("bit-exact" if not failures else f"{len(failures)} mismatches")
     return 1 if failures else 0
+
+
+def _triton_usable(device: str) -> bool:
+    if not rans_triton.available():
+        return False
+    try:
+        rans_triton.check_usable(device)
+    except Exception:  # noqa: BLE001 - InvalidInput: this device cannot run it
+        return False
+    return True
+
+
+def _check_triton(name: str, k, v, level: str, block: int, device: str, failures: list[str]) -> str:
+    """The Triton decoder against the CPU numba decode (a small slice in the CPU interpreter)."""
+    if not _triton_usable(device):
+        return ""
+    if device == "cpu":
+        k, v = k[:1, :2, :16], v[:1, :2, :16]
+    blob = encode(k, v, level=level, token_block=block)
+    ref = decode(blob, backend="numba")
+    got = decode(blob, device=device, backend="triton")
+    if not (_equal(got.keys, ref.keys) and _equal(got.values, ref.values)):
+        failures.append(f"{name}: decode on {device} with triton differs from the CPU numba decode")
+    for layer, keys, values in decode_layers(blob, device=device, backend="triton", batch_layers=1):
+        if not (_equal(keys, ref.keys[layer]) and _equal(values, ref.values[layer])):
+            failures.append(f"{name}: decode_layers(triton, {device}) layer {layer} differs")
+    return "/triton" + (f" (interpreter, {tuple(k.shape)})" if device == "cpu" else "")
 
 
 def _row(label, tokens, backend, threads, nbytes, seconds, bits) -> list[object]:
@@ -178,6 +211,9 @@ def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int
         if tokens <= torch_tokens:
             s = timed(lambda: decode(blob, device=device, backend="torch"), device, 1)
             rows.append(_row("decode", tokens, "torch", "-", nbytes, s, bits))
+        if device.startswith("cuda") and _triton_usable(device):  # one kernel launch per 2-layer batch
+            s = timed(lambda: decode(blob, device=device, backend="triton"), device, repeats)
+            rows.append(_row("decode", tokens, "triton", "-", nbytes, s, bits))
         if device.startswith("cuda"):
             s = timed(lambda: kd.clone(), device, repeats) * 2
             rows.append(_row("copy device->device", tokens, "-", "-", nbytes, s, 16.0))
@@ -238,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device {args.device}: CUDA is not available here", file=sys.stderr)
         return 2
     if args.check:
+        if args.device == "cpu":  # Triton's interpreter; must be set before triton is first imported
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         return check(args.device, args.kv)
     if args.sizes:
         print(sizes(args.kv))
