@@ -126,6 +126,40 @@ def _kernel():
     return rans_decode_kernel
 
 
+_POINTER_TYPES = {  # the kernel's pointer arguments, as the launcher passes them
+    "words": "*i32", "word_start": "*i64", "word_end": "*i64", "init": "*i64", "n_syms": "*i64",
+    "lanes_of": "*i64", "tokens_of": "*i64", "cls_buf": "*i32", "cls_off": "*i64", "esc_buf": "*i32",
+    "esc_off": "*i64", "esc_count": "*i64", "slot2sym": "*i32", "freq": "*i32", "cum": "*i32",
+    "esc_e": "*i32", "out": "*i32", "out_off": "*i64", "status": "*i64",
+}
+NUM_WARPS = 1  # one program holds one substream's 32 lanes: one warp
+
+
+def compile_for(capability: int = 90) -> dict[str, object]:
+    """Compile the kernel ahead of time for a CUDA target (no GPU needed; ``ptxas`` ships with triton).
+
+    Args:
+        capability: the CUDA compute capability, e.g. 90 for the H100.
+
+    Returns:
+        Triton's assembly dict (``ttir``, ``ttgir``, ``llir``, ``ptx``, ``cubin``).
+
+    Raises:
+        InvalidInput: triton is missing, or it was imported in interpreter mode.
+    """
+    if _interpreting():
+        raise InvalidInput("compile_for: triton runs in interpreter mode (TRITON_INTERPRET=1) in this process")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = {"PROB_BITS": rans.PROB_BITS, "ALPHABET": int(rans.FREQ.shape[1]), "LANES": rans.LANES}
+    signature = {**_POINTER_TYPES, **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn=_kernel(), signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
+    return compiled.asm
+
+
 _TABLES: dict[str, tuple[torch.Tensor, ...]] = {}
 
 
@@ -199,7 +233,7 @@ def _launch(p: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tenso
     _kernel()[(batch,)](
         t["words"], t["start"], t["end"], t["init"], t["n"], t["lanes"], t["tokens"], t["cls"], t["cls_off"],
         t["esc"], t["esc_off"], t["esc_count"], slot2sym, freq, cum, esc_e, out, t["out_off"], status,
-        PROB_BITS=rans.PROB_BITS, ALPHABET=rans.FREQ.shape[1], LANES=rans.LANES,
+        PROB_BITS=rans.PROB_BITS, ALPHABET=rans.FREQ.shape[1], LANES=rans.LANES, num_warps=NUM_WARPS,
     )
     return out, status.cpu().numpy()
 
@@ -264,4 +298,4 @@ def decode_symbols(subs: list[Substream], device=None) -> list[torch.Tensor]:
     return result
 
 
-__all__ = ["available", "check_usable", "decode_symbols"]
+__all__ = ["NUM_WARPS", "available", "check_usable", "compile_for", "decode_symbols"]
