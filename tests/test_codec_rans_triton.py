@@ -138,3 +138,29 @@ def test_kernel_compiles_for_cuda_without_a_gpu(capability, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     cubin_bytes, global_loads = (int(x) for x in proc.stdout.split())
     assert cubin_bytes > 1000 and global_loads > 0
+
+
+_UNUSABLE = """
+import sys
+{block}
+from kvcodec.codec import decode, rans_triton
+from kvcodec.codec.errors import InvalidInput
+blob = open({path!r}, "rb").read()
+assert decode(blob).keys.shape[0] > 0  # the default back end needs no triton
+try:
+    decode(blob, backend="triton")
+except InvalidInput as exc:
+    print(rans_triton.available(), exc)
+"""
+
+
+@pytest.mark.parametrize("blocked", [True, False], ids=["triton-missing", "cpu-without-interpreter"])
+def test_unusable_triton_is_a_clear_invalid_input(blocked):
+    code = _UNUSABLE.format(block="sys.modules['triton'] = None" if blocked else "", path=str(GOLDEN / LOSSY[0]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if blocked:
+        assert proc.stdout.startswith("False backend 'triton': triton is not installed")
+    else:
+        assert proc.stdout.startswith("True backend 'triton': device cpu cannot run the kernel")
