@@ -166,3 +166,28 @@ def test_unusable_triton_is_a_clear_invalid_input(blocked):
         assert proc.stdout.startswith("False backend 'triton': triton is not installed")
     else:
         assert proc.stdout.startswith("True backend 'triton': device cpu cannot run the kernel")
+
+
+@in_process
+def test_fuzzed_words_agree_with_numba():
+    """Random word and escape edits: the kernel raises exactly when numba does, else returns its deltas."""
+    rng = np.random.default_rng(11)
+    agreed = raised = 0
+    for _ in range(12):
+        sub, _ = _random_substream(rng)
+        words, escapes = sub.words.copy(), sub.escapes.copy()
+        if len(words) and rng.random() < 0.8:
+            words[rng.integers(len(words))] = rng.integers(0, 65536)
+        elif len(escapes):
+            escapes[rng.integers(len(escapes))] ^= np.uint16(1 << int(rng.integers(16)))
+        bad = Substream(words, escapes, sub.classes, sub.tokens)
+        try:
+            ref = rans.decode_deltas(bad.words, bad.escapes, bad.classes, bad.tokens)
+        except CorruptStream:
+            with pytest.raises(CorruptStream):
+                rans_triton.decode_symbols([bad])
+            raised += 1
+            continue
+        assert np.array_equal(rans_triton.decode_symbols([bad])[0].numpy(), ref)
+        agreed += 1
+    assert raised > 0 and agreed + raised == 12
