@@ -38,10 +38,6 @@ from kvcodec.codec import rans
 from kvcodec.codec.errors import CorruptStream, InvalidInput
 from kvcodec.codec.rans_torch import Substream, _lanes
 
-# status columns written by the kernel per substream
-_ST_PTR, _ST_OVERRUN, _ST_ESCAPES, _ST_BAD_STATES = range(4)
-
-
 def available() -> bool:
     """Whether triton can be imported (the ``gpu`` extra is installed)."""
     try:
@@ -60,70 +56,13 @@ def _interpreting() -> bool:
 def _kernel():
     """Build (once) and return the jitted kernel; raises InvalidInput without triton."""
     try:
-        import triton
-        import triton.language as tl
+        from kvcodec.codec import rans_triton_kernel as kernel_module
     except ImportError as exc:
         raise InvalidInput(
             "backend 'triton': triton is not installed (pip install 'kvcodec[gpu]')"
         ) from exc
 
-    @triton.jit
-    def rans_decode_kernel(
-        words, word_start, word_end, init, n_syms, lanes_of, tokens_of, cls_buf, cls_off,
-        esc_buf, esc_off, esc_count, slot2sym, freq, cum, esc_e, out, out_off, status,
-        PROB_BITS: tl.constexpr, ALPHABET: tl.constexpr, LANES: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        lane = tl.arange(0, LANES)
-        n = tl.load(n_syms + b)
-        nl = tl.load(lanes_of + b)
-        tokens = tl.load(tokens_of + b)
-        c_off = tl.load(cls_off + b)
-        o_off = tl.load(out_off + b)
-        e_off = tl.load(esc_off + b)
-        e_cnt = tl.load(esc_count + b)
-        end = tl.load(word_end + b)
-        ptr = tl.load(word_start + b)
-        x = tl.load(init + b * LANES + lane)
-        overrun = tl.zeros((), dtype=tl.int64)
-        ei = tl.zeros((), dtype=tl.int64)
-        steps = (n + nl - 1) // tl.maximum(nl, 1)
-        for k in range(steps):
-            i = k * nl + lane
-            active = (lane < nl) & (i < n)
-            cls = tl.load(cls_buf + c_off + i // tokens, mask=active, other=1).to(tl.int64)
-            slot = x & ((1 << PROB_BITS) - 1)
-            s = tl.load(slot2sym + cls * (1 << PROB_BITS) + slot, mask=active, other=0).to(tl.int64)
-            fi = cls * ALPHABET + s
-            f = tl.load(freq + fi, mask=active, other=1).to(tl.int64)
-            c = tl.load(cum + fi, mask=active, other=0).to(tl.int64)
-            nx = f * (x >> PROB_BITS) + slot - c
-            need = active & (nx < 65536)
-            need_i = need.to(tl.int64)
-            pos = ptr + tl.cumsum(need_i, axis=0) - need_i
-            ok = need & (pos < end)
-            w = tl.load(words + pos, mask=ok, other=0).to(tl.int64)
-            overrun = overrun | tl.max((need & (pos >= end)).to(tl.int64), axis=0)
-            nx = tl.where(need, (nx << 16) | w, nx)
-            x = tl.where(active, nx, x)
-            ptr = ptr + tl.sum(need_i, axis=0)
-            # deltas; escapes take entries of the escape list in symbol order
-            e = tl.load(esc_e + cls, mask=active, other=0).to(tl.int64)
-            d = s - e
-            is_esc = active & (d > e)
-            esc_i = is_esc.to(tl.int64)
-            gi = ei + tl.cumsum(esc_i, axis=0) - esc_i
-            m = tl.load(esc_buf + e_off + gi, mask=is_esc & (gi < e_cnt), other=0).to(tl.int64) + e + 1
-            d = tl.where(is_esc, tl.where(d == e + 2, m, -m), d)
-            ei = ei + tl.sum(esc_i, axis=0)
-            tl.store(out + o_off + i, d.to(tl.int32), mask=active)
-        bad_states = tl.max(((lane < nl) & (x != 65536)).to(tl.int64), axis=0)
-        tl.store(status + b * 4 + 0, ptr)
-        tl.store(status + b * 4 + 1, overrun)
-        tl.store(status + b * 4 + 2, ei)
-        tl.store(status + b * 4 + 3, bad_states)
-
-    return rans_decode_kernel
+    return kernel_module.rans_decode_kernel
 
 
 _POINTER_TYPES = {  # the kernel's pointer arguments, as the launcher passes them

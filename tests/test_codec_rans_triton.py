@@ -134,8 +134,8 @@ def test_kernel_compiles_for_cuda_without_a_gpu(capability, tmp_path):
     """The interpreter does not type-check like the compiler: build the real cubin (A100, H100) too."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    code = ("from kvcodec.codec import rans_triton; asm = rans_triton.compile_for(%d); "
-            "print(len(asm['cubin']), asm['ptx'].count('ld.global'))" % capability)
+    code = (f"from kvcodec.codec import rans_triton; asm = rans_triton.compile_for({capability}); "
+            "print(len(asm['cubin']), asm['ptx'].count('ld.global'))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cubin_bytes, global_loads = (int(x) for x in proc.stdout.split())
