@@ -205,7 +205,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in args.input:
         blob = read_input(path)
         try:
-            info = verify(blob, full=not args.quick)
+            info = verify(blob, full=not args.quick, threads=os.cpu_count() or 1)
             results.append({"path": path, "ok": True, "substreams": info.substreams})
         except KVCodecError as exc:
             results.append({"path": path, "ok": False, "error": str(exc), "kind": type(exc).__name__})
