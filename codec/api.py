@@ -59,6 +59,7 @@ class StreamInfo:
     token_block: int
     first_position: int
     raw_tokens: int
+    profile: str  # SHA-256 of the profile that chose the steps, "" if none
     model: str
     substreams: int
     total_bytes: int
@@ -416,7 +417,8 @@ def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> 
         level=_level_name(h.level), mode="lossless" if h.mode == MODE_LOSSLESS else "quantized",
         coder=container.CODER_NAMES[h.coder], dtype=h.dtype, layers=h.layers,
         kv_heads=h.kv_heads, tokens=h.tokens, head_dim=h.head_dim, token_block=h.token_block,
-        first_position=h.first_position, raw_tokens=h.raw_tokens, model=h.model, substreams=h.n_substreams,
+        first_position=h.first_position, raw_tokens=h.raw_tokens,
+        profile="" if h.profile == container.NO_PROFILE else h.profile.hex(), model=h.model, substreams=h.n_substreams,
         total_bytes=total, header_bytes=layout.header_bytes, index_bytes=layout.index_bytes,
         side_info_bytes=_side_bytes(layout), bits_per_element=8 * total / elements,
         ratio_vs_fp16=16 * elements / (8 * total),
