@@ -395,7 +395,8 @@ def decode_layer(
     return KVPair(kv.keys[0], kv.values[0])
 
 
-def _side_bytes(layout: Layout) -> int:
+def _side_bytes(data, layout: Layout) -> int:
+    """Header, index and every substream's side information (not its raw tokens or words)."""
     h = layout.header
     side = 0
     for sid in range(h.n_substreams):
@@ -404,6 +405,11 @@ def _side_bytes(layout: Layout) -> int:
             side += 4 * container.DTYPE_BYTES[h.dtype]
         elif h.block_tokens(block) > h.block_raw_tokens(block):
             side += substream.quantized_side_bytes(h.kv_heads, h.head_dim, h.coder)
+            if h.coder == container.CODER_RANS:  # two-byte centres when one did not fit in int8
+                at = layout.offsets[sid] + h.kv_heads * h.block_raw_tokens(block) * h.head_dim * (
+                    container.DTYPE_BYTES[h.dtype]) + 4 * h.kv_heads
+                if at < min(len(data), layout.offsets[sid] + layout.lengths[sid]) and data[at] == 2:
+                    side += h.kv_heads * h.head_dim
     return layout.header_bytes + layout.index_bytes + side
 
 
@@ -420,7 +426,7 @@ def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> 
         first_position=h.first_position, raw_tokens=h.raw_tokens,
         profile="" if h.profile == container.NO_PROFILE else h.profile.hex(), model=h.model, substreams=h.n_substreams,
         total_bytes=total, header_bytes=layout.header_bytes, index_bytes=layout.index_bytes,
-        side_info_bytes=_side_bytes(layout), bits_per_element=8 * total / elements,
+        side_info_bytes=_side_bytes(data, layout), bits_per_element=8 * total / elements,
         ratio_vs_fp16=16 * elements / (8 * total),
     )
 

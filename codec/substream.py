@@ -6,8 +6,9 @@ Two payload layouts, chosen by the header's mode (FORMAT.md, "Substreams"):
   (``[H, n_raw, head_dim]``, attention sinks, see the header's raw_tokens),
   then, if tokens remain, with ``C = H * head_dim``:
 
-  - coder 3 (default): ``steps f32[H] | centers i16[C] | classes u8[C] |
-    n_escapes u32 | escapes u16[n_escapes] | rANS words u16[...]``;
+  - coder 3 (default): ``steps f32[H] | width u8 | centers i8[C] or i16[C] |
+    classes u8[C] | n_escapes u32 | escapes u16[n_escapes] | rANS words u16[...]``
+    (``width`` is 1 when every centre fits in int8, else 2);
   - coder 2 (old streams): ``steps f32[H] | centers i16[C] | kmax u16[C] |
     classes u8[C] | ANS words u32[...]``.
 * lossless (coder 1): the raw little-endian bits of the block in channel-major
@@ -43,7 +44,7 @@ def quantized_side_bytes(heads: int, dim: int, coder: int = CODER_RANS) -> int:
     channels = heads * dim
     if coder == CODER_ANS:
         return 4 * heads + 5 * channels
-    return 4 * heads + 3 * channels + 4
+    return 4 * heads + 1 + 2 * channels + 4  # with one-byte centres (the smallest layout)
 
 
 def quantized_min_bytes(heads: int, dim: int, width: int, n_raw: int, n_quant: int, coder: int = CODER_RANS) -> int:
@@ -102,9 +103,11 @@ def encode_quantized(x: torch.Tensor, step_rule: StepRule, n_raw: int = 0, coder
     centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
     classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
     words, escapes = rans.encode_deltas(deltas, classes)
+    width = 1 if centers.size == 0 or (centers.min() >= -128 and centers.max() <= 127) else 2
     return b"".join((
-        raw, steps.astype("<f4").tobytes(), centers.astype("<i2").tobytes(), classes.tobytes(),
-        _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes(),
+        raw, steps.astype("<f4").tobytes(), bytes((width,)), centers.astype(f"<i{width}").tobytes(),
+        classes.tobytes(), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
+        words.astype("<u2").tobytes(),
     ))
 
 
@@ -120,8 +123,14 @@ def parse_rans(payload: memoryview, heads: int, dim: int) -> RansPayload:
         raise CorruptStream(f"side information: {len(payload)} bytes, needs {fixed}")
     steps = _read_steps(payload, heads)
     pos = 4 * heads
-    centers = np.frombuffer(payload, dtype="<i2", count=channels, offset=pos).astype(np.int32)
-    pos += 2 * channels
+    width = payload[pos]
+    if width not in (1, 2):
+        raise CorruptStream(f"centre width: {width} (must be 1 or 2)")
+    pos += 1
+    if len(payload) < fixed + (width - 1) * channels:
+        raise CorruptStream(f"side information: {len(payload)} bytes, needs {fixed + (width - 1) * channels}")
+    centers = np.frombuffer(payload, dtype=f"<i{width}", count=channels, offset=pos).astype(np.int32)
+    pos += width * channels
     classes = np.frombuffer(payload, dtype=np.uint8, count=channels, offset=pos).copy()
     rans.check_classes(classes)
     pos += channels

@@ -90,7 +90,7 @@ def _forge_substream(blob: bytes, sid: int, fn) -> bytes:
 def test_stream_level_forgeries_raise_codec_errors(backend):
     k = torch.randn(2, 2, 40, 8).half()
     blob = encode(k, k * 0.3, token_block=20, sink_tokens=0)
-    side = 4 * 2 + 3 * 16
+    side = 4 * 2 + 1 + 2 * 16  # steps, centre width, one-byte centres, classes
     forgeries = [
         lambda p: p[:-2],  # one word short
         lambda p: p + b"\x00\x00",  # one word too many
