@@ -26,15 +26,18 @@ import torch
 from kvcodec.codec import rans
 from kvcodec.codec.errors import CorruptStream
 
-_TABLES: dict[str, tuple[torch.Tensor, ...]] = {}
+_TABLES: dict[tuple[str, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
 
-def _tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Flat int64 tables on ``device``: slot2sym, freq, cum (row stride per class), esc."""
-    key = str(device)
+def device_tables(device: torch.device, dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, ...]:
+    """Flat coder-3 tables on ``device`` (cached): slot2sym, freq, cum (row stride per class), esc.
+
+    Shared by the torch decoder (int64) and the Triton kernel (int32).
+    """
+    key = (str(device), dtype)
     if key not in _TABLES:
         _TABLES[key] = tuple(
-            torch.from_numpy(a.astype(np.int64).reshape(-1)).to(device)
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64).reshape(-1)).to(device=device, dtype=dtype)
             for a in (rans.SLOT2SYM, rans.FREQ, rans.CUM, rans.ESC)
         )
     return _TABLES[key]
@@ -117,7 +120,7 @@ def _word_buffer(subs: list[Substream], counts: list[int], device):
 
 def _run_lanes(subs, counts, lanes, steps: int, device) -> torch.Tensor:
     """The lock-step rANS loop; returns symbols ``[B, steps, LANES]``."""
-    slot2sym, freq, cum, _ = _tables(device)
+    slot2sym, freq, cum, _ = device_tables(device)
     buf, ptr, end, x = _word_buffer(subs, counts, device)
     cls = _symbol_classes(subs, steps, device)
     base_m = cls * rans.PROB_SCALE
@@ -151,7 +154,7 @@ def _run_lanes(subs, counts, lanes, steps: int, device) -> torch.Tensor:
 
 def _to_deltas(subs, counts, syms, device) -> list[torch.Tensor]:
     """Symbols -> deltas (escapes resolved in symbol order) scattered into ``[channels, tokens]``."""
-    _, _, _, esc = _tables(device)
+    _, _, _, esc = device_tables(device)
     result = []
     for b, (s, n) in enumerate(zip(subs, counts)):
         out = torch.zeros((len(s.classes), s.tokens), dtype=torch.int32, device=device)

@@ -36,7 +36,7 @@ import torch
 
 from kvcodec.codec import rans
 from kvcodec.codec.errors import CorruptStream, InvalidInput
-from kvcodec.codec.rans_torch import Substream, _lanes
+from kvcodec.codec.rans_torch import Substream, _lanes, device_tables
 
 def available() -> bool:
     """Whether triton can be imported (the ``gpu`` extra is installed)."""
@@ -99,20 +99,6 @@ def compile_for(capability: int = 90) -> dict[str, object]:
     return compiled.asm
 
 
-_TABLES: dict[str, tuple[torch.Tensor, ...]] = {}
-
-
-def _tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Flat int32 tables on ``device``: slot2sym, freq, cum (row stride per class), esc."""
-    key = str(device)
-    if key not in _TABLES:
-        _TABLES[key] = tuple(
-            torch.from_numpy(a.astype(np.int32).reshape(-1)).to(device)
-            for a in (rans.SLOT2SYM, rans.FREQ, rans.CUM, rans.ESC)
-        )
-    return _TABLES[key]
-
-
 def check_usable(device) -> None:
     """Raise :class:`InvalidInput` unless the kernel can run on ``device``.
 
@@ -165,7 +151,7 @@ def _launch(p: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tenso
     t["words"] = t["words"].to(torch.int32)
     t["cls"] = t["cls"].to(torch.int32)
     t["esc"] = t["esc"].to(torch.int32)
-    slot2sym, freq, cum, esc_e = _tables(device)
+    slot2sym, freq, cum, esc_e = device_tables(device, torch.int32)
     batch = len(p["n"])
     out = torch.zeros(int(p["total"]) + 1, dtype=torch.int32, device=device)
     status = torch.zeros((batch, 4), dtype=torch.int64, device=device)
