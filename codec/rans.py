@@ -24,6 +24,9 @@ words with torch (CPU or CUDA) to identical symbols.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
+
 import numpy as np
 from numba import njit
 
@@ -38,6 +41,11 @@ STATE_LOW = 1 << 16  # states live in [STATE_LOW, 2**32)
 E_MAX = 1023  # largest escape threshold of any class
 ESCAPE_SLOTS = 2  # a class's alphabet stops where the tail per side weighs <= 2 slots
 MAX_ESCAPE_MAGNITUDE = 0xFFFF
+
+# set by kvcodec.codec.rans_encode.entropy_encoder: encode_deltas codes on a device instead (this thread)
+DEVICE_ENCODER: ContextVar[Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None] = ContextVar(
+    "kvcodec_rans_device_encoder", default=None
+)
 
 # numba status codes -> messages
 _ERRORS = {
@@ -314,6 +322,9 @@ def encode_deltas(deltas: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, 
     Raises:
         ValueError: an escaped magnitude does not fit 16 bits.
     """
+    device_encoder = DEVICE_ENCODER.get()
+    if device_encoder is not None:  # the same bytes, coded by rans_encode on a device
+        return device_encoder(deltas, classes)
     words, escapes, status = _encode(
         np.ascontiguousarray(deltas, dtype=np.int32), np.ascontiguousarray(classes, dtype=np.uint8), ESC, FREQ, CUM, _INV
     )

@@ -78,3 +78,35 @@ def rans_decode_kernel(
     tl.store(status + b * 4 + 1, overrun)
     tl.store(status + b * 4 + 2, ei)
     tl.store(status + b * 4 + 3, bad_states)
+
+
+@triton.jit
+def rans_encode_kernel(
+    fidx_buf, sym_off, n_syms, lanes_of, freq, cum, word_out, state_out,
+    PROB_BITS: tl.constexpr, LANES: tl.constexpr,
+):
+    """Program ``b`` encodes substream ``b`` (see :mod:`kvcodec.codec.rans_encode`).
+
+    Walks the steps backwards; ``word_out[i]`` gets the u16 that coding symbol
+    ``i`` emitted, or -1; ``state_out[b, lane]`` the lanes' final states.
+    ``fidx_buf[i]`` is ``class * ALPHABET + symbol`` (its row in ``freq``/``cum``).
+    """
+    b = tl.program_id(0)
+    lane = tl.arange(0, LANES)
+    n = tl.load(n_syms + b)
+    nl = tl.load(lanes_of + b)
+    off = tl.load(sym_off + b)
+    x = tl.full((LANES,), 65536, dtype=tl.int64)
+    steps = (n + nl - 1) // tl.maximum(nl, 1)
+    for j in range(steps):
+        i = (steps - 1 - j) * nl + lane  # symbol i is on lane i % nl; symbols are coded last to first
+        active = (lane < nl) & (i < n)
+        fi = tl.load(fidx_buf + off + i, mask=active, other=0)
+        f = tl.load(freq + fi, mask=active, other=1).to(tl.int64)
+        c = tl.load(cum + fi, mask=active, other=0).to(tl.int64)
+        emit = active & (x >= (f << 18))  # x_max = ((2**16 >> PROB_BITS) << 16) * f
+        tl.store(word_out + off + i, tl.where(emit, x & 0xFFFF, -1).to(tl.int32), mask=active)
+        x = tl.where(emit, x >> 16, x)
+        q = (x.to(tl.uint32) // f.to(tl.uint32)).to(tl.int64)  # x < 2**32 here: a 32-bit division
+        x = tl.where(active, (q << PROB_BITS) + (x - q * f) + c, x)
+    tl.store(state_out + b * LANES + lane, x)
