@@ -28,6 +28,7 @@ from kvcodec.codec.kvfile import check_kv
 from kvcodec.codec.levels import DEFAULT_LEVEL, MODE_LOSSLESS, Level, get_level, level_by_id
 from kvcodec.codec.profile import Profile, builtin_profile, load_profile
 from kvcodec.codec.quantize import finalize_steps, head_rms, head_steps
+from kvcodec.codec.rans_encode import entropy_encoder
 from kvcodec.codec.substream import StepRule
 
 Progress = Callable[[int, int], None]
@@ -141,6 +142,7 @@ def encode(
     profile: Profile | str | None = "auto",
     progress: Progress | None = None,
     threads: int = 1,
+    backend: str = "numba",
 ) -> bytes:
     """Encode a KV cache into a ``.kvc`` stream.
 
@@ -160,6 +162,9 @@ def encode(
             for ``model`` if there is one; ``None`` sets steps from the data's RMS.
         progress: optional ``callback(done, total)`` called per substream.
         threads: worker threads for substreams (the rANS coder releases the GIL).
+        backend: rANS entropy encoder: ``numba`` (default, host threads), or ``torch`` /
+            ``triton`` on the tensors' device (one substream at a time; the same bytes,
+            see :mod:`kvcodec.codec.rans_encode`).
 
     Returns:
         The stream bytes.
@@ -168,9 +173,10 @@ def encode(
         InvalidInput: bad tensors or options, or NaN/Inf with a lossy level.
     """
     check_kv(keys, values)
-    with _cpu_threads(keys.device):
+    with _cpu_threads(keys.device), entropy_encoder(backend, keys.device):  # device coders: this thread only
         return _encode(
-            keys, values, level, model, first_position, token_block, sink_tokens, profile, progress, threads
+            keys, values, level, model, first_position, token_block, sink_tokens, profile, progress,
+            threads if backend == "numba" else 1,
         )
 
 
@@ -366,12 +372,13 @@ def decode(
 
 
 def _decode_torch(data, layout: Layout, device, dtype, progress: Progress | None, backend: str = "torch") -> KVPair:
-    """Whole-stream decode through the torch rANS back end, layer by layer."""
+    """Whole-stream decode through the torch rANS back end (2 layers a batch) or Triton (all in one launch)."""
     from kvcodec.codec import layers as _layers
 
     h = layout.header
     parts = []
-    for layer, keys, values in _layers.iter_layers(data, layout, device, dtype, backend, 1, 2):
+    batch = h.layers if backend == "triton" else 2  # nobody consumes layers early here: one launch for the stream
+    for layer, keys, values in _layers.iter_layers(data, layout, device, dtype, backend, 1, batch):
         parts.append((keys, values))
         if progress:
             progress(layer + 1, h.layers)

@@ -20,6 +20,8 @@ Two entropy back ends give identical tensors (tests and
   (:mod:`kvcodec.codec.rans_triton`: one program per substream, lanes in
   registers) instead of ~15 torch operations per step. Needs triton (the
   ``gpu`` extra) and a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU.
+  ``api.decode`` (no layer is used early) makes the whole stream one batch:
+  one launch for every substream.
 
 ``auto`` picks ``numba`` (entropy decoding on the host, dequantization on
 ``device``): the torch decoder runs ~15 small kernels per lock-step step and a
