@@ -47,23 +47,13 @@ class _Batch:
     """Part 1 on ``device``: flat symbol rows, per-substream offsets, counts, lanes and escapes."""
 
     def __init__(self, items: Sequence[tuple[object, object]], device: torch.device) -> None:
-        rows, classes = [], []
-        for deltas, cls in items:
-            d = torch.as_tensor(deltas).to(device=device, dtype=torch.int32)
-            c = torch.as_tensor(cls).to(device=device, dtype=torch.int64)
-            if d.dim() != 2 or c.shape != d.shape[:1]:
-                raise ValueError(f"deltas {tuple(d.shape)} and classes {tuple(c.shape)} do not match")
-            rows.append(d[c != 0].reshape(-1))
-            classes.append(c[c != 0].repeat_interleave(d.shape[1]))
         self.device = device
-        self.counts = [len(r) for r in rows]
+        d, cls, self.counts = _flatten(items, device)
         self.lanes = [_lanes(n) if n else 0 for n in self.counts]
         starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.sym_off = torch.from_numpy(starts).to(device)
-        cls = torch.cat(classes + [torch.zeros(0, dtype=torch.int64, device=device)])
         if len(cls) and int(cls.max()) > NUM_CLASSES:
             raise ValueError(f"scale class {int(cls.max())} > {NUM_CLASSES}")
-        d = torch.cat(rows + [torch.zeros(0, dtype=torch.int32, device=device)]).long()
         e = device_tables(device)[3][cls]
         up, down = d > e, d < -e
         sym = torch.where(up, 2 * e + 2, torch.where(down, 2 * e + 1, d + e))
@@ -77,6 +67,27 @@ class _Batch:
 
     def t(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+
+def _flatten(items, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Coded deltas and their classes in symbol order, all substreams concatenated; symbols per substream."""
+    ds = [torch.as_tensor(d) for d, _ in items]
+    cs = [torch.as_tensor(c) for _, c in items]
+    for d, c in zip(ds, cs):
+        if d.dim() != 2 or c.shape != d.shape[:1]:
+            raise ValueError(f"deltas {tuple(d.shape)} and classes {tuple(c.shape)} do not match")
+    if ds and len({tuple(d.shape) for d in ds}) == 1 and len({t.device for t in ds + cs}) == 1:
+        deltas = torch.stack(ds).to(device=device, dtype=torch.int64)  # one shape: a handful of operations
+        classes = torch.stack(cs).to(device=device, dtype=torch.int64)
+        coded = classes != 0
+        tokens = deltas.shape[2]
+        return deltas[coded].reshape(-1), classes[coded].repeat_interleave(tokens), (coded.sum(1) * tokens).tolist()
+    rows, classes = [torch.zeros(0, dtype=torch.int64, device=device)], [torch.zeros(0, dtype=torch.int64, device=device)]
+    for d, c in zip(ds, cs):
+        d, c = d.to(device=device, dtype=torch.int64), c.to(device=device, dtype=torch.int64)
+        rows.append(d[c != 0].reshape(-1))
+        classes.append(c[c != 0].repeat_interleave(d.shape[1]))
+    return torch.cat(rows), torch.cat(classes), [len(r) for r in rows[1:]]
 
 
 def _segment_sums(flags: torch.Tensor, starts: torch.Tensor) -> list[int]:
