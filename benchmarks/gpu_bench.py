@@ -5,9 +5,19 @@
     python benchmarks/gpu_bench.py --device cuda             # throughput on the GPU vs copies
     python benchmarks/gpu_bench.py --device cpu --kv smol.safetensors   # CPU table (issue 4 target)
 
-With triton installed (extra ``gpu``) the fused Triton decoder is timed on CUDA
-and checked by ``--check`` (on the CPU in Triton's interpreter, on a small slice
-of each case: the interpreter runs the kernel step by step in Python).
+With triton installed (extra ``gpu``) the fused Triton decoder and encoder are
+timed on CUDA and checked by ``--check`` (on the CPU in Triton's interpreter, on
+a small slice of each case: the interpreter runs the kernel step by step in
+Python). ``--check`` also holds the device entropy encoders
+(:mod:`kvcodec.codec.rans_encode`, torch and Triton) to the numba encoder's
+bytes, substream by substream and as whole streams.
+
+Encode rows: ``encode`` is the whole encoder (quantization as it is today,
+then entropy coding with the named back end, one substream at a time);
+``entropy encode`` is the entropy stage alone on a chunk's substreams (the
+deltas and classes the quantizer produced): numba on one thread, or every
+substream in one batch on the device (``triton``: one launch; the deltas start
+on the device, as a GPU quantizer would leave them, and the words end on the host).
 
 Throughput is GB/s (or MB/s) of fp16 KV: bytes of the uncompressed keys and
 values over the wall time. Chunks are 8B-shaped (32 layers x 8 kv heads x 128
@@ -34,8 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table  # noqa: E402
 
-from kvcodec.codec import decode, encode, rans_triton  # noqa: E402
+from kvcodec.codec import decode, encode, rans, rans_triton  # noqa: E402
 from kvcodec.codec.layers import decode_layers  # noqa: E402
+from kvcodec.codec.rans_encode import encode_deltas_batch  # noqa: E402
 
 SHAPE = (32, 8, 128)  # layers, kv heads, head dim
 
@@ -101,6 +112,46 @@ def timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def entropy_items(k: torch.Tensor, v: torch.Tensor, level: str, block: int = 256):
+    """The (deltas, classes) of every substream the encoder entropy-codes, with numba's (words, escapes)."""
+    items, coded = [], []
+
+    def record(deltas, classes):
+        token = rans.DEVICE_ENCODER.set(None)  # the numba encoder itself, for the reference
+        try:
+            coded.append(rans.encode_deltas(deltas, classes))
+        finally:
+            rans.DEVICE_ENCODER.reset(token)
+        items.append((deltas.copy(), classes.copy()))
+        return coded[-1]
+
+    token = rans.DEVICE_ENCODER.set(record)
+    try:
+        encode(k, v, level=level, token_block=block)  # one thread: the context variable is this thread's
+    finally:
+        rans.DEVICE_ENCODER.reset(token)
+    return items, coded
+
+
+def _check_encoders(name: str, k, v, level: str, block: int, device: str, backends, failures: list[str]) -> None:
+    """Device entropy encoders: the numba words and escapes per substream (one batch), and the same stream."""
+    items, ref = entropy_items(k, v, level, block)
+    blob = encode(k, v, level=level, token_block=block)
+    for backend in backends:
+        got = encode_deltas_batch(items, device, backend)
+        bad = [i for i, (a, b) in enumerate(zip(ref, got)) if not (_same(a[0], b[0]) and _same(a[1], b[1]))]
+        if bad or len(got) != len(ref):
+            failures.append(f"{name}: {backend} entropy encoder on {device} differs in substreams {bad[:5]}")
+        kd, vd = k.to(device), v.to(device)
+        if (backend == "triton" or device != "cpu") and encode(kd, vd, level=level, token_block=block,
+                                                               backend=backend) != blob:
+            failures.append(f"{name}: encode(backend={backend}) on {device} gives other bytes than numba")
+
+
+def _same(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())
+
+
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu().view(torch.int16), b.cpu().view(torch.int16))
 
@@ -127,8 +178,9 @@ def check(device: str, kv_path: str | None) -> int:
             for layer, keys, values in decode_layers(blob, device=device, backend=backend, threads=2):
                 if not (_equal(keys, ref.keys[layer]) and _equal(values, ref.values[layer])):
                     failures.append(f"{name}: decode_layers({backend}, {device}) layer {layer} differs")
+        _check_encoders(name, k, v, level, block, device, ["torch"], failures)
         tried = _check_triton(name, k, v, level, block, device, failures)
-        print(f"checked {name}: {len(blob)} bytes, numba/torch{tried} on {device}")
+        print(f"checked {name}: {len(blob)} bytes, decoders and encoders numba/torch{tried} on {device}")
     for f in failures:
         print("MISMATCH:", f)
     print("bit-exact" if not failures else f"{len(failures)} mismatches")
@@ -159,6 +211,7 @@ def _check_triton(name: str, k, v, level: str, block: int, device: str, failures
     for layer, keys, values in decode_layers(blob, device=device, backend="triton", batch_layers=1):
         if not (_equal(keys, ref.keys[layer]) and _equal(values, ref.values[layer])):
             failures.append(f"{name}: decode_layers(triton, {device}) layer {layer} differs")
+    _check_encoders(name, k, v, level, block, device, ["triton"], failures)
     return "/triton" + (f" (interpreter, {tuple(k.shape)})" if device == "cpu" else "")
 
 
@@ -193,6 +246,21 @@ def parallel_control(work: int = 5_000_000) -> float:
     return walls[0] / walls[1]
 
 
+def _entropy_encode_rows(k, v, tokens, device, nbytes, bits, repeats, with_torch: bool) -> list[list[object]]:
+    """The entropy stage alone on the chunk's substreams: numba (1 thread) vs the device encoders (one batch)."""
+    items, _ = entropy_items(k, v, "balanced")
+    s = timed(lambda: [rans.encode_deltas(d, c) for d, c in items], "cpu", repeats)
+    rows = [_row("entropy encode", tokens, "numba", 1, nbytes, s, bits)]
+    on_device = [(torch.from_numpy(d).to(device), torch.from_numpy(c).to(device)) for d, c in items]
+    if device.startswith("cuda") and _triton_usable(device):  # one launch for every substream
+        s = timed(lambda: encode_deltas_batch(on_device, device, "triton"), device, repeats)
+        rows.append(_row("entropy encode", tokens, "triton", "-", nbytes, s, bits))
+    if with_torch:
+        s = timed(lambda: encode_deltas_batch(on_device, device, "torch"), device, 1)
+        rows.append(_row("entropy encode", tokens, "torch", "-", nbytes, s, bits))
+    return rows
+
+
 def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int, torch_tokens: int) -> str:
     """Encode/decode throughput table (plus copy baselines on CUDA)."""
     before = parallel_control()
@@ -211,12 +279,15 @@ def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int
         if tokens <= torch_tokens:
             s = timed(lambda: decode(blob, device=device, backend="torch"), device, 1)
             rows.append(_row("decode", tokens, "torch", "-", nbytes, s, bits))
-        if device.startswith("cuda") and _triton_usable(device):  # one kernel launch per 2-layer batch
-            s = timed(lambda: decode(blob, device=device, backend="triton"), device, repeats)
+        rows += _entropy_encode_rows(k, v, tokens, device, nbytes, bits, repeats, tokens <= torch_tokens)
+        if device.startswith("cuda") and _triton_usable(device):
+            s = timed(lambda: encode(kd, vd, level="balanced", backend="triton"), device, repeats)
+            rows.append(_row("encode", tokens, "triton", "-", nbytes, s, bits))
+            s = timed(lambda: decode(blob, device=device, backend="triton"), device, repeats)  # one launch
             rows.append(_row("decode", tokens, "triton", "-", nbytes, s, bits))
+        s = timed(lambda: kd.clone(), device, repeats) * 2  # the device's copy bandwidth (the limit)
+        rows.append(_row("copy device->device", tokens, "-", "-", nbytes, s, 16.0))
         if device.startswith("cuda"):
-            s = timed(lambda: kd.clone(), device, repeats) * 2
-            rows.append(_row("copy device->device", tokens, "-", "-", nbytes, s, 16.0))
             pinned = k.pin_memory()
             s = timed(lambda: pinned.to(device, non_blocking=True), device, repeats) * 2
             rows.append(_row("copy host->device", tokens, "-", "-", nbytes, s, 16.0))
