@@ -3,9 +3,11 @@
 The pipeline, one module per stage::
 
     quantize.py   per-head uniform steps, per-channel centres (torch, any device)
+    transform.py  profile transforms: keys before RoPE, integer KLT bases (exact on any device)
     entropy.py    discrete-Laplace models + constriction ANS (coder 2, old streams)
     rans.py       coder 3: interleaved rANS, static per-class tables (numba, nogil)
     rans_torch.py coder 3 decoded with torch, lanes as a tensor dimension (CPU/CUDA)
+    rans_encode.py coder 3 encoded on a device (one Triton launch or a torch loop), numba's bytes
     substream.py  one layer x tensor x token block: quantized or lossless payload
     container.py  header, substream index, CRC-32s, decoder limits (FORMAT.md)
     api.py        encode / decode / decode_layer / inspect / verify
