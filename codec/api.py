@@ -23,10 +23,10 @@ import torch
 
 from kvcodec.codec import container, substream
 from kvcodec.codec.container import DecodeLimits, Header, Layout
-from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded
+from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, MissingProfile
 from kvcodec.codec.kvfile import check_kv
 from kvcodec.codec.levels import DEFAULT_LEVEL, MODE_LOSSLESS, Level, get_level, level_by_id
-from kvcodec.codec.profile import Profile, builtin_profile, load_profile
+from kvcodec.codec.profile import Profile, builtin_profile, builtin_profile_by_digest, load_profile
 from kvcodec.codec.quantize import finalize_steps, head_rms, head_steps
 from kvcodec.codec.rans_encode import entropy_encoder
 from kvcodec.codec.substream import StepRule
@@ -69,6 +69,7 @@ class StreamInfo:
     side_info_bytes: int
     bits_per_element: float
     ratio_vs_fp16: float
+    transform: bool = False  # quantized in the profile's transform domain (decoding needs that profile)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,9 +126,9 @@ def _step_rule(level: Level, profile: Profile | None, layer: int, is_value: bool
     """How a substream's per-head steps are chosen: from the profile, else from its RMS."""
     if profile is not None and level.name in profile.levels:
         target = profile.steps(level.name, layer, is_value)
-        return lambda x: finalize_steps(target, head_rms(x)[1])
+        return lambda x, factor=1.0: finalize_steps(target, head_rms(x)[1] * factor)
     fraction = level.step_fraction(layer, is_value)
-    return lambda x: head_steps(x, fraction)
+    return lambda x, factor=1.0: head_steps(x, fraction)
 
 
 def encode(
@@ -191,6 +192,10 @@ def _encode(keys, values, level, model, first_position, token_block, sink_tokens
         _check_finite(keys, values, threads)
     layers, heads, tokens, dim = keys.shape
     prof = None if lossless else _resolve_profile(profile, model, layers, heads, dim)
+    use_transform = prof is not None and prof.has_transform and lv.name in prof.levels
+    if use_transform and not 0 <= first_position <= container.MAX_ROPE_POSITION - tokens:
+        raise InvalidInput(f"first_position: {first_position} is outside 0..{container.MAX_ROPE_POSITION - tokens}"
+                           " (the profile's transform codes keys before RoPE)")
     header = Header(
         mode=lv.mode, level=lv.id, dtype=_DTYPE_NAMES[keys.dtype],
         coder=container.CODER_ZSTD_PLANES if lossless else container.CODER_RANS,
@@ -198,6 +203,7 @@ def _encode(keys, values, level, model, first_position, token_block, sink_tokens
         token_block=token_block, first_position=first_position, model=model,
         raw_tokens=0 if lossless else max(0, min(tokens, sink_tokens - first_position)),
         profile=prof.digest if prof else container.NO_PROFILE,
+        flags=container.FLAG_TRANSFORM if use_transform else 0,
     )
     jobs = [
         (layer, is_value, b, block)
@@ -211,7 +217,10 @@ def _encode(keys, values, level, model, first_position, token_block, sink_tokens
         if lossless:
             return substream.encode_lossless(block)
         rule = _step_rule(lv, prof, layer, is_value)
-        return substream.encode_quantized(block, rule, header.block_raw_tokens(b), header.coder)
+        tr = prof.transform(layer, is_value) if use_transform else None
+        return substream.encode_quantized(
+            block, rule, header.block_raw_tokens(b), header.coder, tr, header.block_quantized_position(b)
+        )
 
     payloads: list[bytes] = []
     with ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
@@ -258,7 +267,8 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor
             out = substream.decode_lossless(view, h.kv_heads, tokens, h.head_dim, stored, device)
             return out.to(dtype)
         return substream.decode_quantized(
-            view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder, out
+            view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder, out,
+            block_transform(layout, sid), h.block_quantized_position(block),
         )
     except container.ChecksumMismatch:
         raise
@@ -266,6 +276,45 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor
         if isinstance(exc, substream.CorruptStream):
             raise substream.CorruptStream(f"{h.describe(sid)}: {exc}") from None
         raise
+
+
+def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) -> Layout:
+    """Give a transform-flagged stream the profile that decodes it (others need none).
+
+    ``profile`` is a :class:`Profile`, a path, or None to look the header's digest
+    up among the shipped profiles.
+
+    Raises:
+        MissingProfile: no profile with the stream's digest was given or shipped.
+    """
+    h = layout.header
+    if not h.transformed:
+        return layout
+    if isinstance(profile, (str, os.PathLike)):
+        profile = load_profile(profile)
+    if profile is None:
+        profile = builtin_profile_by_digest(h.profile)
+    if profile is None or profile.digest != h.profile:
+        given = "" if profile is None else f"; the given profile is {profile.digest.hex()[:16]}…"
+        raise MissingProfile(
+            f"profile: the stream was coded with the transform of profile {h.profile.hex()[:16]}…, "
+            f"which is not shipped{given} (pass the profile file with --profile / profile=)"
+        )
+    if not (profile.has_transform and profile.matches(h.layers, h.kv_heads, h.head_dim)):
+        raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no transform for this stream's layout")
+    layout.profile = profile
+    return layout
+
+
+def block_transform(layout: Layout, sid: int):
+    """The transform of substream ``sid`` (None for streams without the transform flag)."""
+    h = layout.header
+    if not h.transformed:
+        return None
+    if layout.profile is None:
+        attach_profile(layout, None)
+    layer, kind = divmod(sid // h.blocks_per_tensor, 2)
+    return layout.profile.transform(layer, bool(kind))
 
 
 def _min_length(h: Header, block: int) -> int:
@@ -344,6 +393,7 @@ def decode(
     progress: Progress | None = None,
     threads: int = 1,
     backend: str = "auto",
+    profile: Profile | str | os.PathLike | None = None,
 ) -> KVPair:
     """Decode a whole stream into ``KVPair(keys, values)``.
 
@@ -357,13 +407,15 @@ def decode(
         threads: worker threads for substreams (zstd and the rANS decoder release the GIL).
         backend: rANS entropy decoder: ``auto`` (= ``numba``, host threads), ``numba``
             ``torch`` or ``triton`` (on ``device``, see :mod:`kvcodec.codec.layers`); all give identical tensors.
+        profile: for streams coded with a profile's transform that is not shipped with
+            kvcodec: that profile (or its path). Shipped profiles are found by digest.
 
     Raises:
-        KVCodecError: any malformed, truncated or corrupted input.
+        KVCodecError: any malformed, truncated or corrupted input; MissingProfile.
     """
     from kvcodec.codec import layers as _layers  # layers imports this module
 
-    layout = container.parse(data, limits, allow_trailing=allow_trailing)
+    layout = attach_profile(container.parse(data, limits, allow_trailing=allow_trailing), profile)
     resolved = _layers.resolve_backend(backend, device, layout.header.coder)
     if resolved in ("torch", "triton"):
         return _decode_torch(data, layout, device, dtype, progress, resolved)
@@ -392,9 +444,10 @@ def decode_layer(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     limits: DecodeLimits | None = None,
+    profile: Profile | str | os.PathLike | None = None,
 ) -> KVPair:
-    """Decode one layer: ``KVPair`` of ``[kv_heads, tokens, head_dim]`` tensors."""
-    layout = container.parse(data, limits)
+    """Decode one layer: ``KVPair`` of ``[kv_heads, tokens, head_dim]`` tensors (``profile``: see decode)."""
+    layout = attach_profile(container.parse(data, limits), profile)
     if not 0 <= layer < layout.header.layers:
         raise InvalidInput(f"layer: {layer} is outside 0..{layout.header.layers - 1}")
     with _cpu_threads(device):
@@ -434,12 +487,17 @@ def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> 
         profile="" if h.profile == container.NO_PROFILE else h.profile.hex(), model=h.model, substreams=h.n_substreams,
         total_bytes=total, header_bytes=layout.header_bytes, index_bytes=layout.index_bytes,
         side_info_bytes=_side_bytes(data, layout), bits_per_element=8 * total / elements,
-        ratio_vs_fp16=16 * elements / (8 * total),
+        ratio_vs_fp16=16 * elements / (8 * total), transform=h.transformed,
     )
 
 
 def verify(
-    data: bytes | memoryview, *, limits: DecodeLimits | None = None, full: bool = True, threads: int = 1
+    data: bytes | memoryview,
+    *,
+    limits: DecodeLimits | None = None,
+    full: bool = True,
+    threads: int = 1,
+    profile: Profile | str | os.PathLike | None = None,
 ) -> StreamInfo:
     """Check every checksum (and, with ``full``, that every substream decodes).
 
@@ -448,6 +506,7 @@ def verify(
         limits: decoder limits.
         full: decode every substream too (catches payloads whose CRC was forged).
         threads: substreams decoded in parallel (the rANS decoder releases the GIL).
+        profile: see :func:`decode` (needed with ``full`` for a transform-coded stream).
 
     Returns:
         The stream's :class:`StreamInfo`.
@@ -457,6 +516,8 @@ def verify(
     """
     info = inspect(data, limits=limits)
     layout = container.parse(data, limits)
+    if full:
+        attach_profile(layout, profile)
     sids = range(layout.header.n_substreams)
     if not full:
         for sid in sids:

@@ -39,6 +39,9 @@ CODER_RANS = 3
 CODER_NAMES = {CODER_ZSTD_PLANES: "zstd-byte-planes", CODER_ANS: "ans-geometric", CODER_RANS: "rans-interleaved"}
 MAX_MODEL_NAME = 256
 NO_PROFILE = bytes(32)
+FLAG_TRANSFORM = 0x0001  # quantized in the profile's transform domain (FORMAT.md, "Transform")
+KNOWN_FLAGS = FLAG_TRANSFORM
+MAX_ROPE_POSITION = 1 << 28  # RoPE angles stay exact float64 products below this
 
 # magic, version, flags, mode, level, dtype, coder, layers, kv_heads, tokens,
 # head_dim, token_block, raw_tokens, reserved, first_position, profile digest, model_len
@@ -117,6 +120,14 @@ class Header:
         start = block * self.token_block
         return min(self.token_block, self.tokens - start)
 
+    @property
+    def transformed(self) -> bool:
+        return bool(self.flags & FLAG_TRANSFORM)
+
+    def block_quantized_position(self, block: int) -> int:
+        """Absolute position of the first quantized (not raw) token of ``block``."""
+        return self.first_position + block * self.token_block + self.block_raw_tokens(block)
+
     def block_raw_tokens(self, block: int) -> int:
         """How many leading tokens of ``block`` are stored raw (attention sinks)."""
         start = block * self.token_block
@@ -133,6 +144,7 @@ class Layout:
     offsets: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     crcs: list[int] = field(default_factory=list)
+    profile: object = None  # the Profile whose transform decodes a transform-flagged stream (set by the api)
 
 
 def pack(header: Header, payloads: list[bytes]) -> bytes:
@@ -193,8 +205,13 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
     actual = crc32(data[:end])
     if stored != actual:
         raise ChecksumMismatch(f"header: crc32 0x{actual:08x} != stored 0x{stored:08x}")
-    if flags:
-        raise UnsupportedFormat(f"flags: reserved bits set (0x{flags:04x})")
+    if flags & ~KNOWN_FLAGS:
+        raise UnsupportedFormat(f"flags: reserved bits set (0x{flags & ~KNOWN_FLAGS:04x})")
+    if flags & FLAG_TRANSFORM and (coder != CODER_RANS or bytes(profile) == NO_PROFILE):
+        raise UnsupportedFormat("flags: the transform flag needs coder 3 and a profile digest")
+    if flags & FLAG_TRANSFORM and not 0 <= first_position <= MAX_ROPE_POSITION - tokens:
+        raise UnsupportedFormat(f"first_position: {first_position} with {tokens} tokens is outside the "
+                                f"transform's position range 0..{MAX_ROPE_POSITION}")
     if reserved:
         raise UnsupportedFormat(f"reserved header field: {reserved} (must be 0)")
     if dtype_id not in DTYPE_NAMES:

@@ -27,6 +27,7 @@ __all__ = [
     "ChecksumMismatch",
     "LimitExceeded",
     "CorruptStream",
+    "MissingProfile",
 ]
 
 
@@ -60,3 +61,7 @@ class LimitExceeded(KVCodecError):
 
 class CorruptStream(KVCodecError):
     """The checksums pass but the decoded content is inconsistent."""
+
+
+class MissingProfile(KVCodecError):
+    """The stream was coded with a profile's transform and that profile is not at hand."""

@@ -67,6 +67,7 @@ def decode_layers(
     threads: int = 1,
     batch_layers: int = 2,
     allow_trailing: bool = False,
+    profile=None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(layer, keys, values)`` for every layer in order, each ``[kv_heads, tokens, head_dim]``.
 
@@ -79,12 +80,13 @@ def decode_layers(
         threads: numba back end: worker threads.
         batch_layers: torch back end: layers decoded per batch.
         allow_trailing: accept bytes after the last substream.
+        profile: for a transform-coded stream whose profile is not shipped (see ``api.decode``).
 
     Raises:
         KVCodecError: malformed, truncated or corrupted input (raised when the
             layer that holds the problem is reached).
     """
-    layout = container.parse(data, limits, allow_trailing=allow_trailing)
+    layout = api.attach_profile(container.parse(data, limits, allow_trailing=allow_trailing), profile)
     yield from iter_layers(data, layout, device, dtype, backend, threads, batch_layers)
 
 
@@ -185,10 +187,12 @@ def _decode_batch(data, layout: Layout, sids: list[int], dtype, device, backend:
     except CorruptStream as exc:
         raise CorruptStream(f"{h.describe(sids[0])} and the rest of its batch: {exc}") from None
     out = []
-    for raw, p in zip(raws, payloads):
+    for sid, raw, p in zip(sids, raws, payloads):
         parts = [] if raw is None else [raw.to(device=device).to(dtype)]
         if p is not None:
-            parts.append(dequantize_block(p.steps, p.centers, next(deltas), h.kv_heads, h.head_dim, dtype, device))
+            first = h.block_quantized_position(sid % h.blocks_per_tensor)
+            parts.append(dequantize_block(p.steps, p.centers, next(deltas), h.kv_heads, h.head_dim, dtype, device,
+                                          api.block_transform(layout, sid), first))
         out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return out
 

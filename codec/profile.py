@@ -9,9 +9,15 @@ uniform quantizer the expected loss increase is ``sum_g F_g * step_g**2 / 24``
 and the rate falls by one bit per doubling of ``step_g``; minimising loss at
 a given rate gives ``step_g ∝ 1 / sqrt(F_g)`` (reverse water-filling).
 
-Profiles only steer the *encoder*: every step is written into the stream,
-so a stream decodes without its profile. The stream's header carries the
-profile's SHA-256 so one can tell which allocation produced it.
+Without a transform, profiles only steer the *encoder*: every step is
+written into the stream, so a stream decodes without its profile. The
+stream's header carries the profile's SHA-256 so one can tell which
+allocation produced it.
+
+A profile may also carry a **transform** (:mod:`kvcodec.codec.transform`):
+an integer orthonormal basis per (layer, K/V) and the model's RoPE
+frequencies. Streams coded with it set the header's transform flag and need
+the same profile (found by digest among the shipped ones, or passed in) to decode.
 
 File format (JSON, UTF-8)::
 
@@ -21,6 +27,11 @@ File format (JSON, UTF-8)::
      "step_scale": float,            # normalises steps, see steps()
      "levels": {"high": lambda, "balanced": lambda, "compact": lambda},
      "calibration": {...free-form provenance...},
+     "transform": {                  # optional
+        "group": B,                  # channels per basis block (head_dim or kv_heads * head_dim)
+        "scale_bits": 14,
+        "rope_inv_freq": [floats] or null,   # float32 values; keys are coded before RoPE
+        "bases": base64 of int16 LE [layers, 2, H*D/B, B, B] (rows: output coordinates)},
      "sha256": hex digest of the canonical JSON of everything else}
 
 Example::
@@ -31,15 +42,18 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from kvcodec.codec import transform as _transform
 from kvcodec.codec.errors import InvalidInput
 
 FORMAT = "kvcodec-profile"
@@ -59,6 +73,23 @@ class Profile:
     sink_tokens: int = 1
     step_scale: float = 1.0
     calibration: dict = field(default_factory=dict)
+    bases: np.ndarray | None = None  # int16 [layers, 2, groups, B, B]: the transform, if any
+    rope_inv_freq: np.ndarray | None = None  # float32 [rot_dim / 2]: keys coded before RoPE
+
+    @property
+    def has_transform(self) -> bool:
+        return self.bases is not None
+
+    def transform(self, layer: int, is_value: bool) -> _transform.Transform | None:
+        """The transform of one layer's keys or values (None without one)."""
+        if self.bases is None:
+            return None
+        cache = self.__dict__.setdefault("_transforms", {})
+        key = (layer, is_value, self.bases.ctypes.data)
+        if key not in cache:
+            rope = None if is_value or self.rope_inv_freq is None else _transform.Rope(self.rope_inv_freq)
+            cache[key] = _transform.Transform(self.bases[layer, int(is_value)], rope)
+        return cache[key]
 
     def to_json(self) -> dict:
         body = {
@@ -68,6 +99,12 @@ class Profile:
             "step_scale": self.step_scale, "levels": dict(sorted(self.levels.items())),
             "calibration": self.calibration,
         }
+        if self.bases is not None:
+            body["transform"] = {
+                "group": int(self.bases.shape[-1]), "scale_bits": _transform.SCALE_BITS,
+                "rope_inv_freq": None if self.rope_inv_freq is None else [float(f) for f in self.rope_inv_freq],
+                "bases": base64.b64encode(self.bases.astype("<i2").tobytes()).decode("ascii"),
+            }
         body["sha256"] = _digest(body)
         return body
 
@@ -115,9 +152,40 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
         raise InvalidInput(f"{source}: weights must be finite and non-negative")
     if any(not math.isfinite(v) or v <= 0 for v in levels.values()):
         raise InvalidInput(f"{source}: level lambdas must be positive")
+    bases, inv_freq = _read_transform(body.get("transform"), layers, heads, dim, source)
     return Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
                    int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
-                   dict(body.get("calibration", {})))
+                   dict(body.get("calibration", {})), bases, inv_freq)
+
+
+def _read_transform(spec, layers: int, heads: int, dim: int, source: str):
+    """The transform fields of a profile: ``(bases, rope_inv_freq)``, both None without one."""
+    if spec is None:
+        return None, None
+    try:
+        group = int(spec["group"])
+        scale_bits = int(spec["scale_bits"])
+        raw = base64.b64decode(spec["bases"], validate=True)
+        inv = spec.get("rope_inv_freq")
+        inv = None if inv is None else np.asarray(inv, dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"{source}: transform: bad or missing field ({exc})") from None
+    if scale_bits != _transform.SCALE_BITS:
+        raise InvalidInput(f"{source}: transform scale_bits {scale_bits} is not {_transform.SCALE_BITS}")
+    channels = heads * dim
+    if not 1 <= group <= _transform.MAX_GROUP or channels % group:
+        raise InvalidInput(f"{source}: transform group {group} does not divide {channels} channels")
+    shape = (layers, 2, channels // group, group, group)
+    if len(raw) != 2 * int(np.prod(shape)):
+        raise InvalidInput(f"{source}: transform bases hold {len(raw)} bytes, shape {shape} needs {2 * np.prod(shape)}")
+    bases = np.frombuffer(raw, dtype="<i2").astype(np.int16).reshape(shape)
+    if inv is not None:
+        if inv.ndim != 1 or not 1 <= 2 * len(inv) <= dim or not np.all(np.isfinite(inv)) or np.any(inv <= 0):
+            raise InvalidInput(f"{source}: transform rope_inv_freq must be 1..{dim // 2} positive floats")
+        if np.any(inv.astype(np.float32).astype(np.float64) != inv):
+            raise InvalidInput(f"{source}: transform rope_inv_freq values must be float32 numbers")
+        inv = inv.astype(np.float32)
+    return bases, inv
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:
@@ -131,18 +199,31 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     return profile_from_json(body, str(path))
 
 
-def builtin_profile(model: str, layers: int, kv_heads: int, head_dim: int) -> Profile | None:
-    """The shipped profile for ``model`` with this layout, if there is one."""
+@lru_cache(maxsize=1)
+def builtin_profiles() -> tuple[tuple[bytes, Profile], ...]:
+    """Every shipped profile with its digest (read once per process; treat as read-only)."""
     from importlib.resources import files
 
+    folder = files("kvcodec") / "profiles"
+    found = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else []:
+        if entry.name.endswith(".json"):
+            profile = profile_from_json(json.loads(entry.read_text()), entry.name)
+            found.append((profile.digest, profile))
+    return tuple(found)
+
+
+def builtin_profile(model: str, layers: int, kv_heads: int, head_dim: int) -> Profile | None:
+    """The shipped profile for ``model`` with this layout, if there is one."""
     if not model:
         return None
-    folder = files("kvcodec") / "profiles"
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else []:
-        if not entry.name.endswith(".json"):
-            continue
-        profile = profile_from_json(json.loads(entry.read_text()), entry.name)
+    for _, profile in builtin_profiles():
         aliases = profile.calibration.get("aliases", [])
         if (model == profile.model or model in aliases) and profile.matches(layers, kv_heads, head_dim):
             return profile
     return None
+
+
+def builtin_profile_by_digest(digest: bytes) -> Profile | None:
+    """The shipped profile whose SHA-256 is ``digest``, if any."""
+    return next((p for d, p in builtin_profiles() if d == digest), None)

@@ -128,14 +128,24 @@ def dequantize_block(
     dim: int,
     dtype: torch.dtype,
     device: torch.device | str | None = None,
+    transform=None,
+    first: int = 0,
 ) -> torch.Tensor:
-    """Rebuild ``[heads, tokens, head_dim]`` from the symbols and side information."""
+    """Rebuild ``[heads, tokens, head_dim]`` from the symbols and side information.
+
+    With a :class:`~kvcodec.codec.transform.Transform` the symbols are transform
+    coefficients and ``first`` the absolute position of the first token.
+    """
     tokens = deltas.shape[1]
     d = torch.as_tensor(deltas).to(device)  # numpy from the numba decoder, a tensor from the torch one
     c = torch.as_tensor(centers).to(device)
-    q = (d + c[:, None]).to(torch.float32)
-    q = q.reshape(heads, dim, tokens).permute(0, 2, 1)
-    step_t = torch.from_numpy(steps).to(device)
-    out = q * step_t[:, None, None]
+    if transform is not None:
+        q = (d.to(torch.int64) + c[:, None]).reshape(heads, dim, tokens).permute(0, 2, 1)
+        out = transform.inverse(q, steps, first)
+    else:
+        q = (d + c[:, None]).to(torch.float32)
+        q = q.reshape(heads, dim, tokens).permute(0, 2, 1)
+        step_t = torch.from_numpy(steps).to(device)
+        out = q * step_t[:, None, None]
     finfo = torch.finfo(dtype)  # a value just under the dtype's max must not round to Inf
     return out.clamp(finfo.min, finfo.max).to(dtype)

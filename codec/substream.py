@@ -30,10 +30,11 @@ import zstandard
 from kvcodec.codec import entropy, rans
 from kvcodec.codec.errors import CorruptStream
 from kvcodec.codec.quantize import dequantize_block, quantize_block
+from kvcodec.codec.transform import Transform
 
 ZSTD_LEVEL = 10
 _U32 = struct.Struct("<I")
-StepRule = Callable[[torch.Tensor], np.ndarray]
+StepRule = Callable[..., np.ndarray]  # (block, absmax_factor=1.0) -> float32 steps [H]
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 CODER_ANS = 2
 CODER_RANS = 3
@@ -80,18 +81,31 @@ def _from_raw(buf: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> to
     return torch.from_numpy(ints).view(dtype)
 
 
-def encode_quantized(x: torch.Tensor, step_rule: StepRule, n_raw: int = 0, coder: int = CODER_RANS) -> bytes:
+def encode_quantized(
+    x: torch.Tensor,
+    step_rule: StepRule,
+    n_raw: int = 0,
+    coder: int = CODER_RANS,
+    transform: Transform | None = None,
+    first: int = 0,
+) -> bytes:
     """Encode ``x`` (``[H, T, D]`` in its stored dtype, any device).
 
     The first ``n_raw`` tokens (attention sinks) are stored as raw bits; the
     rest are quantized with the steps ``step_rule`` picks and entropy-coded
-    with ``coder`` (3: interleaved rANS, 2: constriction ANS).
+    with ``coder`` (3: interleaved rANS, 2: constriction ANS). With a
+    ``transform`` (coder 3 only) the rest is quantized in its domain;
+    ``first`` is the absolute position of the first quantized token.
     """
     raw = _raw_bytes(x[:, :n_raw]) if n_raw else b""
     rest = x[:, n_raw:].float()
     if rest.shape[1] == 0:
         return raw
-    steps = step_rule(rest)
+    if transform is not None:
+        rest = transform.prepare(rest, first)
+        steps = step_rule(rest, transform.step_floor_factor())
+    else:
+        steps = step_rule(rest)
     if coder == CODER_ANS:
         block = quantize_block(rest, steps)
         classes = entropy.scale_classes(block.abs_sums, block.kmax, rest.shape[1])
@@ -99,7 +113,10 @@ def encode_quantized(x: torch.Tensor, step_rule: StepRule, n_raw: int = 0, coder
         words = entropy.encode_symbols(block.deltas, block.kmax, classes)
         return raw + head + block.kmax.astype("<u2").tobytes() + classes.tobytes() + words
     # quantize_block's float half in torch (on the tensor's device), its integer half in numba
-    q = torch.round(rest / torch.from_numpy(steps).to(rest.device)[:, None, None]).to(torch.int32).cpu().numpy()
+    if transform is not None:
+        q = transform.forward(rest, steps).cpu().numpy()
+    else:
+        q = torch.round(rest / torch.from_numpy(steps).to(rest.device)[:, None, None]).to(torch.int32).cpu().numpy()
     centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
     classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
     words, escapes = rans.encode_deltas(deltas, classes)
@@ -186,6 +203,8 @@ def decode_quantized(
     n_raw: int = 0,
     coder: int = CODER_RANS,
     out: torch.Tensor | None = None,
+    transform: Transform | None = None,
+    first: int = 0,
 ) -> torch.Tensor:
     """Inverse of :func:`encode_quantized`; raises :class:`CorruptStream` on bad content.
 
@@ -202,7 +221,7 @@ def decode_quantized(
         deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
     else:
         steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
-    quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device)
+    quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device, transform, first)
     if out is not None:
         if raw is not None:
             out[:, :n_raw] = raw.to(dtype)

@@ -1,0 +1,274 @@
+"""Transform coding: quantize keys before RoPE, in a calibrated decorrelating basis.
+
+A profile may carry a *transform* (FORMAT.md, "Transform"): for every layer and
+K/V an orthonormal basis (the KLT of the calibration KV, stored as int16 with
+``2**SCALE_BITS`` = 1.0) and, for keys, the model's RoPE frequencies. A stream
+whose header has the transform flag was quantized in that basis:
+
+* **Encode** (per substream, tokens at absolute positions ``p``): keys are
+  un-rotated (``x1 cos + x2 sin``, ``x2 cos - x1 sin``, float32 elementwise); each
+  head is snapped to integers in units of ``step_h / SUBSTEPS``; each token's
+  channel vector (``group`` channels at a time) is multiplied by the integer
+  basis; the result is divided by ``SUBSTEPS * 2**SCALE_BITS`` and rounded half up.
+* **Decode**: ``x_h = (basis^T q)_h * step_h * 2**-SCALE_BITS`` then RoPE is
+  re-applied (keys).
+
+Exactness: every product and partial sum of both matrix products is an integer
+below ``2**53`` (bounds checked by :func:`Transform.step_floor_factor` and
+:data:`SUBSTEPS`), so float64 matrix products are exact in any summation order —
+the symbols and the decoded tensors are identical on every device and BLAS. The
+RoPE tables are float32 values of cos/sin correctly rounded from exact angles
+(:func:`rope_tables`), and the rotations are separate IEEE multiplies and adds.
+
+Why: on SmolLM2 (4 real texts) un-rotating keys saves ~0.4 bits per key element
+at equal distortion (RoPE turns per-channel offsets into rotating phases), and
+the calibrated basis saves another ~0.3 (energy compaction across channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal, getcontext
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from kvcodec.codec.errors import InvalidInput
+
+SCALE_BITS = 14  # basis entries are int16 with 2**14 == 1.0
+SUBSTEPS = 64  # input snapping grid: step / 64 (adds 1/4096 of the quantization noise power)
+MAX_GROUP = 1024  # channels per basis block: keeps every partial sum below 2**53
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The model's rotary embedding: ``rotate_half`` convention on the first ``2 * len(inv_freq)`` dims."""
+
+    inv_freq: np.ndarray  # float32 [rot_dim / 2]
+
+    @property
+    def rot_dim(self) -> int:
+        return 2 * len(self.inv_freq)
+
+
+def _cos_sin_f32(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of float64 angles, correctly rounded to float32 on every machine.
+
+    libm results differ in the last float64 bits between platforms; rounding to
+    float32 hides that except within a few float64 ulps of a float32 rounding
+    midpoint, where the value is recomputed with 40-digit decimal arithmetic.
+    """
+    out = []
+    for fn, dfn in ((np.cos, _dcos), (np.sin, _dsin)):
+        v64 = fn(angles)
+        v32 = v64.astype(np.float32)
+        up = np.nextafter(v32, np.float32(np.inf)).astype(np.float64)
+        down = np.nextafter(v32, np.float32(-np.inf)).astype(np.float64)
+        mids = np.stack([(v32.astype(np.float64) + up) / 2, (v32.astype(np.float64) + down) / 2])
+        near = np.min(np.abs(mids - v64), axis=0) <= 16 * np.spacing(np.abs(v64) + 1e-300)
+        for idx in zip(*np.nonzero(near)):
+            v32[idx] = np.float32(float(dfn(float(angles[idx]))))
+        out.append(v32)
+    return out[0], out[1]
+
+
+def _taylor(x: Decimal, start: int) -> Decimal:
+    getcontext().prec = 40
+    term = Decimal(1) if start == 0 else x
+    total, n = term, start
+    while True:
+        term = -term * x * x / ((n + 1) * (n + 2))
+        n += 2
+        if abs(term) < Decimal(10) ** -38:
+            return total
+        total += term
+
+
+def _reduce(a: float) -> Decimal:
+    getcontext().prec = 40
+    two_pi = 2 * Decimal("3.141592653589793238462643383279502884197")
+    x = Decimal(a)  # exact value of the float64
+    return x - two_pi * (x / two_pi).to_integral_value()
+
+
+def _dcos(a: float) -> Decimal:
+    return _taylor(_reduce(a), 0)
+
+
+def _dsin(a: float) -> Decimal:
+    return _taylor(_reduce(a), 1)
+
+
+@lru_cache(maxsize=64)
+def _tables(inv_freq: bytes, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    freq = np.frombuffer(inv_freq, dtype=np.float32).astype(np.float64)
+    pos = np.arange(first, first + count, dtype=np.float64)
+    angles = pos[:, None] * freq[None, :]  # exact: 24-bit mantissa times a position < 2**29
+    return _cos_sin_f32(angles)
+
+
+def rope_tables(rope: Rope, first: int, count: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``[count, rot_dim / 2]`` cos and sin for positions ``first..first+count-1``."""
+    cos, sin = _tables(rope.inv_freq.astype(np.float32).tobytes(), int(first), int(count))
+    return torch.from_numpy(cos).to(device), torch.from_numpy(sin).to(device)
+
+
+def unrotate(x: torch.Tensor, rope: Rope, first: int) -> torch.Tensor:
+    """Remove RoPE from keys ``[H, T, D]`` (float32) at positions ``first..``."""
+    cos, sin = rope_tables(rope, first, x.shape[1], x.device)
+    half = rope.rot_dim // 2
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], dim=-1)
+
+
+def rotate(x: torch.Tensor, rope: Rope, first: int) -> torch.Tensor:
+    """Apply RoPE to pre-rotation keys ``[H, T, D]`` (float32) at positions ``first..``."""
+    cos, sin = rope_tables(rope, first, x.shape[1], x.device)
+    half = rope.rot_dim // 2
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+class Transform:
+    """One layer's K or V transform: an integer basis per channel group, RoPE for keys.
+
+    Args:
+        basis: int16 ``[groups, B, B]`` with ``groups * B == heads * head_dim``; row ``j``
+            of a group is output coordinate ``j`` (an orthonormal matrix times ``2**14``).
+        rope: the RoPE to remove before the basis (keys), or None.
+    """
+
+    def __init__(self, basis: np.ndarray, rope: Rope | None = None):
+        if basis.ndim != 3 or basis.shape[1] != basis.shape[2] or basis.shape[1] > MAX_GROUP:
+            raise InvalidInput(f"transform basis: shape {basis.shape} is not [groups, B, B] with B <= {MAX_GROUP}")
+        self.basis = np.ascontiguousarray(basis, dtype=np.int16)
+        self.rope = rope
+        self._device_basis: dict[str, torch.Tensor] = {}
+
+    @property
+    def channels(self) -> int:
+        return self.basis.shape[0] * self.basis.shape[1]
+
+    def step_floor_factor(self) -> float:
+        """Largest row L1 norm of the basis (in units of 1.0), with margin.
+
+        ``|symbol| <= factor * max_h(absmax_h / step_h)``, so scaling each head's
+        absmax by this factor before :func:`finalize_steps` keeps symbols in int16.
+        """
+        l1 = np.abs(self.basis.astype(np.int64)).sum(axis=2).max()
+        return float(l1) / (1 << SCALE_BITS) * (1 + 2**-10) + 2.0 / 32767
+
+    def _basis(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._device_basis:
+            self._device_basis[key] = torch.from_numpy(self.basis.astype(np.float64)).to(device)
+        return self._device_basis[key]
+
+    def prepare(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """What the basis applies to: keys un-rotated (positions ``first..``), values as they are.
+
+        Steps are chosen on this tensor (un-rotation can grow an element by sqrt(2)).
+        """
+        return x if self.rope is None else unrotate(x, self.rope, first)
+
+    def forward(self, x: torch.Tensor, steps: np.ndarray) -> torch.Tensor:
+        """float32 ``[H, T, D]`` from :meth:`prepare` -> int32 symbols ``[H, T, D]``.
+
+        Coordinate ``j`` of group ``g`` is channel ``g * B + j`` of the flattened ``H * D``.
+        """
+        heads, tokens, dim = x.shape
+        scale = torch.from_numpy((np.float32(SUBSTEPS) / steps).astype(np.float32)).to(x.device)
+        snapped = torch.round(x * scale[:, None, None]).to(torch.float64)  # integers, |.| <= 2**21
+        v = snapped.permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])  # [T, G, B]
+        y = torch.einsum("tgi,gji->tgj", v, self._basis(x.device))  # exact integer sums
+        q = torch.floor(y * (1.0 / (SUBSTEPS << SCALE_BITS)) + 0.5)  # exact: power-of-two scaling
+        return q.reshape(tokens, heads, dim).permute(1, 0, 2).to(torch.int32)
+
+    def inverse(self, q: torch.Tensor, steps: np.ndarray, first: int) -> torch.Tensor:
+        """Symbols (any integer dtype, ``[H, T, D]``, on the output device) -> float32 ``[H, T, D]``."""
+        heads, tokens, dim = q.shape
+        v = q.to(torch.float64).permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])
+        acc = torch.einsum("tgj,gji->tgi", v, self._basis(q.device))  # exact integer sums
+        acc = acc.reshape(tokens, heads, dim).permute(1, 0, 2)
+        scale = torch.from_numpy(steps.astype(np.float64) * 2.0**-SCALE_BITS).to(q.device)
+        x = (acc * scale[:, None, None]).to(torch.float32)
+        if self.rope is not None:
+            x = rotate(x, self.rope, first)
+        return x
+
+
+def orthonormal_to_int(w: np.ndarray) -> np.ndarray:
+    """Round orthonormal matrices (rows = output coordinates) to the int16 basis format."""
+    return np.clip(np.rint(np.asarray(w, dtype=np.float64) * (1 << SCALE_BITS)), -32767, 32767).astype(np.int16)
+
+
+def klt(cov: np.ndarray) -> np.ndarray:
+    """Rows: eigenvectors of ``cov`` by decreasing eigenvalue (sign fixed: largest entry positive)."""
+    vals, vecs = np.linalg.eigh(cov)
+    vecs = vecs[:, np.argsort(vals)[::-1]].T
+    signs = np.sign(vecs[np.arange(len(vecs)), np.abs(vecs).argmax(axis=1)])
+    return vecs * signs[:, None]
+
+
+def fit_bases(
+    kvs: list[tuple[torch.Tensor, torch.Tensor]],
+    weights: np.ndarray,
+    group: int,
+    rope: Rope | None,
+    *,
+    skip: int = 1,
+    chunk: int = 256,
+) -> np.ndarray:
+    """Calibrate the int16 bases: the KLT of each (layer, K/V)'s token vectors.
+
+    Args:
+        kvs: ``(keys, values)`` of calibration prefixes, ``[layers, H, T, D]`` at positions ``0..T-1``.
+        weights: ``[layers, 2, H]`` per-head sensitivities (a group spanning heads is
+            decorrelated in the weighted domain ``x_h * sqrt(w_h)``, where the codec's
+            steps are uniform).
+        group: channels per basis (``head_dim``: one basis per head; ``H * head_dim``: one per layer).
+        rope: the model's RoPE, removed from keys first (None: keys as they are).
+        skip: leading tokens left out (attention sinks, stored raw).
+        chunk: tokens per chunk; each chunk is centred, as the codec centres each channel per substream.
+
+    Returns:
+        int16 ``[layers, 2, H * D / group, group, group]``.
+    """
+    layers, heads, _, dim = kvs[0][0].shape
+    channels = heads * dim
+    if channels % group:
+        raise InvalidInput(f"transform group: {group} does not divide {channels} channels")
+    out = np.zeros((layers, 2, channels // group, group, group), dtype=np.int16)
+    for layer in range(layers):
+        for kind in (0, 1):
+            scale = np.repeat(np.sqrt(np.maximum(weights[layer, kind], 1e-30)), dim)
+            cov = np.zeros((channels, channels))
+            for keys, values in kvs:
+                x = (keys, values)[kind][layer, :, skip:].float()
+                if kind == 0 and rope is not None:
+                    x = unrotate(x, rope, skip)
+                v = x.permute(1, 0, 2).reshape(x.shape[1], channels).double().numpy() * scale
+                for start in range(0, len(v), chunk):
+                    c = v[start : start + chunk]
+                    c = c - c.mean(axis=0)
+                    cov += c.T @ c
+            for g in range(channels // group):
+                sl = slice(g * group, (g + 1) * group)
+                out[layer, kind, g] = orthonormal_to_int(klt(cov[sl, sl]))
+    return out
+
+
+def model_rope(rotary_emb) -> Rope | None:
+    """The RoPE of a transformers rotary module if it is a pure rotation, else None.
+
+    Scalings whose tables depend on the context length (dynamic NTK) or scale the
+    vectors (YaRN's attention factor) cannot be removed exactly; keys are then
+    coded as they are.
+    """
+    rope_type = getattr(rotary_emb, "rope_type", "default")
+    scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
+    inv = getattr(rotary_emb, "inv_freq", None)
+    if inv is None or scaling != 1.0 or rope_type not in ("default", "linear", "llama3"):
+        return None
+    return Rope(inv.detach().float().cpu().numpy().astype(np.float32))
