@@ -58,7 +58,7 @@ def sweep_points(level: str, keys, values, scales: list[float]):
         prof = copy.deepcopy(base)
         prof.levels[level] = base.levels[level] * scale
         blob = encode(keys.half(), values.half(), level=level, model="smollm2-135m", profile=prof)
-        kv = decode(blob)
+        kv = decode(blob, profile=prof)
         yield f"kvcodec {level} x{scale:g}", inspect(blob).bits_per_element, (kv.keys, kv.values)
 
 

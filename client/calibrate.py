@@ -7,7 +7,11 @@ Two steps (see :mod:`kvcodec.codec.profile` for the theory):
    mean squared gradient of the loss over each (layer, keys/values, kv head)
    is its Fisher weight. Texts are normalised to equal total weight and
    averaged; sink tokens are excluded (they are stored raw).
-2. *Levels.* For each lossy level, bisect (in log space) the largest step
+2. *Transform* (``--transform head``, the default). Fit one basis per (layer,
+   keys/values, kv head): the KLT of the calibration KV, keys taken before RoPE
+   (see :mod:`kvcodec.codec.transform`). Streams coded with it need the profile
+   to decode; ``--transform none`` writes a profile that only sets steps.
+3. *Levels.* For each lossy level, bisect (in log space) the largest step
    multiplier ``lambda`` whose reconstruction still meets the level's quality
    floor on the calibration texts (perplexity change and greedy agreement,
    scored with :class:`kvcodec.client.quality.QualityProbe`).
@@ -87,14 +91,19 @@ def bisect_lambda(score, floor: tuple[float, float], lo: float = 0.02, hi: float
     return lo
 
 
+TRANSFORMS = ("head", "layer", "none")
+
+
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
               levels: dict[str, tuple[float, float]] | None = None,
-              fixed: dict[str, float] | None = None, log=print):
+              fixed: dict[str, float] | None = None, transform: str = "head", log=print):
     """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``.
 
     Args:
         levels: quality floor per level to bisect lambda against (default LEVEL_FLOORS).
         fixed: lambdas to take as given instead of bisecting (e.g. from an earlier run).
+        transform: ``head`` (a basis per kv head), ``layer`` (one across a layer's heads,
+            in the sensitivity-weighted domain) or ``none``.
     """
     fixed = dict(fixed or {})
 
@@ -117,6 +126,16 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
                       {"texts": [str(t) for t in texts], "prefix_len": prefix_len, "eval_len": eval_len})
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
     kvs = [tuple(t.half() for t in p.exact_kv) for p in probes]
+    if transform != "none":
+        from kvcodec.codec.transform import fit_bases, model_rope
+
+        rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
+        rope = model_rope(rotary) if rotary is not None else None
+        group = dim if transform == "head" else heads * dim
+        log(f"transform: KLT per {transform} ({group} channels), keys {'before RoPE' if rope else 'as cached'}")
+        profile.bases = fit_bases(kvs, weights, group, rope)
+        profile.rope_inv_freq = None if rope is None else rope.inv_freq
+        profile.calibration["transform"] = transform
     profile.levels.update(fixed)
     for level, floor in levels.items():
         if level in fixed:
@@ -126,7 +145,7 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
             profile.levels[level] = lam
             out = []
             for probe, (k, v) in zip(probes, kvs):
-                kv = decode(encode(k, v, level=level, model=loaded.name, profile=profile))
+                kv = decode(encode(k, v, level=level, model=loaded.name, profile=profile), profile=profile)
                 out.append(probe.score(kv.keys, kv.values))
             r = out[0]
             log(f"  {level} lambda {lam:.4f}: ppl {r.ppl_change_pct:+.3f}% agree {r.agree_pct:.1f}%")
@@ -149,6 +168,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="profile file to write (.json)")
     p.add_argument("--prefix", type=int, default=1536, help="prefix tokens (default: %(default)s)")
     p.add_argument("--eval", type=int, default=512, help="scored tokens (default: %(default)s)")
+    p.add_argument("--transform", choices=TRANSFORMS, default="head",
+                   help="decorrelating basis to fit: per kv head (default), per layer, or none")
     p.add_argument("--alias", action="append", default=[], help="other model names the profile applies to")
     p.add_argument("--lambda", dest="lambdas", action="append", default=[], metavar="LEVEL=VALUE",
                    help="use this step multiplier for a level instead of searching for it")
@@ -178,7 +199,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, fixed=fixed,
-                        log=lambda m: print(m, file=sys.stderr))
+                        transform=args.transform, log=lambda m: print(m, file=sys.stderr))
     profile.calibration["aliases"] = args.alias
     profile.save(args.out)
     print(f"{args.out}: profile for {profile.model}, sha256 {profile.digest.hex()}")

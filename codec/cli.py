@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="where to write the .kvc stream")
     p.add_argument("--level", default=DEFAULT_LEVEL, choices=LEVELS, help="quality level (default: %(default)s)")
     p.add_argument("--token-block", type=int, default=256, help="tokens per substream (default: %(default)s)")
+    p.add_argument("--profile", default="auto",
+                   help="codec profile file, 'auto' (the shipped one for the KV file's model, default) or 'none'")
     p.add_argument("--json", action="store_true", help="print the stream's description as JSON")
     p.set_defaults(func=cmd_encode)
 
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="KV file to write (.safetensors)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="output dtype (default: the stream's)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="decoder threads")
+    p.add_argument("--profile", help="profile file of a transform-coded stream (shipped profiles are found by digest)")
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("inspect", help="describe a .kvc stream (sizes, level, bits per element)",
@@ -51,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Check the header, index and every substream CRC, and that every substream decodes.")
     p.add_argument("input", nargs="+", help=".kvc stream(s)")
     p.add_argument("--quick", action="store_true", help="check CRCs only, do not decode")
+    p.add_argument("--profile", help="profile file of transform-coded streams (shipped profiles are found by digest)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_verify)
 
@@ -148,7 +152,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     kv = _read_kv(args.input)
     with progress_bar(f"encoding ({args.level})") as cb:
         blob = encode(kv.keys, kv.values, level=args.level, model=kv.model,
-                      first_position=kv.first_position, token_block=args.token_block, progress=cb)
+                      first_position=kv.first_position, token_block=args.token_block, progress=cb,
+                      profile=None if args.profile == "none" else args.profile)
     write_atomic(args.output, blob)
     info = inspect(blob)
     if args.json:
@@ -169,7 +174,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     info = inspect(blob)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with progress_bar("decoding") as cb:
-        kv = decode(blob, dtype=dtype, progress=cb, threads=max(1, args.threads))
+        kv = decode(blob, dtype=dtype, progress=cb, threads=max(1, args.threads), profile=args.profile)
     target = Path(args.output)
     if not (target.parent if str(target.parent) else Path(".")).is_dir():
         from kvcodec.cli import UsageError
@@ -205,7 +210,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in args.input:
         blob = read_input(path)
         try:
-            info = verify(blob, full=not args.quick, threads=os.cpu_count() or 1)
+            info = verify(blob, full=not args.quick, threads=os.cpu_count() or 1, profile=args.profile)
             results.append({"path": path, "ok": True, "substreams": info.substreams})
         except KVCodecError as exc:
             results.append({"path": path, "ok": False, "error": str(exc), "kind": type(exc).__name__})

@@ -1,0 +1,213 @@
+"""Transform coding: exact integer arithmetic, round trips, and the profile a stream needs."""
+
+from __future__ import annotations
+
+import copy
+from decimal import Decimal
+
+import numpy as np
+import pytest
+import torch
+
+from kvcodec.codec import decode, decode_layer, decode_layers, encode, inspect, verify
+from kvcodec.codec import transform as tr
+from kvcodec.codec.errors import InvalidInput, MissingProfile, UnsupportedFormat
+from kvcodec.codec.profile import Profile, load_profile, profile_from_json
+
+LAYERS, HEADS, TOKENS, DIM = 2, 2, 300, 8
+INV_FREQ = (1.0 / 10000 ** (np.arange(0, DIM, 2) / DIM)).astype(np.float32)
+
+
+def _kv(seed: int = 0, tokens: int = TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correlated channels, per-channel offsets, keys rotated by RoPE (like a real cache)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(LAYERS, HEADS, DIM, DIM, generator=gen)
+    base = torch.randn(LAYERS, HEADS, tokens, DIM, generator=gen) @ mix
+    keys = base + 3 * torch.randn(LAYERS, HEADS, 1, DIM, generator=gen)
+    rope = tr.Rope(INV_FREQ)
+    keys = torch.stack([tr.rotate(keys[layer], rope, 0) for layer in range(LAYERS)])
+    values = torch.randn(LAYERS, HEADS, tokens, DIM, generator=gen) @ mix * 0.5
+    return keys.half(), values.half()
+
+
+def _profile(group: int = DIM) -> Profile:
+    weights = np.ones((LAYERS, 2, HEADS))
+    weights[:, 1] = 4.0
+    prof = Profile("tiny", LAYERS, HEADS, DIM, weights, {"high": 0.05, "balanced": 0.2, "compact": 0.5})
+    prof.bases = tr.fit_bases([_kv(1)], weights, group, tr.Rope(INV_FREQ))
+    prof.rope_inv_freq = INV_FREQ
+    return prof
+
+
+@pytest.fixture(scope="module")
+def profile() -> Profile:
+    return _profile()
+
+
+def _reference_forward(x: np.ndarray, steps: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """The same symbols with int64 numpy arithmetic (no floating-point sums at all)."""
+    heads, tokens, dim = x.shape
+    scale = (np.float32(tr.SUBSTEPS) / steps).astype(np.float32)
+    snapped = np.rint((x * scale[:, None, None]).astype(np.float32)).astype(np.int64)
+    v = snapped.transpose(1, 0, 2).reshape(tokens, *basis.shape[:2])
+    y = np.einsum("tgi,gji->tgj", v, basis.astype(np.int64))
+    d = tr.SUBSTEPS << tr.SCALE_BITS
+    q = np.floor_divide(2 * y + d, 2 * d)  # round half up, exact
+    return q.reshape(tokens, heads, dim).transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize("group", [DIM, HEADS * DIM])
+def test_forward_and_inverse_are_exact_integer_arithmetic(group):
+    prof = _profile(group)
+    t = prof.transform(0, False)
+    x = t.prepare(_kv(2)[0][0].float(), 0)
+    steps = np.array([0.07, 0.3], dtype=np.float32)
+    q = t.forward(x, steps)
+    assert np.array_equal(q.numpy(), _reference_forward(x.numpy(), steps, t.basis))
+    # inverse: the integer product is exact, then one float64 multiply and one rounding
+    acc = np.einsum("tgj,gji->tgi", q.numpy().transpose(1, 0, 2).reshape(TOKENS, *t.basis.shape[:2]).astype(np.int64),
+                    t.basis.astype(np.int64)).reshape(TOKENS, HEADS, DIM).transpose(1, 0, 2)
+    expect = (acc * (steps.astype(np.float64) * 2.0**-tr.SCALE_BITS)[:, None, None]).astype(np.float32)
+    got = tr.Transform(t.basis).inverse(q, steps, 0)  # without RoPE: compare before rotation
+    assert np.array_equal(got.numpy(), expect)
+
+
+def test_symbols_do_not_depend_on_threads_or_token_order(profile):
+    t = profile.transform(1, False)
+    x = t.prepare(_kv(3)[0][1].float(), 0)
+    steps = np.array([0.05, 0.11], dtype=np.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = t.forward(x, steps)
+        torch.set_num_threads(max(2, before))
+        many = t.forward(x, steps)
+    finally:
+        torch.set_num_threads(before)
+    perm = torch.randperm(TOKENS, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one, many)
+    assert torch.equal(t.forward(x[:, perm], steps), one[:, perm])
+
+
+def test_rope_tables_are_correctly_rounded():
+    angles = np.array([0.0, 1e-8, 0.5, 1.0, 3.0, 1234.5678, 2.0**20 + 0.25])
+    cos, sin = tr._cos_sin_f32(angles)
+    for a, c, s in zip(angles, cos, sin):
+        exact_c, exact_s = tr._dcos(float(a)), tr._dsin(float(a))
+        for got, exact in ((c, exact_c), (s, exact_s)):
+            # the float32 nearest to the 40-digit value: no other float32 is closer
+            err = abs(Decimal(float(got)) - exact)
+            for other in (np.nextafter(got, np.float32(np.inf)), np.nextafter(got, np.float32(-np.inf))):
+                assert err <= abs(Decimal(float(other)) - exact)
+
+
+def test_unrotate_inverts_rotate():
+    x = torch.randn(2, 50, DIM)
+    rope = tr.Rope(INV_FREQ)
+    back = tr.unrotate(tr.rotate(x, rope, 1000), rope, 1000)
+    assert torch.allclose(back, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["high", "balanced", "compact"])
+def test_round_trip_smaller_and_as_accurate(profile, level):
+    keys, values = _kv(4)
+    plain = Profile(profile.model, LAYERS, HEADS, DIM, profile.weights, dict(profile.levels))
+    a = encode(keys, values, level=level, model="tiny", profile=plain)
+    b = encode(keys, values, level=level, model="tiny", profile=profile)
+    assert inspect(b).transform and not inspect(a).transform
+    assert len(b) < len(a)
+    kv_a, kv_b = decode(a), decode(b, profile=profile)
+    for exact, x, y in ((keys, kv_a.keys, kv_b.keys), (values, kv_a.values, kv_b.values)):
+        err_a = (x.float() - exact.float()).pow(2).mean()
+        err_b = (y.float() - exact.float()).pow(2).mean()
+        assert err_b < 1.5 * err_a
+    assert torch.equal(kv_b.keys[:, :, 0], keys[:, :, 0])  # the sink token is stored raw
+
+
+def test_every_decoder_gives_the_same_tensors(profile):
+    keys, values = _kv(5)
+    blob = encode(keys, values, model="tiny", profile=profile, first_position=0, token_block=128)
+    ref = decode(blob, profile=profile)
+    assert torch.equal(decode(blob, profile=profile, threads=2).keys, ref.keys)
+    torch_kv = decode(blob, profile=profile, backend="torch")
+    assert torch.equal(torch_kv.keys, ref.keys) and torch.equal(torch_kv.values, ref.values)
+    for layer, k, v in decode_layers(blob, profile=profile, backend="torch", batch_layers=1):
+        assert torch.equal(k, ref.keys[layer]) and torch.equal(v, ref.values[layer])
+    one = decode_layer(blob, 1, profile=profile)
+    assert torch.equal(one.values, ref.values[1])
+    assert verify(blob, profile=profile).transform
+
+
+def test_positions_matter_and_are_recorded(profile):
+    keys, values = _kv(6)
+    at0 = encode(keys, values, model="tiny", profile=profile, first_position=0)
+    at9 = encode(keys, values, model="tiny", profile=profile, first_position=9)
+    assert at0 != at9
+    for blob in (at0, at9):  # keys re-rotated at the wrong positions would be far off
+        err = (decode(blob, profile=profile).keys[:, :, 1:].float() - keys[:, :, 1:].float()).abs().mean()
+        assert err < 0.25 * keys.float().abs().mean()
+    with pytest.raises(InvalidInput, match="first_position"):
+        encode(keys, values, model="tiny", profile=profile, first_position=(1 << 28))
+
+
+def test_missing_or_wrong_profile_is_a_clear_error(profile, tmp_path):
+    keys, values = _kv(7)
+    blob = encode(keys, values, model="tiny", profile=profile)
+    with pytest.raises(MissingProfile, match="not shipped.*--profile"):
+        decode(blob)
+    other = copy.deepcopy(profile)
+    other.levels["balanced"] = 0.21
+    with pytest.raises(MissingProfile, match="given profile"):
+        decode(blob, profile=other)
+    path = tmp_path / "tiny.json"
+    profile.save(path)
+    assert torch.equal(decode(blob, profile=str(path)).keys, decode(blob, profile=profile).keys)
+    assert verify(blob, full=False).substreams == inspect(blob).substreams  # CRCs need no profile
+
+
+def test_profile_file_round_trip_and_validation(profile, tmp_path):
+    path = tmp_path / "p.json"
+    profile.save(path)
+    back = load_profile(path)
+    assert back.digest == profile.digest and np.array_equal(back.bases, profile.bases)
+    body = profile.to_json()
+    for field, value, message in (
+        ("group", 3, "group 3 does not divide"),
+        ("bases", "!!!", "bad or missing field"),
+        ("rope_inv_freq", [0.1], "float32 numbers"),
+        ("scale_bits", 12, "scale_bits 12"),
+    ):
+        bad = copy.deepcopy(body)
+        bad["transform"][field] = value
+        bad.pop("sha256")
+        bad["sha256"] = __import__("kvcodec.codec.profile", fromlist=["_digest"])._digest(bad)
+        with pytest.raises(InvalidInput, match=message):
+            profile_from_json(bad)
+
+
+def test_header_flag_needs_a_profile_digest(profile):
+    from kvcodec.codec import container
+
+    keys, values = _kv(8)
+    blob = bytearray(encode(keys, values, model="tiny", profile=profile))
+    layout = container.parse(bytes(blob))
+    head = container.Header(**{**layout.header.__dict__, "profile": container.NO_PROFILE})
+    forged = container.pack(head, [bytes(container.substream(blob, layout, i)) for i in range(len(layout.lengths))])
+    with pytest.raises(UnsupportedFormat, match="transform flag needs"):
+        decode(forged)
+
+
+def test_cli_decode_and_verify_take_the_profile(profile, tmp_path):
+    from kvcodec.cli import main
+    from kvcodec.codec.kvfile import write_kv
+
+    keys, values = _kv(9)
+    kv_path, out, prof_path = tmp_path / "kv.safetensors", tmp_path / "kv.kvc", tmp_path / "tiny.json"
+    write_kv(kv_path, keys, values, model="tiny")
+    profile.save(prof_path)
+    assert main(["encode", str(kv_path), str(out), "--profile", str(prof_path)]) == 0
+    assert main(["decode", str(out), str(tmp_path / "back.safetensors")]) == 1  # profile not shipped
+    assert not (tmp_path / "back.safetensors").exists()
+    assert main(["decode", str(out), str(tmp_path / "back.safetensors"), "--profile", str(prof_path)]) == 0
+    assert main(["verify", str(out), "--profile", str(prof_path)]) == 0
+    assert main(["verify", str(out)]) == 1
