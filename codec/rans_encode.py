@@ -44,11 +44,15 @@ _OVERFLOW = f"delta magnitude exceeds the escape range (E + 1 + {rans.MAX_ESCAPE
 
 
 class _Batch:
-    """Part 1 on ``device``: flat symbol rows, per-substream offsets, counts, lanes and escapes."""
+    """Part 1 on ``device``: flat symbol rows, per-substream offsets, counts, lanes and escapes.
 
-    def __init__(self, items: Sequence[tuple[object, object]], device: torch.device) -> None:
+    ``d`` / ``cls``: int64 coded deltas and their classes in symbol order, all substreams
+    concatenated (see :func:`_flatten`); ``counts``: symbols per substream.
+    """
+
+    def __init__(self, d: torch.Tensor, cls: torch.Tensor, counts: list[int], device: torch.device) -> None:
         self.device = device
-        d, cls, self.counts = _flatten(items, device)
+        self.counts = counts
         self.lanes = [_lanes(n) if n else 0 for n in self.counts]
         starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.sym_off = torch.from_numpy(starts).to(device)
@@ -184,9 +188,30 @@ def encode_deltas_batch(
 
         [(words, escapes)] = encode_deltas_batch([(deltas, classes)], device="cuda")
     """
+    device = torch.device(device or "cpu")
     if backend not in ("torch", "triton"):
         raise InvalidInput(f"backend: {backend!r} is not a device encoder (torch, triton)")
-    batch = _Batch(items, torch.device(device or "cpu"))
+    return encode_flat_batch(*_flatten(items, device), device, backend)
+
+
+def encode_flat_batch(
+    deltas: torch.Tensor, classes: torch.Tensor, counts: list[int], device=None, backend: str = "triton"
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`encode_deltas_batch` on symbols already flattened on ``device``.
+
+    Args:
+        deltas: int64 ``[sum(counts)]``: every substream's coded deltas in symbol order
+            (coded channels in order, each channel's tokens in order), substreams concatenated.
+        classes: int64 ``[sum(counts)]``: each symbol's scale class (never 0).
+        counts: symbols per substream (0 for a substream with nothing coded).
+        device, backend: as :func:`encode_deltas_batch`.
+
+    Returns:
+        ``(words, escapes)`` uint16 arrays per substream, on the host.
+    """
+    if backend not in ("torch", "triton"):
+        raise InvalidInput(f"backend: {backend!r} is not a device encoder (torch, triton)")
+    batch = _Batch(deltas, classes, counts, torch.device(device or "cpu"))
     if not batch.counts:
         return []
     words, states = (_run_triton if backend == "triton" else _run_torch)(batch)
@@ -250,4 +275,4 @@ def entropy_encoder(backend: str, device=None) -> Iterator[None]:
         rans.DEVICE_ENCODER.reset(token)
 
 
-__all__ = ["BACKENDS", "compile_for", "encode_deltas_batch", "entropy_encoder"]
+__all__ = ["BACKENDS", "compile_for", "encode_deltas_batch", "encode_flat_batch", "entropy_encoder"]
