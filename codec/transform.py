@@ -177,9 +177,17 @@ class Transform:
 
         Coordinate ``j`` of group ``g`` is channel ``g * B + j`` of the flattened ``H * D``.
         """
+        scale = torch.from_numpy(snap_scales(steps)).to(x.device)
+        return self.forward_scaled(x, scale[:, None, None])
+
+    def forward_scaled(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the snapping scales ``snap_scales(steps)`` given per element.
+
+        ``scale`` is float32, broadcast to ``x`` (``[H, 1, 1]`` for one block; ``[H, T, 1]``
+        for several blocks of one layer at once, each token with its block's scales).
+        """
         heads, tokens, dim = x.shape
-        scale = torch.from_numpy((np.float32(SUBSTEPS) / steps).astype(np.float32)).to(x.device)
-        snapped = torch.round(x * scale[:, None, None]).to(torch.float64)  # integers, |.| <= 2**21
+        snapped = torch.round(x * scale).to(torch.float64)  # integers, |.| <= 2**21
         v = snapped.permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])  # [T, G, B]
         y = torch.einsum("tgi,gji->tgj", v, self._basis(x.device))  # exact integer sums
         q = torch.floor(y * (1.0 / (SUBSTEPS << SCALE_BITS)) + 0.5)  # exact: power-of-two scaling
@@ -196,6 +204,11 @@ class Transform:
         if self.rope is not None:
             x = rotate(x, self.rope, first)
         return x
+
+
+def snap_scales(steps: np.ndarray) -> np.ndarray:
+    """float32 ``SUBSTEPS / step`` (any shape): the transform's input snapping scale."""
+    return (np.float32(SUBSTEPS) / steps).astype(np.float32)
 
 
 def orthonormal_to_int(w: np.ndarray) -> np.ndarray:
