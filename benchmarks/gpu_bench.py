@@ -12,8 +12,12 @@ Python). ``--check`` also holds the device entropy encoders
 (:mod:`kvcodec.codec.rans_encode`, torch and Triton) to the numba encoder's
 bytes, substream by substream and as whole streams.
 
-Encode rows: ``encode`` is the whole encoder (quantization as it is today,
-then entropy coding with the named back end, one substream at a time);
+Encode rows: ``encode`` is the whole encoder: ``numba`` quantizes each substream
+where the tensors are and entropy-codes it on host threads; ``triton`` / ``torch``
+run the batched device pipeline (:mod:`kvcodec.codec.device_encode`: statistics,
+symbols and side information of every substream on the device, one entropy batch,
+only the small side arrays and the words cross to the host); ``--check`` holds the
+batched streams to numba's bytes (with and without a profile transform).
 ``entropy encode`` is the entropy stage alone on a chunk's substreams (the
 deltas and classes the quantizer produced): numba on one thread, or every
 substream in one batch on the device (``triton``: one launch; the deltas start
@@ -143,8 +147,7 @@ def _check_encoders(name: str, k, v, level: str, block: int, device: str, backen
         if bad or len(got) != len(ref):
             failures.append(f"{name}: {backend} entropy encoder on {device} differs in substreams {bad[:5]}")
         kd, vd = k.to(device), v.to(device)
-        if (backend == "triton" or device != "cpu") and encode(kd, vd, level=level, token_block=block,
-                                                               backend=backend) != blob:
+        if encode(kd, vd, level=level, token_block=block, backend=backend) != blob:  # the batched device pipeline
             failures.append(f"{name}: encode(backend={backend}) on {device} gives other bytes than numba")
 
 
@@ -181,10 +184,44 @@ def check(device: str, kv_path: str | None) -> int:
         _check_encoders(name, k, v, level, block, device, ["torch"], failures)
         tried = _check_triton(name, k, v, level, block, device, failures)
         print(f"checked {name}: {len(blob)} bytes, decoders and encoders numba/torch{tried} on {device}")
+    _check_transform_streams(device, failures)
     for f in failures:
         print("MISMATCH:", f)
     print("bit-exact" if not failures else f"{len(failures)} mismatches")
     return 1 if failures else 0
+
+
+def bench_profile(k: torch.Tensor, seed: int = 9):
+    """A profile with a transform for ``k``'s layout (bases fitted on other synthetic KV; RoPE-free)."""
+    import numpy as np
+
+    from kvcodec.codec import transform as tr
+    from kvcodec.codec.profile import Profile
+
+    layers, heads, tokens, dim = k.shape
+    weights = np.ones((layers, 2, heads))
+    prof = Profile("bench", layers, heads, dim, weights, {"high": 0.05, "balanced": 0.2, "compact": 0.5})
+    fk, fv = synthetic_kv(64, seed)
+    prof.bases = tr.fit_bases([(fk[:layers, :heads, :, :dim].float(), fv[:layers, :heads, :, :dim].float())],
+                              weights, dim, None)
+    return prof
+
+
+def _check_transform_streams(device: str, failures: list[str]) -> None:
+    """Streams coded in a profile's transform: the batched device encoders write numba's bytes."""
+    k, v = synthetic_kv(40, seed=4)
+    k, v = k[:2], v[:2]
+    prof = bench_profile(k)
+    backends = ["torch"] + (["triton"] if _triton_usable(device) else [])
+    for backend in backends:
+        kk, vv = (k[:1, :2, :16], v[:1, :2, :16]) if backend == "triton" and device == "cpu" else (k, v)
+        p = prof if kk.shape == k.shape else bench_profile(kk)
+        for level in ("high", "compact"):
+            ref = encode(kk, vv, level=level, token_block=16, profile=p, sink_tokens=3)
+            if encode(kk.to(device), vv.to(device), level=level, token_block=16, profile=p, sink_tokens=3,
+                      backend=backend) != ref:
+                failures.append(f"transform/{level}: encode(backend={backend}) on {device} differs from numba")
+    print(f"checked transform streams: encoders numba/{'/'.join(backends)} on {device}")
 
 
 def _triton_usable(device: str) -> bool:
@@ -280,9 +317,12 @@ def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int
             s = timed(lambda: decode(blob, device=device, backend="torch"), device, 1)
             rows.append(_row("decode", tokens, "torch", "-", nbytes, s, bits))
         rows += _entropy_encode_rows(k, v, tokens, device, nbytes, bits, repeats, tokens <= torch_tokens)
-        if device.startswith("cuda") and _triton_usable(device):
+        if device.startswith("cuda") and _triton_usable(device):  # batched device pipeline, one launch
             s = timed(lambda: encode(kd, vd, level="balanced", backend="triton"), device, repeats)
             rows.append(_row("encode", tokens, "triton", "-", nbytes, s, bits))
+        if tokens <= torch_tokens:  # the same pipeline with the torch lock-step entropy coder
+            s = timed(lambda: encode(kd, vd, level="balanced", backend="torch"), device, 1)
+            rows.append(_row("encode", tokens, "torch", "-", nbytes, s, bits))
             s = timed(lambda: decode(blob, device=device, backend="triton"), device, repeats)  # one launch
             rows.append(_row("decode", tokens, "triton", "-", nbytes, s, bits))
         s = timed(lambda: kd.clone(), device, repeats) * 2  # the device's copy bandwidth (the limit)
