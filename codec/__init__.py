@@ -9,6 +9,7 @@ The pipeline, one module per stage::
     rans_torch.py coder 3 decoded with torch, lanes as a tensor dimension (CPU/CUDA)
     rans_encode.py coder 3 encoded on a device (one Triton launch or a torch loop), numba's bytes
     substream.py  one layer x tensor x token block: quantized or lossless payload
+    device_encode.py every quantized substream of a group of layers at once on the device, same bytes
     container.py  header, substream index, CRC-32s, decoder limits (FORMAT.md)
     api.py        encode / decode / decode_layer / inspect / verify
     layers.py     decode_layers: yield layer by layer (numba threads or torch batches)

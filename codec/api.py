@@ -21,13 +21,13 @@ from typing import NamedTuple
 
 import torch
 
-from kvcodec.codec import container, substream
+from kvcodec.codec import container, device_encode, substream
 from kvcodec.codec.container import DecodeLimits, Header, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, MissingProfile
 from kvcodec.codec.kvfile import check_kv
 from kvcodec.codec.levels import DEFAULT_LEVEL, MODE_LOSSLESS, Level, get_level, level_by_id
 from kvcodec.codec.profile import Profile, builtin_profile, builtin_profile_by_digest, load_profile
-from kvcodec.codec.quantize import finalize_steps, head_rms, head_steps
+from kvcodec.codec.quantize import finalize_steps, head_rms
 from kvcodec.codec.rans_encode import entropy_encoder
 from kvcodec.codec.substream import StepRule
 
@@ -124,11 +124,20 @@ def _resolve_profile(profile, model: str, layers: int, heads: int, dim: int) -> 
 
 def _step_rule(level: Level, profile: Profile | None, layer: int, is_value: bool) -> StepRule:
     """How a substream's per-head steps are chosen: from the profile, else from its RMS."""
+    rule = _stats_step_rule(level, profile, layer, is_value)
+    return lambda x, factor=1.0: rule(*head_rms(x), factor)
+
+
+def _stats_step_rule(level: Level, profile: Profile | None, layer: int, is_value: bool):
+    """:func:`_step_rule` from :func:`head_rms`'s ``(rms, absmax)``: ``(rms, absmax, factor) -> steps``.
+
+    Elementwise, so ``rms`` / ``absmax`` may be ``[blocks, H]`` (the device encoder's batches).
+    """
     if profile is not None and level.name in profile.levels:
         target = profile.steps(level.name, layer, is_value)
-        return lambda x, factor=1.0: finalize_steps(target, head_rms(x)[1] * factor)
+        return lambda rms, absmax, factor=1.0: finalize_steps(target, absmax * factor)
     fraction = level.step_fraction(layer, is_value)
-    return lambda x, factor=1.0: head_steps(x, fraction)
+    return lambda rms, absmax, factor=1.0: finalize_steps(rms * fraction, absmax)  # = head_steps(x, fraction)
 
 
 def encode(
@@ -163,9 +172,10 @@ def encode(
             for ``model`` if there is one; ``None`` sets steps from the data's RMS.
         progress: optional ``callback(done, total)`` called per substream.
         threads: worker threads for substreams (the rANS coder releases the GIL).
-        backend: rANS entropy encoder: ``numba`` (default, host threads), or ``torch`` /
-            ``triton`` on the tensors' device (one substream at a time; the same bytes,
-            see :mod:`kvcodec.codec.rans_encode`).
+        backend: ``numba`` (default: per substream, symbols entropy-coded on host threads),
+            or ``torch`` / ``triton``: the lossy levels run on the tensors' device, all
+            substreams of a group of layers at once with one entropy batch (the same bytes,
+            see :mod:`kvcodec.codec.device_encode`); lossless stays on the host.
 
     Returns:
         The stream bytes.
@@ -177,11 +187,13 @@ def encode(
     with _cpu_threads(keys.device), entropy_encoder(backend, keys.device):  # device coders: this thread only
         return _encode(
             keys, values, level, model, first_position, token_block, sink_tokens, profile, progress,
-            threads if backend == "numba" else 1,
+            threads if backend == "numba" else 1, backend,
         )
 
 
-def _encode(keys, values, level, model, first_position, token_block, sink_tokens, profile, progress, threads) -> bytes:
+def _encode(
+    keys, values, level, model, first_position, token_block, sink_tokens, profile, progress, threads, backend="numba"
+) -> bytes:
     lv = get_level(level)
     if not 1 <= token_block <= DecodeLimits().max_token_block:
         raise InvalidInput(f"token_block: {token_block} is outside 1..{DecodeLimits().max_token_block}")
@@ -205,6 +217,12 @@ def _encode(keys, values, level, model, first_position, token_block, sink_tokens
         profile=prof.digest if prof else container.NO_PROFILE,
         flags=container.FLAG_TRANSFORM if use_transform else 0,
     )
+    if backend != "numba" and not lossless:  # batched on the device, same bytes
+        payloads = device_encode.encode_payloads(
+            keys, values, header, lambda layer, is_value: _stats_step_rule(lv, prof, layer, is_value),
+            lambda layer, is_value: prof.transform(layer, is_value) if use_transform else None, backend, progress,
+        )
+        return container.pack(header, payloads)
     jobs = [
         (layer, is_value, b, block)
         for layer in range(layers)
