@@ -21,8 +21,9 @@ into three parts, two of them plain tensor operations:
    ``2 * (lanes of this and earlier substreams) + (emitting symbols before it)``,
    an exclusive prefix sum (``torch.cumsum``) over the whole batch, and one scatter.
 
-:func:`entropy_encoder` makes :func:`rans.encode_deltas` (and so
-``kvcodec.codec.encode(..., backend=...)``) use this path in the current thread.
+:func:`entropy_encoder` makes :func:`rans.encode_deltas` use this path in the
+current thread; ``kvcodec.codec.encode(..., backend=...)`` codes a whole group of
+layers in one :func:`encode_flat_batch` call (:mod:`kvcodec.codec.device_encode`).
 """
 
 from __future__ import annotations
