@@ -78,6 +78,8 @@ CASES = {
 
 PROFILE_FILE = "profile_small.json"
 PROFILED_LEVELS = ("high", "compact")
+TRANSFORM_FILE = "profile_small_transform.json"
+TRANSFORM_LEVELS = ("high", "balanced", "compact")
 
 
 def _small_profile():
@@ -91,27 +93,44 @@ def _small_profile():
                    sink_tokens=1, step_scale=1.0, calibration={"source": "scripts/make_golden.py"})
 
 
-def _build_profiled(manifest: dict, put, changed: list[str], regen: bool) -> None:
-    """Streams of the small_fp16 input whose steps come from a profile (header digest set)."""
-    path = GOLDEN / PROFILE_FILE
-    if not path.exists():
-        changed.append(path.name)
-        if regen:
-            _small_profile().save(path)
-    profile = path if path.exists() else _small_profile()
+def _small_transform_profile():
+    """The small profile plus a transform fitted on the small_fp16 input (keys before RoPE)."""
+    import numpy as np
+
+    from kvcodec.codec.transform import Rope, fit_bases
+
+    profile = _small_profile()
     kv = read_kv(GOLDEN / "kv_small_fp16.safetensors")
-    for level in PROFILED_LEVELS:
-        blob = encode(kv.keys, kv.values, level=level, token_block=8, model=kv.model,
-                      first_position=kv.first_position, profile=profile)
-        stream = f"small_fp16.profiled.{level}.kvc"
-        put(GOLDEN / stream, blob)
-        out = decode(blob)
-        manifest[stream] = {
-            "input": "kv_small_fp16.safetensors", "level": level, "token_block": 8,
-            "model": kv.model, "first_position": kv.first_position, "bytes": len(blob),
-            "profile": PROFILE_FILE, "stream_sha256": hashlib.sha256(blob).hexdigest(),
-            "keys_sha256": tensor_digest(out.keys), "values_sha256": tensor_digest(out.values),
-        }
+    rope = Rope((1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).astype(np.float32))
+    profile.bases = fit_bases([(kv.keys, kv.values)], profile.weights, 8, rope, chunk=8)
+    profile.rope_inv_freq = rope.inv_freq
+    return profile
+
+
+def _build_profiled(manifest: dict, put, changed: list[str], regen: bool) -> None:
+    """Streams of the small_fp16 input whose steps come from a profile (header digest set),
+    with and without the profile's transform."""
+    kv = read_kv(GOLDEN / "kv_small_fp16.safetensors")
+    for name, builder, levels, tag in ((PROFILE_FILE, _small_profile, PROFILED_LEVELS, "profiled"),
+                                       (TRANSFORM_FILE, _small_transform_profile, TRANSFORM_LEVELS, "transform")):
+        path = GOLDEN / name
+        if not path.exists():  # profiles are written once, like the inputs
+            changed.append(path.name)
+            if regen:
+                builder().save(path)
+        profile = path if path.exists() else builder()
+        for level in levels:
+            blob = encode(kv.keys, kv.values, level=level, token_block=8, model=kv.model,
+                          first_position=kv.first_position, profile=profile)
+            stream = f"small_fp16.{tag}.{level}.kvc"
+            put(GOLDEN / stream, blob)
+            out = decode(blob, profile=profile)
+            manifest[stream] = {
+                "input": "kv_small_fp16.safetensors", "level": level, "token_block": 8,
+                "model": kv.model, "first_position": kv.first_position, "bytes": len(blob),
+                "profile": name, "stream_sha256": hashlib.sha256(blob).hexdigest(),
+                "keys_sha256": tensor_digest(out.keys), "values_sha256": tensor_digest(out.values),
+            }
 
 
 def build(regen: bool) -> tuple[dict, list[str]]:

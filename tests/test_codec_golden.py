@@ -49,12 +49,18 @@ def _libzstd() -> str:
     return ".".join(map(str, zstandard.ZSTD_VERSION))
 
 
+def _profile(entry: dict) -> Path | None:
+    """The profile a golden stream names (transform streams need it to decode)."""
+    return GOLDEN / entry["profile"] if "profile" in entry else None
+
+
 def test_manifest_covers_every_level_and_file():
     levels = {MANIFEST[s]["level"] for s in STREAMS}
     assert levels == {"lossless", "high", "balanced", "compact"}
     on_disk = {p.name for p in GOLDEN.glob("*.kvc")}
     assert on_disk == set(STREAMS)
     assert any("profile" in MANIFEST[s] for s in STREAMS)
+    assert any(inspect((GOLDEN / s).read_bytes()).transform for s in STREAMS)
     assert LEGACY_STREAMS, "the coder-2 legacy vectors are missing"
 
 
@@ -63,10 +69,10 @@ def test_golden_stream_decodes_to_recorded_digest(stream):
     entry = MANIFEST[stream]
     blob = (GOLDEN / stream).read_bytes()
     assert hashlib.sha256(blob).hexdigest() == entry["stream_sha256"], "golden file itself changed"
-    kv = decode(blob)
+    kv = decode(blob, profile=_profile(entry))
     assert make_golden.tensor_digest(kv.keys) == entry["keys_sha256"]
     assert make_golden.tensor_digest(kv.values) == entry["values_sha256"]
-    info = verify(blob)
+    info = verify(blob, profile=_profile(entry))
     assert info.level == entry["level"] and info.model == entry["model"]
     assert info.first_position == entry["first_position"] and info.total_bytes == entry["bytes"]
 
@@ -76,7 +82,7 @@ def test_torch_decoder_gives_the_recorded_digest(stream):
     """The torch rANS decoder (the one CUDA uses), run here on the CPU, decodes the golden
     streams to the same bits as the numba decoder."""
     entry = MANIFEST[stream]
-    kv = decode((GOLDEN / stream).read_bytes(), backend="torch")
+    kv = decode((GOLDEN / stream).read_bytes(), backend="torch", profile=_profile(entry))
     assert make_golden.tensor_digest(kv.keys) == entry["keys_sha256"]
     assert make_golden.tensor_digest(kv.values) == entry["values_sha256"]
 
