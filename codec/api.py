@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -215,7 +216,7 @@ def _encode(
         token_block=token_block, first_position=first_position, model=model,
         raw_tokens=0 if lossless else max(0, min(tokens, sink_tokens - first_position)),
         profile=prof.digest if prof else container.NO_PROFILE,
-        flags=container.FLAG_TRANSFORM if use_transform else 0,
+        flags=(container.FLAG_TRANSFORM if use_transform else 0) | (0 if lossless else container.FLAG_PACKED_SIDE),
     )
     if backend != "numba" and not lossless:  # batched on the device, same bytes
         payloads = device_encode.encode_payloads(
@@ -237,7 +238,8 @@ def _encode(
         rule = _step_rule(lv, prof, layer, is_value)
         tr = prof.transform(layer, is_value) if use_transform else None
         return substream.encode_quantized(
-            block, rule, header.block_raw_tokens(b), header.coder, tr, header.block_quantized_position(b)
+            block, rule, header.block_raw_tokens(b), header.coder, tr, header.block_quantized_position(b),
+            header.packed_side,
         )
 
     payloads: list[bytes] = []
@@ -286,7 +288,7 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor
             return out.to(dtype)
         return substream.decode_quantized(
             view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder, out,
-            block_transform(layout, sid), h.block_quantized_position(block),
+            block_transform(layout, sid), h.block_quantized_position(block), h.packed_side,
         )
     except container.ChecksumMismatch:
         raise
@@ -342,7 +344,7 @@ def _min_length(h: Header, block: int) -> int:
         return 4 * width
     n_raw = h.block_raw_tokens(block)
     return substream.quantized_min_bytes(
-        h.kv_heads, h.head_dim, width, n_raw, h.block_tokens(block) - n_raw, h.coder
+        h.kv_heads, h.head_dim, width, n_raw, h.block_tokens(block) - n_raw, h.coder, h.packed_side
     )
 
 
@@ -482,11 +484,15 @@ def _side_bytes(data, layout: Layout) -> int:
         if h.mode == MODE_LOSSLESS:
             side += 4 * container.DTYPE_BYTES[h.dtype]
         elif h.block_tokens(block) > h.block_raw_tokens(block):
-            side += substream.quantized_side_bytes(h.kv_heads, h.head_dim, h.coder)
-            if h.coder == container.CODER_RANS:  # two-byte centres when one did not fit in int8
-                at = layout.offsets[sid] + h.kv_heads * h.block_raw_tokens(block) * h.head_dim * (
-                    container.DTYPE_BYTES[h.dtype]) + 4 * h.kv_heads
-                if at < min(len(data), layout.offsets[sid] + layout.lengths[sid]) and data[at] == 2:
+            side += substream.quantized_side_bytes(h.kv_heads, h.head_dim, h.coder, h.packed_side)
+            at = layout.offsets[sid] + h.kv_heads * h.block_raw_tokens(block) * h.head_dim * (
+                container.DTYPE_BYTES[h.dtype]) + 4 * h.kv_heads
+            end = min(len(data), layout.offsets[sid] + layout.lengths[sid])
+            if h.packed_side:  # the coded side symbols: n_side_escapes + n_side_words u16 values
+                if at + 10 <= end:
+                    side += 2 * sum(struct.unpack_from("<II", data, at + 2))
+            elif h.coder == container.CODER_RANS:  # two-byte centres when one did not fit in int8
+                if at < end and data[at] == 2:
                     side += h.kv_heads * h.head_dim
     return layout.header_bytes + layout.index_bytes + side
 

@@ -40,7 +40,8 @@ CODER_NAMES = {CODER_ZSTD_PLANES: "zstd-byte-planes", CODER_ANS: "ans-geometric"
 MAX_MODEL_NAME = 256
 NO_PROFILE = bytes(32)
 FLAG_TRANSFORM = 0x0001  # quantized in the profile's transform domain (FORMAT.md, "Transform")
-KNOWN_FLAGS = FLAG_TRANSFORM
+FLAG_PACKED_SIDE = 0x0002  # coder 3's side information is entropy-coded (FORMAT.md, "Packed side information")
+KNOWN_FLAGS = FLAG_TRANSFORM | FLAG_PACKED_SIDE
 MAX_ROPE_POSITION = 1 << 28  # RoPE angles stay exact float64 products below this
 
 # magic, version, flags, mode, level, dtype, coder, layers, kv_heads, tokens,
@@ -123,6 +124,10 @@ class Header:
     @property
     def transformed(self) -> bool:
         return bool(self.flags & FLAG_TRANSFORM)
+
+    @property
+    def packed_side(self) -> bool:
+        return bool(self.flags & FLAG_PACKED_SIDE)
 
     def block_quantized_position(self, block: int) -> int:
         """Absolute position of the first quantized (not raw) token of ``block``."""
@@ -207,11 +212,6 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
         raise ChecksumMismatch(f"header: crc32 0x{actual:08x} != stored 0x{stored:08x}")
     if flags & ~KNOWN_FLAGS:
         raise UnsupportedFormat(f"flags: reserved bits set (0x{flags & ~KNOWN_FLAGS:04x})")
-    if flags & FLAG_TRANSFORM and (coder != CODER_RANS or bytes(profile) == NO_PROFILE):
-        raise UnsupportedFormat("flags: the transform flag needs coder 3 and a profile digest")
-    if flags & FLAG_TRANSFORM and not 0 <= first_position <= MAX_ROPE_POSITION - tokens:
-        raise UnsupportedFormat(f"first_position: {first_position} with {tokens} tokens is outside the "
-                                f"transform's position range 0..{MAX_ROPE_POSITION}")
     if reserved:
         raise UnsupportedFormat(f"reserved header field: {reserved} (must be 0)")
     if dtype_id not in DTYPE_NAMES:
@@ -222,6 +222,13 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
         raise UnsupportedFormat(f"mode: unknown mode {mode}")
     if (mode == 0) != (coder == CODER_ZSTD_PLANES):
         raise UnsupportedFormat(f"coder: coder id {coder} does not fit mode {mode}")
+    if flags & FLAG_TRANSFORM and (coder != CODER_RANS or bytes(profile) == NO_PROFILE):
+        raise UnsupportedFormat("flags: the transform flag needs coder 3 and a profile digest")
+    if flags & FLAG_PACKED_SIDE and coder != CODER_RANS:
+        raise UnsupportedFormat("flags: packed side information needs coder 3")
+    if flags & FLAG_TRANSFORM and not 0 <= first_position <= MAX_ROPE_POSITION - tokens:
+        raise UnsupportedFormat(f"first_position: {first_position} with {tokens} tokens is outside the "
+                                f"transform's position range 0..{MAX_ROPE_POSITION}")
     try:
         model = bytes(data[HEADER_FIXED_SIZE:end]).decode("utf-8")
     except UnicodeDecodeError:

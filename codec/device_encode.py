@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvcodec.codec import entropy
+from kvcodec.codec import entropy, substream
 from kvcodec.codec.container import Header
 from kvcodec.codec.quantize import STAT_GRID
 from kvcodec.codec.rans_encode import encode_flat_batch
@@ -292,10 +292,8 @@ def _payload(h: Header, segments: _Segments, raw, quant: _Quantized | None, g: i
     if s is not None:
         steps, centers, classes = quant.steps[g, kind, s], quant.centers[g, kind, s], quant.classes[g, kind, s]
         words, escapes = quant.coded[(g * 2 + kind) * len(segments.blocks) + s]
-        width = 1 if centers.size == 0 or (centers.min() >= -128 and centers.max() <= 127) else 2
-        out += [steps.astype("<f4").tobytes(), bytes((width,)), centers.astype(f"<i{width}").tobytes(),
-                np.ascontiguousarray(classes).tobytes(), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
-                words.astype("<u2").tobytes()]
+        out += [substream.pack_side(steps, centers, np.ascontiguousarray(classes), h.packed_side),
+                _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes()]
     return b"".join(out)
 
 

@@ -172,9 +172,10 @@ def _decode_batch(data, layout: Layout, sids: list[int], dtype, device, backend:
         n_raw, tokens = h.block_raw_tokens(block), h.block_tokens(block)
         try:
             raw, rest = substream.split_raw(
-                container.substream(data, layout, sid), h.kv_heads, tokens, h.head_dim, stored, n_raw, h.coder
+                container.substream(data, layout, sid), h.kv_heads, tokens, h.head_dim, stored, n_raw, h.coder,
+                h.packed_side,
             )
-            p = substream.parse_rans(rest, h.kv_heads, h.head_dim) if tokens > n_raw else None
+            p = substream.parse_rans(rest, h.kv_heads, h.head_dim, h.packed_side) if tokens > n_raw else None
         except CorruptStream as exc:
             raise CorruptStream(f"{h.describe(sid)}: {exc}") from None
         raws.append(raw)

@@ -325,6 +325,12 @@ def encode_deltas(deltas: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, 
     device_encoder = DEVICE_ENCODER.get()
     if device_encoder is not None:  # the same bytes, coded by rans_encode on a device
         return device_encoder(deltas, classes)
+    return encode_deltas_host(deltas, classes)
+
+
+def encode_deltas_host(deltas: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_deltas` on the host (numba) whatever device encoder is active: for tiny
+    inputs such as packed side information, where a device launch costs more than it saves."""
     words, escapes, status = _encode(
         np.ascontiguousarray(deltas, dtype=np.int32), np.ascontiguousarray(classes, dtype=np.uint8), ESC, FREQ, CUM, _INV
     )

@@ -40,17 +40,75 @@ CODER_ANS = 2
 CODER_RANS = 3
 
 
-def quantized_side_bytes(heads: int, dim: int, coder: int = CODER_RANS) -> int:
-    """Size of the fixed side information of a quantized substream's quantized part."""
+def quantized_side_bytes(heads: int, dim: int, coder: int = CODER_RANS, packed: bool = False) -> int:
+    """Size of the fixed side information of a quantized substream's quantized part.
+
+    With ``packed`` (coder 3, header flag 2) the fixed part is the smallest possible
+    (no side symbols coded); the coded side symbols come on top.
+    """
     channels = heads * dim
     if coder == CODER_ANS:
         return 4 * heads + 5 * channels
+    if packed:
+        return 4 * heads + _PACKED_FIXED
     return 4 * heads + 1 + 2 * channels + 4  # with one-byte centres (the smallest layout)
 
 
-def quantized_min_bytes(heads: int, dim: int, width: int, n_raw: int, n_quant: int, coder: int = CODER_RANS) -> int:
+def quantized_min_bytes(
+    heads: int, dim: int, width: int, n_raw: int, n_quant: int, coder: int = CODER_RANS, packed: bool = False
+) -> int:
     """Smallest valid quantized substream: raw tokens plus the side information."""
-    return heads * n_raw * dim * width + (quantized_side_bytes(heads, dim, coder) if n_quant else 0)
+    return heads * n_raw * dim * width + (quantized_side_bytes(heads, dim, coder, packed) if n_quant else 0)
+
+
+# packed side information: side_classes u8[2], n_side_escapes u32, n_side_words u32, then n_escapes u32
+_PACKED_FIXED = 2 + 4 + 4 + 4
+_U32x2 = struct.Struct("<II")
+
+
+def pack_side(steps: np.ndarray, centers: np.ndarray, classes: np.ndarray, packed: bool) -> bytes:
+    """A coder-3 substream's side information, up to (not including) ``n_escapes``.
+
+    Plain: ``steps | width | centres | classes``. Packed: ``steps | side_classes u8[2] |
+    n_side_escapes u32 | n_side_words u32 | side_escapes u16[] | side_words u16[]`` where the
+    side symbols are two rows of ``C``, the class differences ``classes[c] - classes[c-1]``
+    (``classes[-1] = 0``) and the centres, coded with coder 3's own rANS and static classes.
+    """
+    head = steps.astype("<f4").tobytes()
+    if not packed:
+        width = 1 if centers.size == 0 or (centers.min() >= -128 and centers.max() <= 127) else 2
+        return b"".join((head, bytes((width,)), centers.astype(f"<i{width}").tobytes(), classes.tobytes()))
+    rows = np.stack([np.diff(classes.astype(np.int32), prepend=0), centers.astype(np.int32)])
+    absd = np.abs(rows.astype(np.int64))
+    side_classes = entropy.scale_classes(absd.sum(axis=1), absd.max(axis=1, initial=0), rows.shape[1])
+    words, escapes = rans.encode_deltas_host(rows, side_classes)
+    return b"".join((head, side_classes.tobytes(), _U32x2.pack(len(escapes), len(words)),
+                     escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes()))
+
+
+def _parse_packed_side(payload: memoryview, pos: int, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode packed side information at ``pos``; returns ``(centres, classes, next pos)``."""
+    side_classes = np.frombuffer(payload, dtype=np.uint8, count=2, offset=pos).copy()
+    rans.check_classes(side_classes)
+    n_esc, n_words = _U32x2.unpack_from(payload, pos + 2)
+    pos += 10
+    end = pos + 2 * (n_esc + n_words)
+    if end + 4 > len(payload):
+        raise CorruptStream(f"side information: {n_esc} escapes and {n_words} words do not fit the "
+                            f"{len(payload)}-byte substream")
+    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=pos).astype(np.uint16)
+    words = np.frombuffer(payload, dtype="<u2", count=n_words, offset=pos + 2 * n_esc).astype(np.uint16)
+    try:
+        rows = rans.decode_deltas(words, escapes, side_classes, channels)
+    except CorruptStream as exc:
+        raise CorruptStream(f"side information: {exc}") from None
+    classes = np.cumsum(rows[0].astype(np.int64))
+    if classes.size and (classes.min() < 0 or classes.max() > entropy.NUM_CLASSES):
+        raise CorruptStream(f"classes: decoded class outside 0..{entropy.NUM_CLASSES}")
+    centers = rows[1].astype(np.int64)
+    if centers.size and (centers.min() < -32768 or centers.max() > 32767):
+        raise CorruptStream("centres: decoded centre outside int16")
+    return centers.astype(np.int32), classes.astype(np.uint8), end
 
 
 @dataclass
@@ -88,6 +146,7 @@ def encode_quantized(
     coder: int = CODER_RANS,
     transform: Transform | None = None,
     first: int = 0,
+    packed: bool = False,
 ) -> bytes:
     """Encode ``x`` (``[H, T, D]`` in its stored dtype, any device).
 
@@ -95,7 +154,8 @@ def encode_quantized(
     rest are quantized with the steps ``step_rule`` picks and entropy-coded
     with ``coder`` (3: interleaved rANS, 2: constriction ANS). With a
     ``transform`` (coder 3 only) the rest is quantized in its domain;
-    ``first`` is the absolute position of the first quantized token.
+    ``first`` is the absolute position of the first quantized token; ``packed``
+    entropy-codes coder 3's side information (header flag 2).
     """
     raw = _raw_bytes(x[:, :n_raw]) if n_raw else b""
     rest = x[:, n_raw:].float()
@@ -120,26 +180,27 @@ def encode_quantized(
     centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
     classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
     words, escapes = rans.encode_deltas(deltas, classes)
-    width = 1 if centers.size == 0 or (centers.min() >= -128 and centers.max() <= 127) else 2
     return b"".join((
-        raw, steps.astype("<f4").tobytes(), bytes((width,)), centers.astype(f"<i{width}").tobytes(),
-        classes.tobytes(), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
+        raw, pack_side(steps, centers, classes, packed), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
         words.astype("<u2").tobytes(),
     ))
 
 
-def parse_rans(payload: memoryview, heads: int, dim: int) -> RansPayload:
+def parse_rans(payload: memoryview, heads: int, dim: int, packed: bool = False) -> RansPayload:
     """Split a coder-3 quantized part (after the raw tokens) into its fields.
 
     Raises:
         CorruptStream: a field is invalid or does not fit the substream.
     """
     channels = heads * dim
-    fixed = quantized_side_bytes(heads, dim, CODER_RANS)
+    fixed = quantized_side_bytes(heads, dim, CODER_RANS, packed)
     if len(payload) < fixed:
         raise CorruptStream(f"side information: {len(payload)} bytes, needs {fixed}")
     steps = _read_steps(payload, heads)
     pos = 4 * heads
+    if packed:
+        centers, classes, pos = _parse_packed_side(payload, pos, channels)
+        return _parse_words(payload, pos, steps, centers, classes)
     width = payload[pos]
     if width not in (1, 2):
         raise CorruptStream(f"centre width: {width} (must be 1 or 2)")
@@ -151,6 +212,11 @@ def parse_rans(payload: memoryview, heads: int, dim: int) -> RansPayload:
     classes = np.frombuffer(payload, dtype=np.uint8, count=channels, offset=pos).copy()
     rans.check_classes(classes)
     pos += channels
+    return _parse_words(payload, pos, steps, centers, classes)
+
+
+def _parse_words(payload: memoryview, pos: int, steps, centers, classes) -> RansPayload:
+    """``n_escapes | escapes | words`` from ``pos`` to the end of the substream."""
     n_esc = _U32.unpack_from(payload, pos)[0]
     pos += 4
     if pos + 2 * n_esc > len(payload):
@@ -171,7 +237,8 @@ def _read_steps(payload: memoryview, heads: int) -> np.ndarray:
 
 
 def split_raw(
-    payload: memoryview, heads: int, tokens: int, dim: int, stored: torch.dtype, n_raw: int, coder: int
+    payload: memoryview, heads: int, tokens: int, dim: int, stored: torch.dtype, n_raw: int, coder: int,
+    packed: bool = False,
 ) -> tuple[torch.Tensor | None, memoryview]:
     """Check the substream's minimum size; return its raw tokens (or None) and the rest.
 
@@ -180,7 +247,7 @@ def split_raw(
     """
     width = torch.empty(0, dtype=stored).element_size()
     n_quant = tokens - n_raw
-    need = quantized_min_bytes(heads, dim, width, n_raw, n_quant, coder)
+    need = quantized_min_bytes(heads, dim, width, n_raw, n_quant, coder, packed)
     if len(payload) < need:
         raise CorruptStream(f"side information: {len(payload)} bytes, needs {need}")
     raw_len = heads * n_raw * dim * width
@@ -205,18 +272,19 @@ def decode_quantized(
     out: torch.Tensor | None = None,
     transform: Transform | None = None,
     first: int = 0,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Inverse of :func:`encode_quantized`; raises :class:`CorruptStream` on bad content.
 
     With ``out`` (``[heads, tokens, dim]`` of ``dtype`` on ``device``, e.g. a slice of
     the caller's output) the block is written there and ``out`` is returned.
     """
-    raw, payload = split_raw(payload, heads, tokens, dim, stored, n_raw, coder)
+    raw, payload = split_raw(payload, heads, tokens, dim, stored, n_raw, coder, packed)
     n_quant = tokens - n_raw
     if n_quant == 0:
         return raw.to(dtype).to(device)
     if coder == CODER_RANS:
-        p = parse_rans(payload, heads, dim)
+        p = parse_rans(payload, heads, dim, packed)
         steps, centers = p.steps, p.centers
         deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
     else:

@@ -29,11 +29,14 @@ from kvcodec.codec import container
 from kvcodec.codec.api import decode, decode_layer, inspect, verify
 from kvcodec.codec.container import DecodeLimits
 from kvcodec.codec.errors import KVCodecError
+from kvcodec.codec.profile import load_profile
 
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "digests.json").read_text())
 SEEDS = {name: (GOLDEN / name).read_bytes() for name in sorted(MANIFEST) if not name.startswith("_")}
 ORIGINALS = set(SEEDS.values())
+# the transform seeds decode only with their profile (any other stream ignores it)
+PROFILE = load_profile(GOLDEN / "profile_small_transform.json")
 CASES = int(os.environ.get("KVCODEC_FUZZ_CASES", "2000"))
 SEED = int(os.environ.get("KVCODEC_FUZZ_SEED", "20261122"))
 MAX_SECONDS = 2.0
@@ -108,7 +111,7 @@ def run_decoders(data: bytes) -> tuple[int, bool]:
     accepted = 0
     decoded = False
     try:
-        kv = decode(data, limits=LIMITS)
+        kv = decode(data, limits=LIMITS, profile=PROFILE)
         h = container.parse(data, LIMITS).header
         assert tuple(kv.keys.shape) == (h.layers, h.kv_heads, h.tokens, h.head_dim)
         assert kv.values.shape == kv.keys.shape
@@ -119,12 +122,12 @@ def run_decoders(data: bytes) -> tuple[int, bool]:
     except KVCodecError:
         pass
     for call in (
-        lambda: decode_layer(data, 0, limits=LIMITS),
+        lambda: decode_layer(data, 0, limits=LIMITS, profile=PROFILE),
         lambda: inspect(data, limits=LIMITS),
-        lambda: verify(data, limits=LIMITS, full=True),
+        lambda: verify(data, limits=LIMITS, full=True, profile=PROFILE),
         lambda: verify(data, limits=LIMITS, full=False),
-        lambda: decode(data, limits=LIMITS, allow_trailing=True, threads=2),
-        lambda: decode(data, limits=LIMITS, backend="torch"),  # the GPU decoder, run on the CPU
+        lambda: decode(data, limits=LIMITS, allow_trailing=True, threads=2, profile=PROFILE),
+        lambda: decode(data, limits=LIMITS, backend="torch", profile=PROFILE),  # the GPU decoder, on the CPU
     ):
         try:
             call()

@@ -33,9 +33,11 @@ from kvcodec.codec.quantize import head_steps, quantize_block
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "digests.json").read_text())
 STREAMS = sorted(k for k in MANIFEST if not k.startswith("_"))
-LEGACY_DIR = GOLDEN.parent / "golden_coder2"
-LEGACY = json.loads((LEGACY_DIR / "digests.json").read_text()) if LEGACY_DIR.is_dir() else {}
-LEGACY_STREAMS = sorted(k for k in LEGACY if not k.startswith("_"))
+# streams of older encoders that must decode forever: coder 2, and coder 3 before packed side information
+LEGACY_DIRS = [GOLDEN.parent / "golden_coder2", GOLDEN.parent / "golden_coder3_plain"]
+LEGACY = {f"{d.name}/{k}": (d, v) for d in LEGACY_DIRS if d.is_dir()
+          for k, v in json.loads((d / "digests.json").read_text()).items() if not k.startswith("_")}
+LEGACY_STREAMS = sorted(LEGACY)
 LOSSY_STREAMS = [s for s in STREAMS if MANIFEST[s]["level"] != "lossless"]
 
 _spec = importlib.util.spec_from_file_location("make_golden", GOLDEN.parent.parent / "scripts" / "make_golden.py")
@@ -61,7 +63,7 @@ def test_manifest_covers_every_level_and_file():
     assert on_disk == set(STREAMS)
     assert any("profile" in MANIFEST[s] for s in STREAMS)
     assert any(inspect((GOLDEN / s).read_bytes()).transform for s in STREAMS)
-    assert LEGACY_STREAMS, "the coder-2 legacy vectors are missing"
+    assert {d.name for d, _ in LEGACY.values()} == {d.name for d in LEGACY_DIRS}, "legacy vectors are missing"
 
 
 @pytest.mark.parametrize("stream", STREAMS)
@@ -111,9 +113,10 @@ def test_profiled_stream_records_the_profile_digest(stream):
 
 @pytest.mark.parametrize("stream", LEGACY_STREAMS)
 def test_legacy_streams_still_decode_to_recorded_digest(stream):
-    """Streams written by older encoders (coder 2, constriction ANS) decode forever."""
-    entry = LEGACY[stream]
-    blob = (LEGACY_DIR / stream).read_bytes()
+    """Streams written by older encoders (coder 2, constriction ANS; coder 3 with plain side
+    information) decode forever."""
+    folder, entry = LEGACY[stream]
+    blob = (folder / stream.split("/", 1)[1]).read_bytes()
     assert hashlib.sha256(blob).hexdigest() == entry["stream_sha256"]
     kv = decode(blob)
     assert make_golden.tensor_digest(kv.keys) == entry["keys_sha256"]
