@@ -8,7 +8,6 @@ in-process Triton tests skip and one test reruns this module in a subprocess.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 _PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
@@ -16,6 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np
 import pytest
+from _triton_fixtures import compile_without_gpu, rerun_under_interpreter
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -163,20 +163,11 @@ def test_unknown_or_unusable_backend_is_invalid_input():
 def test_whole_module_in_subprocess_when_triton_was_imported_first():
     if not _PREIMPORTED:
         pytest.skip("triton runs in the interpreter in this process; the tests above ran here")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rerun_under_interpreter(__file__)
 
 
 @needs_triton
 @pytest.mark.parametrize("capability", [80, 90])
 def test_encoder_kernel_compiles_for_cuda_without_a_gpu(capability, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    code = (f"from kvcodec.codec import rans_encode; asm = rans_encode.compile_for({capability}); "
-            "print(len(asm['cubin']), asm['ptx'].count('st.global'))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cubin_bytes, global_stores = (int(x) for x in proc.stdout.split())
+    cubin_bytes, global_stores = compile_without_gpu("rans_encode", capability, tmp_path, "st.global")
     assert cubin_bytes > 1000 and global_stores > 0

@@ -18,6 +18,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np
 import pytest
+from _triton_fixtures import compile_without_gpu, rerun_under_interpreter
 import torch
 
 from kvcodec.codec import decode, encode, entropy, rans, rans_triton
@@ -123,22 +124,13 @@ def test_corrupt_substreams_raise_corrupt_stream():
 def test_whole_module_in_subprocess_when_triton_was_imported_first():
     if not _PREIMPORTED:
         pytest.skip("triton runs in the interpreter in this process; the tests above ran here")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rerun_under_interpreter(__file__)
 
 
 @pytest.mark.parametrize("capability", [80, 90])
 def test_kernel_compiles_for_cuda_without_a_gpu(capability, tmp_path):
     """The interpreter does not type-check like the compiler: build the real cubin (A100, H100) too."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    code = (f"from kvcodec.codec import rans_triton; asm = rans_triton.compile_for({capability}); "
-            "print(len(asm['cubin']), asm['ptx'].count('ld.global'))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cubin_bytes, global_loads = (int(x) for x in proc.stdout.split())
+    cubin_bytes, global_loads = compile_without_gpu("rans_triton", capability, tmp_path, "ld.global")
     assert cubin_bytes > 1000 and global_loads > 0
 
 
