@@ -318,7 +318,8 @@ def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) 
         given = "" if profile is None else f"; the given profile is {profile.digest.hex()[:16]}…"
         raise MissingProfile(
             f"profile: the stream was coded with the transform of profile {h.profile.hex()[:16]}…, "
-            f"which is not shipped{given} (pass the profile file with --profile / profile=)"
+            f"which is neither shipped nor in $KVCODEC_PROFILE_PATH{given} (pass the profile file "
+            "with --profile / profile=, or put it in a directory named by KVCODEC_PROFILE_PATH)"
         )
     if not (profile.has_transform and profile.matches(h.layers, h.kv_heads, h.head_dim)):
         raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no transform for this stream's layout")

@@ -199,22 +199,37 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     return profile_from_json(body, str(path))
 
 
-@lru_cache(maxsize=1)
+PROFILE_PATH_ENV = "KVCODEC_PROFILE_PATH"
+
+
 def builtin_profiles() -> tuple[tuple[bytes, Profile], ...]:
-    """Every shipped profile with its digest (read once per process; treat as read-only)."""
+    """Every known profile with its digest: those in the directories of ``$KVCODEC_PROFILE_PATH``
+    (``os.pathsep``-separated, searched first) and the ones shipped with kvcodec.
+
+    Read once per process and path value; treat the profiles as read-only.
+    """
+    return _known_profiles(os.environ.get(PROFILE_PATH_ENV, ""))
+
+
+@lru_cache(maxsize=4)
+def _known_profiles(search_path: str) -> tuple[tuple[bytes, Profile], ...]:
     from importlib.resources import files
 
-    folder = files("kvcodec") / "profiles"
     found = []
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else []:
+    for folder in [Path(p) for p in search_path.split(os.pathsep) if p]:
+        if not folder.is_dir():
+            raise InvalidInput(f"{PROFILE_PATH_ENV}: {folder} is not a directory")
+        for entry in sorted(folder.glob("*.json")):
+            found.append(load_profile(entry))
+    shipped = files("kvcodec") / "profiles"
+    for entry in sorted(shipped.iterdir(), key=lambda e: e.name) if shipped.is_dir() else []:
         if entry.name.endswith(".json"):
-            profile = profile_from_json(json.loads(entry.read_text()), entry.name)
-            found.append((profile.digest, profile))
-    return tuple(found)
+            found.append(profile_from_json(json.loads(entry.read_text()), entry.name))
+    return tuple((profile.digest, profile) for profile in found)
 
 
 def builtin_profile(model: str, layers: int, kv_heads: int, head_dim: int) -> Profile | None:
-    """The shipped profile for ``model`` with this layout, if there is one."""
+    """The known profile (see :func:`builtin_profiles`) for ``model`` with this layout, if any."""
     if not model:
         return None
     for _, profile in builtin_profiles():
@@ -225,5 +240,5 @@ def builtin_profile(model: str, layers: int, kv_heads: int, head_dim: int) -> Pr
 
 
 def builtin_profile_by_digest(digest: bytes) -> Profile | None:
-    """The shipped profile whose SHA-256 is ``digest``, if any."""
+    """The known profile (see :func:`builtin_profiles`) whose SHA-256 is ``digest``, if any."""
     return next((p for d, p in builtin_profiles() if d == digest), None)

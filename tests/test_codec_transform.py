@@ -153,7 +153,7 @@ def test_positions_matter_and_are_recorded(profile):
 def test_missing_or_wrong_profile_is_a_clear_error(profile, tmp_path):
     keys, values = _kv(7)
     blob = encode(keys, values, model="tiny", profile=profile)
-    with pytest.raises(MissingProfile, match="not shipped.*--profile"):
+    with pytest.raises(MissingProfile, match="neither shipped nor in .KVCODEC_PROFILE_PATH.*--profile"):
         decode(blob)
     other = copy.deepcopy(profile)
     other.levels["balanced"] = 0.21
@@ -211,3 +211,18 @@ def test_cli_decode_and_verify_take_the_profile(profile, tmp_path):
     assert main(["decode", str(out), str(tmp_path / "back.safetensors"), "--profile", str(prof_path)]) == 0
     assert main(["verify", str(out), "--profile", str(prof_path)]) == 0
     assert main(["verify", str(out)]) == 1
+
+
+def test_profiles_in_the_search_path_are_found_by_model_and_digest(profile, tmp_path, monkeypatch):
+    from kvcodec.codec.profile import PROFILE_PATH_ENV, builtin_profile
+
+    keys, values = _kv(10)
+    profile.save(tmp_path / "tiny.json")
+    monkeypatch.setenv(PROFILE_PATH_ENV, str(tmp_path))
+    assert builtin_profile("tiny", LAYERS, HEADS, DIM).digest == profile.digest
+    blob = encode(keys, values, model="tiny")  # profile="auto" finds it by model name
+    assert inspect(blob).transform and inspect(blob).profile == profile.digest.hex()
+    assert torch.equal(decode(blob).keys, decode(blob, profile=profile).keys)  # ... and by digest
+    monkeypatch.setenv(PROFILE_PATH_ENV, str(tmp_path / "missing"))
+    with pytest.raises(InvalidInput, match="KVCODEC_PROFILE_PATH: .*missing is not a directory"):
+        encode(keys, values, model="tiny")

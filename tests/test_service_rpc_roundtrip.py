@@ -107,3 +107,30 @@ def test_bad_requests_name_the_field(start_server):
             list(client.get_chunks([pb.ChunkRef(index=9, level="balanced")], ctx))
         with pytest.raises(RequestRejected, match="quality_floor"):
             client.plan(ctx, quality_floor="perfect")
+
+
+def test_streams_coded_with_a_custom_transform_profile_round_trip(start_server, tmp_path, monkeypatch):
+    """A profile from `kvcodec calibrate` in KVCODEC_PROFILE_PATH: the client encodes with its
+    transform, the server verifies such streams (it needs the profile to decode them)."""
+    import numpy as np
+
+    from kvcodec.codec import inspect
+    from kvcodec.codec.profile import PROFILE_PATH_ENV, Profile
+    from kvcodec.codec.transform import Rope, fit_bases
+
+    ctx = toy_context(tokens=64, chunk_tokens=32, seed=4)
+    keys, values = toy_kv(ctx, seed=4)
+    lay = ctx.layout
+    weights = np.ones((lay.layers, 2, lay.kv_heads))
+    prof = Profile(lay.model, lay.layers, lay.kv_heads, lay.head_dim, weights, {"balanced": 0.3})
+    prof.rope_inv_freq = (1.0 / 10000 ** (np.arange(0, lay.head_dim, 2) / lay.head_dim)).astype(np.float32)
+    prof.bases = fit_bases([(keys, values)], weights, lay.head_dim, Rope(prof.rope_inv_freq))
+    prof.save(tmp_path / "svc.json")
+    monkeypatch.setenv(PROFILE_PATH_ENV, str(tmp_path))
+    server = start_server("local")
+    with CacheClient(server.address) as client:
+        assert all(r.created for r in client.put_kv(ctx, keys, values, level="balanced"))
+        fetched = client.fetch_kv(ctx, level="balanced")
+        assert all(inspect(c.blob).transform for c in fetched)
+        got = torch.cat([c.kv.keys for c in fetched], dim=2).float()
+        assert (got - keys.float()).abs().mean() < 0.2 * keys.float().abs().mean()
