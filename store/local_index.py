@@ -34,6 +34,7 @@ CREATE TRIGGER IF NOT EXISTS entries_del AFTER DELETE ON entries BEGIN
   UPDATE totals SET bytes = bytes - OLD.size, count = count - 1 WHERE id = 0; END;
 """
 TOUCH_BATCH = 256
+INIT_TIMEOUT_S = 30.0  # how long opening the index waits for another process creating it
 
 
 def map_sqlite_error(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -56,11 +57,28 @@ class LocalIndex:
         try:
             self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False,
                                        isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, path) from None
+        # Two processes opening a new store at once: switching to WAL takes an exclusive lock
+        # and SQLite reports "database is locked" at once instead of waiting, so retry.
+        deadline = time.monotonic() + INIT_TIMEOUT_S
+        delay = 0.005
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() > deadline:
+                    self._db.close()
+                    raise map_sqlite_error(exc, path) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            except sqlite3.Error as exc:
+                self._db.close()
+                raise map_sqlite_error(exc, path) from None
 
     def _run(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
         try:

@@ -75,7 +75,7 @@ def test_cancelled_put_leaves_no_entry_and_handler_stops(start_server):
         future.cancel()
         release.set()
         assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_cancelled_total",
-                                                      method="Put") == 1)
+                                                      method="Put") == 1, timeout=20.0)  # slow under load
         assert _wait_for(lambda: server.metrics.value("kvcodec_rpc_in_flight") == 0)
         assert not any(e.present for c in client.lookup(ctx, levels=["high"]).chunks for e in c.levels)
 
