@@ -2,9 +2,11 @@
 
     python benchmarks/transform_bench.py --text /usr/share/common-licenses/GPL-3 [--text ...]
 
-For each text and lossy level, encode the SmolLM2 prefix KV three ways — no profile (steps from
+For each text and lossy level, encode the SmolLM2 prefix KV four ways — no profile (steps from
 the data's RMS), the shipped profile with its transform removed (same sensitivities and
-lambdas), and the shipped profile as is (keys before RoPE, per-head KLT bases) — then print
+lambdas), the same with only RoPE removed from keys (identity bases, what ``kvcodec calibrate
+--transform rope`` writes), and the shipped profile as is (keys before RoPE, per-head KLT
+bases) — then print
 bits per element, perplexity change and greedy agreement (kvcodec.client.quality), and
 single-thread encode/decode MB/s of fp16 KV on this machine (best of ``--repeat``).
 """
@@ -24,6 +26,7 @@ from common import machine, markdown_table  # noqa: E402
 
 from kvcodec.codec import decode, encode, inspect  # noqa: E402
 from kvcodec.codec.profile import builtin_profile  # noqa: E402
+from kvcodec.codec.transform import identity_bases  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -34,7 +37,10 @@ def variants(layers: int, heads: int, dim: int) -> dict:
         raise SystemExit("the shipped SmolLM2 profile has no transform")
     plain = copy.deepcopy(shipped)
     plain.bases, plain.rope_inv_freq = None, None
-    return {"no profile": None, "profile, no transform": plain, "profile + transform": shipped}
+    rope_only = copy.deepcopy(shipped)  # what `kvcodec calibrate --transform rope` writes
+    rope_only.bases = identity_bases(layers, heads * dim, dim)
+    return {"no profile": None, "profile, no transform": plain, "profile, RoPE removed only": rope_only,
+            "profile + transform": shipped}
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:

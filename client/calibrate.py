@@ -91,7 +91,7 @@ def bisect_lambda(score, floor: tuple[float, float], lo: float = 0.02, hi: float
     return lo
 
 
-TRANSFORMS = ("head", "layer", "none")
+TRANSFORMS = ("head", "layer", "rope", "none")
 
 
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
@@ -103,7 +103,8 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
         levels: quality floor per level to bisect lambda against (default LEVEL_FLOORS).
         fixed: lambdas to take as given instead of bisecting (e.g. from an earlier run).
         transform: ``head`` (a basis per kv head), ``layer`` (one across a layer's heads,
-            in the sensitivity-weighted domain) or ``none``.
+            in the sensitivity-weighted domain), ``rope`` (keys before RoPE, no basis: most of
+            the keys' gain at little decode cost) or ``none``.
     """
     fixed = dict(fixed or {})
 
@@ -127,13 +128,21 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
     kvs = [tuple(t.half() for t in p.exact_kv) for p in probes]
     if transform != "none":
-        from kvcodec.codec.transform import fit_bases, model_rope
+        from kvcodec.codec.transform import fit_bases, identity_bases, model_rope
 
         rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
         rope = model_rope(rotary) if rotary is not None else None
         group = dim if transform == "head" else heads * dim
-        log(f"transform: KLT per {transform} ({group} channels), keys {'before RoPE' if rope else 'as cached'}")
-        profile.bases = fit_bases(kvs, weights, group, rope)
+        what = "no basis" if transform == "rope" else f"KLT per {transform} ({group} channels)"
+        log(f"transform: {what}, keys {'before RoPE' if rope else 'as cached'}")
+        if transform == "rope":
+            if rope is None:
+                from kvcodec.codec.errors import InvalidInput
+
+                raise InvalidInput("--transform rope: the model's RoPE cannot be removed exactly (scaled or dynamic)")
+            profile.bases = identity_bases(layers, heads * dim, dim)
+        else:
+            profile.bases = fit_bases(kvs, weights, group, rope)
         profile.rope_inv_freq = None if rope is None else rope.inv_freq
         profile.calibration["transform"] = transform
     profile.levels.update(fixed)
@@ -169,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", type=int, default=1536, help="prefix tokens (default: %(default)s)")
     p.add_argument("--eval", type=int, default=512, help="scored tokens (default: %(default)s)")
     p.add_argument("--transform", choices=TRANSFORMS, default="head",
-                   help="decorrelating basis to fit: per kv head (default), per layer, or none")
+                   help="per kv head KLT (default), per layer KLT, rope (keys before RoPE only), or none")
     p.add_argument("--alias", action="append", default=[], help="other model names the profile applies to")
     p.add_argument("--lambda", dest="lambdas", action="append", default=[], metavar="LEVEL=VALUE",
                    help="use this step multiplier for a level instead of searching for it")

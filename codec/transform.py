@@ -116,18 +116,29 @@ def rope_tables(rope: Rope, first: int, count: int, device=None) -> tuple[torch.
 
 def unrotate(x: torch.Tensor, rope: Rope, first: int) -> torch.Tensor:
     """Remove RoPE from keys ``[H, T, D]`` (float32) at positions ``first..``."""
-    cos, sin = rope_tables(rope, first, x.shape[1], x.device)
-    half = rope.rot_dim // 2
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], dim=-1)
+    return _rotate(x, rope, first, -1.0)
 
 
 def rotate(x: torch.Tensor, rope: Rope, first: int) -> torch.Tensor:
     """Apply RoPE to pre-rotation keys ``[H, T, D]`` (float32) at positions ``first..``."""
+    return _rotate(x, rope, first, 1.0)
+
+
+def _rotate(x: torch.Tensor, rope: Rope, first: int, sign: float) -> torch.Tensor:
+    """``x1 cos - s x2 sin``, ``x2 cos + s x1 sin`` with ``s = sign``: separate IEEE multiplies and
+    adds (a negated product is exact), written into one output tensor."""
     cos, sin = rope_tables(rope, first, x.shape[1], x.device)
     half = rope.rot_dim // 2
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    out = torch.empty_like(x)
+    if sign > 0:
+        torch.sub(x1 * cos, x2 * sin, out=out[..., :half])
+        torch.add(x2 * cos, x1 * sin, out=out[..., half : 2 * half])
+    else:
+        torch.add(x1 * cos, x2 * sin, out=out[..., :half])
+        torch.sub(x2 * cos, x1 * sin, out=out[..., half : 2 * half])
+    out[..., 2 * half :] = x[..., 2 * half :]
+    return out
 
 
 class Transform:
@@ -145,6 +156,10 @@ class Transform:
         self.basis = np.ascontiguousarray(basis, dtype=np.int16)
         self.rope = rope
         self._device_basis: dict[str, torch.Tensor] = {}
+        # an identity basis (e.g. ``calibrate --transform rope``: only RoPE is removed) needs no
+        # matrix product; the elementwise shortcuts below give the same bits
+        eye = np.eye(basis.shape[1], dtype=np.int64) << SCALE_BITS
+        self.identity = bool(np.all(self.basis.astype(np.int64) == eye))
 
     @property
     def channels(self) -> int:
@@ -188,6 +203,8 @@ class Transform:
         """
         heads, tokens, dim = x.shape
         snapped = torch.round(x * scale).to(torch.float64)  # integers, |.| <= 2**21
+        if self.identity:  # y = snapped * 2**14 exactly, so y / 2**20 == snapped / 64
+            return torch.floor(snapped * (1.0 / SUBSTEPS) + 0.5).to(torch.int32)
         v = snapped.permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])  # [T, G, B]
         y = torch.einsum("tgi,gji->tgj", v, self._basis(x.device))  # exact integer sums
         q = torch.floor(y * (1.0 / (SUBSTEPS << SCALE_BITS)) + 0.5)  # exact: power-of-two scaling
@@ -196,6 +213,11 @@ class Transform:
     def inverse(self, q: torch.Tensor, steps: np.ndarray, first: int) -> torch.Tensor:
         """Symbols (any integer dtype, ``[H, T, D]``, on the output device) -> float32 ``[H, T, D]``."""
         heads, tokens, dim = q.shape
+        if self.identity:
+            # acc * step * 2**-14 == q * step: exact in float64 and rounded once to float32, which
+            # is what one float32 multiply of the exact operands gives (|q| < 2**24)
+            x = q.to(torch.float32) * torch.from_numpy(steps.astype(np.float32)).to(q.device)[:, None, None]
+            return rotate(x, self.rope, first) if self.rope is not None else x
         v = q.to(torch.float64).permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])
         acc = torch.einsum("tgj,gji->tgi", v, self._basis(q.device))  # exact integer sums
         acc = acc.reshape(tokens, heads, dim).permute(1, 0, 2)
@@ -209,6 +231,12 @@ class Transform:
 def snap_scales(steps: np.ndarray) -> np.ndarray:
     """float32 ``SUBSTEPS / step`` (any shape): the transform's input snapping scale."""
     return (np.float32(SUBSTEPS) / steps).astype(np.float32)
+
+
+def identity_bases(layers: int, channels: int, group: int) -> np.ndarray:
+    """int16 ``[layers, 2, channels / group, group, group]`` identity bases (only RoPE is removed)."""
+    eye = (np.eye(group, dtype=np.int64) << SCALE_BITS).astype(np.int16)
+    return np.broadcast_to(eye, (layers, 2, channels // group, group, group)).copy()
 
 
 def orthonormal_to_int(w: np.ndarray) -> np.ndarray:

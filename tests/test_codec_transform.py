@@ -226,3 +226,17 @@ def test_profiles_in_the_search_path_are_found_by_model_and_digest(profile, tmp_
     monkeypatch.setenv(PROFILE_PATH_ENV, str(tmp_path / "missing"))
     with pytest.raises(InvalidInput, match="KVCODEC_PROFILE_PATH: .*missing is not a directory"):
         encode(keys, values, model="tiny")
+
+
+def test_identity_basis_shortcut_gives_the_matrix_product_bits():
+    """``calibrate --transform rope`` ships identity bases; their elementwise shortcut must give
+    exactly what the exact matrix product gives."""
+    basis = tr.identity_bases(1, HEADS * DIM, DIM)[0, 0]
+    fast, slow = tr.Transform(basis, tr.Rope(INV_FREQ)), tr.Transform(basis, tr.Rope(INV_FREQ))
+    slow.identity = False
+    assert fast.identity
+    x = fast.prepare(_kv(11)[0][0].float() * 7, 3)
+    steps = np.array([0.013, 0.9], dtype=np.float32)
+    q = fast.forward(x, steps)
+    assert torch.equal(q, slow.forward(x, steps))
+    assert torch.equal(fast.inverse(q, steps, 3), slow.inverse(q, steps, 3))
