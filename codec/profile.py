@@ -84,14 +84,23 @@ class Profile:
         """The transform of one layer's keys or values (None without one)."""
         if self.bases is None:
             return None
-        cache = self.__dict__.setdefault("_transforms", {})
-        key = (layer, is_value, self.bases.ctypes.data)
+        cache = self._derived()["transforms"]
+        key = (layer, is_value, None if self.rope_inv_freq is None else self.rope_inv_freq.tobytes())
         if key not in cache:
             rope = None if is_value or self.rope_inv_freq is None else _transform.Rope(self.rope_inv_freq)
             cache[key] = _transform.Transform(self.bases[layer, int(is_value)], rope)
         return cache[key]
 
-    def to_json(self) -> dict:
+    def _derived(self) -> dict:
+        """What is derived from ``bases`` (transforms, the digest), kept while ``bases`` is the
+        same array object: treat a profile's bases as read-only and assign a new array to change them."""
+        cache = self.__dict__.get("_derived_cache")
+        if cache is None or cache["bases"] is not self.bases:
+            cache = {"bases": self.bases, "transforms": {}, "digest": None}
+            self.__dict__["_derived_cache"] = cache
+        return cache
+
+    def _body(self, with_bases: bool = True) -> dict:
         body = {
             "format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers,
             "kv_heads": self.kv_heads, "head_dim": self.head_dim, "sink_tokens": self.sink_tokens,
@@ -103,14 +112,28 @@ class Profile:
             body["transform"] = {
                 "group": int(self.bases.shape[-1]), "scale_bits": _transform.SCALE_BITS,
                 "rope_inv_freq": None if self.rope_inv_freq is None else [float(f) for f in self.rope_inv_freq],
-                "bases": base64.b64encode(self.bases.astype("<i2").tobytes()).decode("ascii"),
             }
+            if with_bases:
+                body["transform"]["bases"] = base64.b64encode(self.bases.astype("<i2").tobytes()).decode("ascii")
+        return body
+
+    def to_json(self) -> dict:
+        body = self._body()
         body["sha256"] = _digest(body)
         return body
 
     @property
     def digest(self) -> bytes:
-        return bytes.fromhex(self.to_json()["sha256"])
+        """SHA-256 of the profile's canonical JSON (FORMAT.md).
+
+        Serialising the bases (megabytes) dominates, so the digest is reused while every other
+        field serialises the same and ``bases`` is the same array (see :meth:`_derived`).
+        """
+        cache = self._derived()
+        light = json.dumps(self._body(with_bases=False), sort_keys=True)
+        if cache["digest"] is None or cache["digest"][0] != light:
+            cache["digest"] = (light, bytes.fromhex(self.to_json()["sha256"]))
+        return cache["digest"][1]
 
     def matches(self, layers: int, kv_heads: int, head_dim: int) -> bool:
         return (self.layers, self.kv_heads, self.head_dim) == (layers, kv_heads, head_dim)
