@@ -102,6 +102,8 @@ def test_unreachable_server_is_unavailable_within_bounds() -> None:
 
 
 def test_cluster_roundtrip_spreads_over_nodes(redis_cluster) -> None:
+    for node in redis_cluster:  # the cluster is shared by the module's tests: start empty
+        node.client().flushall()
     store = open_store(f"redis+cluster://127.0.0.1:{redis_cluster[0].port}", **BULK_OPTIONS)
     items = [(key_of(i), fake_stream(i, 2000)) for i in range(30)]
     assert store.put_many(items) == [True] * 30
