@@ -39,7 +39,7 @@ import torch
 
 from kvcodec.codec import entropy, substream
 from kvcodec.codec.container import Header
-from kvcodec.codec.quantize import STAT_GRID
+from kvcodec.codec.quantize import block_rms, segment_sum
 from kvcodec.codec.rans_encode import encode_flat_batch
 from kvcodec.codec.transform import Transform, snap_scales
 
@@ -48,7 +48,6 @@ MAX_GROUP_ELEMENTS = 1 << 27
 StatsRule = Callable[..., np.ndarray]  # (rms, absmax, factor) float64 [..., H] -> float32 steps [..., H]
 _U32 = struct.Struct("<I")
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-_EXACT = 2**53  # integers below this convert to float64 exactly
 
 
 @dataclass
@@ -149,7 +148,7 @@ def _quantize(xq, ids, header, segments, step_rules, transforms, backend) -> _Qu
     if any(t is not None for row in trs for t in row):
         xq = torch.stack([torch.stack([xq[g, k] if t is None else t.prepare(xq[g, k], first)
                                        for k, t in enumerate(row)]) for g, row in enumerate(trs)])
-    rms, absmax = segment_rms(xq, segments)
+    rms, absmax = block_rms(xq, segments.seg, segments.counts)  # [G, 2, S, H], as head_rms per block
     steps = np.empty(rms.shape, dtype=np.float32)  # [G, 2, S, H]
     for g, layer in enumerate(ids):
         for k in (0, 1):
@@ -161,55 +160,6 @@ def _quantize(xq, ids, header, segments, step_rules, transforms, backend) -> _Qu
     classes = entropy.scale_classes(abs_sums, kmax, n[None, None, :, None])
     coded = _entropy_code(deltas, classes, segments, backend)
     return _Quantized(steps, centers, classes, coded)
-
-
-def segment_rms(xq: torch.Tensor, segments: _Segments) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`kvcodec.codec.quantize.head_rms` of every block at once.
-
-    Args:
-        xq: float32 ``[G, 2, H, Tq, D]``, the quantized region.
-
-    Returns:
-        ``(rms, absmax)`` float64 ``[G, 2, S, H]`` (S: segments), equal to ``head_rms`` of each block.
-    """
-    seg, n_seg = segments.seg, len(segments.counts)
-    dim = xq.shape[-1]
-    peak = xq.abs().amax(dim=-1)  # [G, 2, H, Tq]
-    absmax = peak.new_zeros(*peak.shape[:-1], n_seg).scatter_reduce_(-1, seg.expand_as(peak), peak, "amax")
-    grid = absmax / STAT_GRID
-    grid = torch.where(grid > 0, grid, torch.ones_like(grid))
-    snapped = torch.round(xq / grid[..., seg, None]).to(torch.int64)
-    sq = _segment_sum((snapped * snapped).sum(dim=-1), seg, n_seg, -1)  # [G, 2, H, S]
-    ch = _segment_sum(snapped, seg, n_seg, -2)  # [G, 2, H, S, D]
-    n = torch.tensor(segments.counts, dtype=torch.int64, device=xq.device)
-    bound = max(segments.counts) ** 2 * dim * (STAT_GRID + 1) ** 2  # >= both terms of centred
-    if bound < 2**62:
-        centred = (n * sq - (ch * ch).sum(dim=-1)).cpu().numpy()
-    else:  # exact in Python integers (never for head_dim <= 1024 and blocks <= 4096 tokens)
-        sq_o, ch_o = sq.cpu().numpy().astype(object), ch.cpu().numpy().astype(object)
-        centred = np.array(np.asarray(segments.counts, dtype=object) * sq_o - (ch_o * ch_o).sum(axis=-1))
-    denom = np.array([c * c * dim for c in segments.counts], dtype=object)
-    ratio = _exact_ratio(np.maximum(centred, 0), np.broadcast_to(denom, centred.shape))
-    rms = np.sqrt(ratio) * grid.cpu().numpy().astype(np.float64)
-    return rms.swapaxes(-1, -2), absmax.cpu().numpy().astype(np.float64).swapaxes(-1, -2)
-
-
-def _segment_sum(x: torch.Tensor, seg: torch.Tensor, n_seg: int, dim: int) -> torch.Tensor:
-    """Sums of ``x`` over the tokens of each segment (``dim``: the token dimension); exact for integers."""
-    shape = list(x.shape)
-    shape[dim] = n_seg
-    return x.new_zeros(shape).index_add_(dim % x.dim(), seg, x)
-
-
-def _exact_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """``num / den`` correctly rounded to float64 (as Python's int / int), elementwise."""
-    num_i, den_i = num.astype(object), den.astype(object)
-    small = ((num_i < _EXACT) & (den_i < _EXACT)).astype(bool)
-    out = np.empty(num.shape, dtype=np.float64)
-    out[small] = num[small].astype(np.float64) / den_i[small].astype(np.float64)  # exact operands: one rounding
-    for at in zip(*np.nonzero(~small)):
-        out[at] = int(num_i[at]) / int(den_i[at])
-    return out
 
 
 def _symbols(xq: torch.Tensor, steps: np.ndarray, trs, segments: _Segments) -> torch.Tensor:
@@ -244,13 +194,13 @@ def segment_channel_deltas(q: torch.Tensor, segments: _Segments):
     seg, n_seg = segments.seg, len(segments.counts)
     q = q.to(torch.int64)
     n = torch.tensor(segments.counts, dtype=torch.int64, device=q.device)[:, None]  # [S, 1]
-    sums = _segment_sum(q, seg, n_seg, -2)  # [G, 2, H, S, D]
+    sums = segment_sum(q, seg, n_seg, -2)  # [G, 2, H, S, D]
     centers = torch.div(2 * sums + n, 2 * n, rounding_mode="floor")  # round half up, floor division
     deltas = q - centers[..., seg, :]
     absd = deltas.abs()
     index = seg[:, None].expand(absd.shape[-2:]).expand_as(absd)
     kmax = absd.new_zeros(sums.shape).scatter_reduce_(-2, index, absd, "amax")
-    abs_sums = _segment_sum(absd, seg, n_seg, -2)
+    abs_sums = segment_sum(absd, seg, n_seg, -2)
     return _per_substream(centers), deltas, _per_substream(kmax), _per_substream(abs_sums)
 
 
@@ -297,4 +247,4 @@ def _payload(h: Header, segments: _Segments, raw, quant: _Quantized | None, g: i
     return b"".join(out)
 
 
-__all__ = ["MAX_GROUP_ELEMENTS", "encode_payloads", "segment_channel_deltas", "segment_rms"]
+__all__ = ["MAX_GROUP_ELEMENTS", "encode_payloads", "segment_channel_deltas"]

@@ -21,7 +21,6 @@ recorded in the stream.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +54,9 @@ class QuantizedBlock:
     abs_sums: np.ndarray
 
 
+_EXACT = 2**53  # integers below this convert to float64 exactly
+
+
 def head_rms(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Channel-centred RMS and absmax of each head, from exact integer statistics.
 
@@ -64,20 +66,59 @@ def head_rms(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(rms, absmax)``, float64 ``[heads]`` each, identical on every device.
     """
-    heads, tokens, dim = x.shape
-    absmax = x.abs().amax(dim=(1, 2))
+    seg = torch.zeros(x.shape[1], dtype=torch.int64, device=x.device)
+    rms, absmax = block_rms(x, seg, [x.shape[1]])
+    return rms[0], absmax[0]
+
+
+def block_rms(x: torch.Tensor, seg: torch.Tensor, counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`head_rms` of several blocks of tokens at once (the device encoder's batches).
+
+    Args:
+        x: float32 ``[..., heads, tokens, head_dim]``.
+        seg: int64 ``[tokens]`` on ``x``'s device: the block of each token (``0 .. len(counts) - 1``).
+        counts: tokens per block.
+
+    Returns:
+        ``(rms, absmax)`` float64 ``[..., blocks, heads]``.
+    """
+    n_seg, dim = len(counts), x.shape[-1]
+    peak = x.abs().amax(dim=-1)  # [..., H, T]
+    absmax = peak.new_zeros(*peak.shape[:-1], n_seg).scatter_reduce_(-1, seg.expand_as(peak), peak, "amax")
     grid = absmax / STAT_GRID
     grid = torch.where(grid > 0, grid, torch.ones_like(grid))
-    snapped = torch.round(x / grid[:, None, None]).to(torch.int64)
-    sq = (snapped * snapped).sum(dim=(1, 2)).cpu().numpy()
-    ch = snapped.sum(dim=1).cpu().numpy()  # [heads, dim]
-    grid_h = grid.cpu().numpy().astype(np.float64)
-    rms = np.empty(heads, dtype=np.float64)
-    for h in range(heads):
-        # tokens * sum(q^2) - sum_c (sum_t q)^2, exact in Python integers
-        centred = tokens * int(sq[h]) - sum(int(v) * int(v) for v in ch[h])
-        rms[h] = math.sqrt(max(centred, 0) / (tokens * tokens * dim)) * grid_h[h]
-    return rms, absmax.cpu().numpy().astype(np.float64)
+    snapped = torch.round(x / grid[..., seg, None]).to(torch.int64)
+    sq = segment_sum((snapped * snapped).sum(dim=-1), seg, n_seg, -1)  # [..., H, S]
+    ch = segment_sum(snapped, seg, n_seg, -2)  # [..., H, S, D]
+    n = torch.tensor(counts, dtype=torch.int64, device=x.device)
+    # tokens * sum(q^2) - sum_c (sum_t q)^2, exact: int64 when it cannot overflow, else Python integers
+    if max(counts) ** 2 * dim * (STAT_GRID + 1) ** 2 < 2**62:
+        centred = (n * sq - (ch * ch).sum(dim=-1)).cpu().numpy()
+    else:
+        sq_o, ch_o = sq.cpu().numpy().astype(object), ch.cpu().numpy().astype(object)
+        centred = np.array(np.asarray(counts, dtype=object) * sq_o - (ch_o * ch_o).sum(axis=-1))
+    denom = np.array([c * c * dim for c in counts], dtype=object)
+    ratio = exact_ratio(np.maximum(centred, 0), np.broadcast_to(denom, centred.shape))
+    rms = np.sqrt(ratio) * grid.cpu().numpy().astype(np.float64)
+    return rms.swapaxes(-1, -2), absmax.cpu().numpy().astype(np.float64).swapaxes(-1, -2)
+
+
+def segment_sum(x: torch.Tensor, seg: torch.Tensor, n_seg: int, dim: int) -> torch.Tensor:
+    """Sums of ``x`` over the tokens of each segment (``dim``: the token dimension); exact for integers."""
+    shape = list(x.shape)
+    shape[dim] = n_seg
+    return x.new_zeros(shape).index_add_(dim % x.dim(), seg, x)
+
+
+def exact_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` correctly rounded to float64 (as Python's int / int), elementwise."""
+    num_i, den_i = num.astype(object), den.astype(object)
+    small = ((num_i < _EXACT) & (den_i < _EXACT)).astype(bool)
+    out = np.empty(num.shape, dtype=np.float64)
+    out[small] = num[small].astype(np.float64) / den_i[small].astype(np.float64)  # exact operands: one rounding
+    for at in zip(*np.nonzero(~small)):
+        out[at] = int(num_i[at]) / int(den_i[at])
+    return out
 
 
 def finalize_steps(target: np.ndarray, absmax: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvcodec.codec import decode, device_encode, encode, inspect, rans_triton
+from kvcodec.codec import decode, device_encode, encode, inspect, quantize, rans_triton
 from kvcodec.codec import transform as tr
 from kvcodec.codec.profile import Profile
 
@@ -110,7 +110,7 @@ def test_progress_and_lossless(monkeypatch):
 def test_segment_statistics_are_exact_past_2_to_the_53():
     num = np.array([2**60 + 1, 3, 2**53 + 1, 2**62 - 7], dtype=np.int64)
     den = np.array([3, 7, 1, 2**40 + 3], dtype=object)
-    got = device_encode._exact_ratio(num, den)
+    got = quantize.exact_ratio(num, den)
     assert got.tolist() == [int(a) / int(b) for a, b in zip(num.tolist(), den.tolist())]
 
 
