@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 
 from kvcodec.proto import kvcodec_pb2 as pb
+from kvcodec.store.keys import KeySpec
+from kvcodec.store.keys import ModelLayout as StoreLayout
 from kvcodec.service import errors as E
 
 MiB = 1 << 20
@@ -40,16 +42,9 @@ def map_rpc_error(exc: grpc.RpcError) -> E.ServiceError:
 
 # ------------------------------------------------------------ contexts
 @dataclass(frozen=True)
-class ModelLayout:
-    """A model's identity and KV shape: everything besides tokens in a chunk key."""
-
-    model: str
-    model_fingerprint: str = ""
-    tokenizer: str = ""
-    layers: int = 0
-    kv_heads: int = 0
-    head_dim: int = 0
-    dtype: str = "float16"
+class ModelLayout(StoreLayout):
+    """A model's identity and KV shape (the store's :class:`~kvcodec.store.keys.ModelLayout`),
+    with the client's conversions."""
 
     @classmethod
     def from_loaded(cls, loaded: Any, dtype: str = "float16") -> ModelLayout:
@@ -90,8 +85,6 @@ class CacheContext:
 
     def keys(self, level: str = "balanced", mode: str | None = None) -> list:  # list[ChunkKey]
         """The chunk keys (tenant-free, as the server derives them) at ``level``."""
-        from kvcodec.store import KeySpec
-
         spec = KeySpec(**{**self.layout.__dict__, "codec_profile": level})
         return spec.chunk_keys(list(self.token_ids), self.chunk_tokens, mode or self.mode)
 

@@ -39,6 +39,7 @@ from kvcodec.store.errors import InvalidKey
 __all__ = [
     "KEY_VERSION",
     "DEFAULT_CHUNK_TOKENS",
+    "ModelLayout",
     "KeySpec",
     "ChunkKey",
     "chunk_token_ids",
@@ -166,12 +167,9 @@ class ChunkKey:
 
 
 @dataclass(frozen=True)
-class KeySpec:
-    """Everything besides the tokens that a chunk key commits to.
-
-    Strings are hashed as their exact UTF-8 bytes (no normalization); ``dtype``
-    is canonicalized (``torch.float16`` → ``"float16"``).
-    """
+class ModelLayout:
+    """A model's identity and KV shape: the part of a chunk key that the model decides
+    (clients describe their model with it; :class:`KeySpec` adds the codec profile and tenant)."""
 
     model: str
     model_fingerprint: str = ""
@@ -180,6 +178,16 @@ class KeySpec:
     kv_heads: int = 0
     head_dim: int = 0
     dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class KeySpec(ModelLayout):
+    """Everything besides the tokens that a chunk key commits to.
+
+    Strings are hashed as their exact UTF-8 bytes (no normalization); ``dtype``
+    is canonicalized (``torch.float16`` → ``"float16"``).
+    """
+
     codec_profile: str = "balanced"
     tenant: str = ""
 
