@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -485,16 +484,11 @@ def _side_bytes(data, layout: Layout) -> int:
         if h.mode == MODE_LOSSLESS:
             side += 4 * container.DTYPE_BYTES[h.dtype]
         elif h.block_tokens(block) > h.block_raw_tokens(block):
-            side += substream.quantized_side_bytes(h.kv_heads, h.head_dim, h.coder, h.packed_side)
-            at = layout.offsets[sid] + h.kv_heads * h.block_raw_tokens(block) * h.head_dim * (
-                container.DTYPE_BYTES[h.dtype]) + 4 * h.kv_heads
+            start = layout.offsets[sid] + h.kv_heads * h.block_raw_tokens(block) * h.head_dim * (
+                container.DTYPE_BYTES[h.dtype])
             end = min(len(data), layout.offsets[sid] + layout.lengths[sid])
-            if h.packed_side:  # the coded side symbols: n_side_escapes + n_side_words u16 values
-                if at + 10 <= end:
-                    side += 2 * sum(struct.unpack_from("<II", data, at + 2))
-            elif h.coder == container.CODER_RANS:  # two-byte centres when one did not fit in int8
-                if at < end and data[at] == 2:
-                    side += h.kv_heads * h.head_dim
+            side += substream.side_bytes(memoryview(data)[start:max(start, end)], h.kv_heads, h.head_dim,
+                                         h.coder, h.packed_side)
     return layout.header_bytes + layout.index_bytes + side
 
 

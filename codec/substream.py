@@ -61,6 +61,20 @@ def quantized_min_bytes(
     return heads * n_raw * dim * width + (quantized_side_bytes(heads, dim, coder, packed) if n_quant else 0)
 
 
+def side_bytes(quantized: memoryview, heads: int, dim: int, coder: int = CODER_RANS, packed: bool = False) -> int:
+    """Side information of one substream's quantized part (``quantized``: the bytes after its raw
+    tokens, possibly truncated): the fixed fields plus, for coder 3, the coded side symbols
+    (packed) or the second byte of two-byte centres (plain). Read without checking; for ``inspect``."""
+    side = quantized_side_bytes(heads, dim, coder, packed)
+    at = 4 * heads
+    if packed:
+        if at + 10 <= len(quantized):
+            side += 2 * sum(_U32x2.unpack_from(quantized, at + 2))  # n_side_escapes + n_side_words u16s
+    elif coder == CODER_RANS and at < len(quantized) and quantized[at] == 2:
+        side += heads * dim
+    return side
+
+
 # packed side information: side_classes u8[2], n_side_escapes u32, n_side_words u32, then n_escapes u32
 _PACKED_FIXED = 2 + 4 + 4 + 4
 _U32x2 = struct.Struct("<II")
