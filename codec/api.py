@@ -327,12 +327,11 @@ def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) 
 
 
 def block_transform(layout: Layout, sid: int):
-    """The transform of substream ``sid`` (None for streams without the transform flag)."""
+    """The transform of substream ``sid`` (None for streams without the transform flag); every
+    decoding entry point has called :func:`attach_profile` on ``layout`` first."""
     h = layout.header
     if not h.transformed:
         return None
-    if layout.profile is None:
-        attach_profile(layout, None)
     layer, kind = divmod(sid // h.blocks_per_tensor, 2)
     return layout.profile.transform(layer, bool(kind))
 
