@@ -11,10 +11,19 @@ Two steps (see :mod:`kvcodec.codec.profile` for the theory):
    keys/values, kv head): the KLT of the calibration KV, keys taken before RoPE
    (see :mod:`kvcodec.codec.transform`). Streams coded with it need the profile
    to decode; ``--transform none`` writes a profile that only sets steps.
-3. *Levels.* For each lossy level, bisect (in log space) the largest step
-   multiplier ``lambda`` whose reconstruction still meets the level's quality
-   floor on the calibration texts (perplexity change and greedy agreement,
-   scored with :class:`kvcodec.client.quality.QualityProbe`).
+3. *Rate-distortion curves* (``--allocation measured``, the default). Code
+   the calibration KV at a ladder of steps (``RD_MULTIPLIERS`` times
+   ``RD_REFERENCE_LAMBDA``) and, for every (layer, keys/values) group, record
+   the bits its substreams take and the output KL (vs the exact KV) when only
+   that group is replaced by its reconstruction. KL adds up across groups to
+   within a few percent at the rates the levels use, so the allocation that
+   minimises total KL at a rate gives every group the step where
+   ``KL_g + mu * bits_g`` is least (curves interpolated in log step).
+4. *Levels.* For each lossy level, bisect (in log space) the largest slope
+   ``mu`` (with ``--allocation fisher``: the largest step multiplier
+   ``lambda``) whose reconstruction still meets the level's quality floor on
+   the calibration texts (perplexity change and greedy agreement, scored with
+   :class:`kvcodec.client.quality.QualityProbe`).
 
 Example::
 
@@ -33,6 +42,15 @@ import numpy as np
 # Quality floors per level used when bisecting lambda: (max |ppl change| %, min greedy agreement %).
 # Tighter than the issue's targets so they hold on texts other than the calibration text.
 LEVEL_FLOORS = {"high": (0.05, 99.3), "balanced": (0.4, 96.5), "compact": (2.5, 89.0)}
+
+
+# The ladder of steps at which the rate-distortion curves are measured, as multiples of
+# RD_REFERENCE_LAMBDA (steps / RMS, geometric mean); allocations are chosen on a finer
+# ladder (RD_FINE per octave) interpolated between them.
+RD_REFERENCE_LAMBDA = 0.35
+RD_MULTIPLIERS = tuple(2.0**k for k in range(-4, 4))
+RD_FINE = 4
+ALLOCATIONS = ("measured", "fisher")
 
 
 @dataclass
@@ -91,12 +109,84 @@ def bisect_lambda(score, floor: tuple[float, float], lo: float = 0.02, hi: float
     return lo
 
 
+@dataclass
+class RateDistortion:
+    """Measured curves of every (layer, keys/values) group.
+
+    Attributes:
+        multipliers: float64 ``[M]`` steps as multiples of the reference lambda.
+        bits: float64 ``[M, layers, 2]`` bits per element of the group's substreams (mean over texts).
+        kl: float64 ``[M, layers, 2]`` output KL with only that group reconstructed (sum over texts).
+    """
+
+    multipliers: np.ndarray
+    bits: np.ndarray
+    kl: np.ndarray
+
+    def refined(self, per_octave: int = RD_FINE) -> RateDistortion:
+        """The curves on a ladder ``per_octave`` times finer (linear in log step; KL in log KL)."""
+        lm = np.log2(self.multipliers)
+        fine = np.arange(lm[0], lm[-1] + 1e-9, 1.0 / per_octave)
+        logkl = np.log(np.maximum(self.kl, 1e-12))
+
+        def interp(y: np.ndarray) -> np.ndarray:
+            flat = y.reshape(len(lm), -1)
+            out = np.stack([np.interp(fine, lm, flat[:, j]) for j in range(flat.shape[1])], axis=1)
+            return out.reshape(len(fine), *y.shape[1:])
+
+        return RateDistortion(2.0**fine, interp(self.bits), np.exp(interp(logkl)))
+
+    def allocate(self, mu: float) -> np.ndarray:
+        """Step multiplier ``[layers, 2]`` of each group minimising ``KL + mu * bits``."""
+        return self.multipliers[np.argmin(self.kl + mu * self.bits, axis=0)]
+
+
+def measure_rate_distortion(probes, kvs, profile, model: str, log=print) -> RateDistortion:
+    """Measure :class:`RateDistortion` curves on the calibration probes (see the module docstring)."""
+    from kvcodec.codec import container
+    from kvcodec.codec.api import decode, encode
+
+    mults = np.asarray(RD_MULTIPLIERS)
+    layers = profile.layers
+    bits = np.zeros((len(mults), layers, 2))
+    kl = np.zeros((len(mults), layers, 2))
+    saved = dict(profile.levels), dict(profile.allocation)
+    profile.allocation.clear()
+    try:
+        for i, m in enumerate(mults):
+            profile.levels["balanced"] = RD_REFERENCE_LAMBDA * m
+            for probe, (k, v) in zip(probes, kvs):
+                blob = encode(k, v, level="balanced", model=model, profile=profile)
+                layout = container.parse(blob)
+                h = layout.header
+                per_group = k[0].numel()
+                kv = decode(blob, profile=profile)
+                for layer in range(layers):
+                    for kind in range(2):
+                        size = sum(layout.lengths[h.substream_id(layer, bool(kind), b)] for b in range(h.blocks_per_tensor))
+                        bits[i, layer, kind] += 8 * size / per_group / len(probes)
+                        keys, values = probe.exact_kv
+                        if kind:
+                            values[layer] = kv.values[layer]
+                        else:
+                            keys[layer] = kv.keys[layer]
+                        kl[i, layer, kind] += probe.score(keys, values).kl_mean
+            log(f"  rate-distortion: step x{RD_REFERENCE_LAMBDA * m:.4f}: {bits[i].mean():.3f} bits/element, "
+                f"summed group KL {kl[i].sum():.5f}")
+    finally:
+        profile.levels.clear()
+        profile.levels.update(saved[0])
+        profile.allocation.update(saved[1])
+    return RateDistortion(mults, bits, kl)
+
+
 TRANSFORMS = ("head", "layer", "rope", "none")
 
 
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
               levels: dict[str, tuple[float, float]] | None = None,
-              fixed: dict[str, float] | None = None, transform: str = "head", log=print):
+              fixed: dict[str, float] | None = None, transform: str = "head",
+              allocation: str = "measured", log=print):
     """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``.
 
     Args:
@@ -105,18 +195,31 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
         transform: ``head`` (a basis per kv head), ``layer`` (one across a layer's heads,
             in the sensitivity-weighted domain), ``rope`` (keys before RoPE, no basis: most of
             the keys' gain at little decode cost) or ``none``.
+        allocation: ``measured`` (per-group steps from measured rate-distortion curves, the
+            level's slope bisected) or ``fisher`` (steps from the Fisher weights alone, the
+            level's lambda bisected). Levels in ``fixed`` get no allocation.
     """
+    from kvcodec.client.model import tokenize_file
+
+    ids = [tokenize_file(loaded, t, prefix_len + eval_len) for t in texts]
+    return calibrate_tokens(loaded, ids, [str(t) for t in texts], prefix_len=prefix_len, eval_len=eval_len,
+                            levels=levels, fixed=fixed, transform=transform, allocation=allocation, log=log)
+
+
+def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_len: int = 1536,
+                     eval_len: int = 512, levels: dict[str, tuple[float, float]] | None = None,
+                     fixed: dict[str, float] | None = None, transform: str = "head",
+                     allocation: str = "measured", log=print):
+    """:func:`calibrate` on token sequences (``names``: what the profile records as its texts)."""
     fixed = dict(fixed or {})
 
-    from kvcodec.client.model import tokenize_file
     from kvcodec.client.quality import QualityProbe
     from kvcodec.codec.api import decode, encode
     from kvcodec.codec.profile import Profile
 
     levels = levels or LEVEL_FLOORS
-    ids = [tokenize_file(loaded, t, prefix_len + eval_len) for t in texts]
     parts = []
-    for path, tok in zip(texts, ids):
+    for path, tok in zip(names, ids):
         log(f"sensitivity: {path}")
         parts.append(measure_sensitivity(loaded, tok, prefix_len, eval_len))
     weights, step_scale = combine(parts)
@@ -124,7 +227,7 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
     layers, heads = weights.shape[0], weights.shape[2]
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     profile = Profile(loaded.name, layers, heads, dim, weights, {}, 1, step_scale,
-                      {"texts": [str(t) for t in texts], "prefix_len": prefix_len, "eval_len": eval_len})
+                      {"texts": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
     kvs = [tuple(t.half() for t in p.exact_kv) for p in probes]
     if transform != "none":
@@ -146,22 +249,46 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
         profile.rope_inv_freq = None if rope is None else rope.inv_freq
         profile.calibration["transform"] = transform
     profile.levels.update(fixed)
-    for level, floor in levels.items():
-        if level in fixed:
+    todo = {level: floor for level, floor in levels.items() if level not in fixed}
+    rd = None
+    if allocation == "measured" and todo:
+        log(f"rate-distortion curves: {len(RD_MULTIPLIERS)} steps x {layers * 2} groups x {len(probes)} texts")
+        rd = measure_rate_distortion(probes, kvs, profile, loaded.name, log).refined()
+        profile.calibration["allocation"] = "measured"
+
+    def run(level: str) -> list:
+        out = []
+        for probe, (k, v) in zip(probes, kvs):
+            kv = decode(encode(k, v, level=level, model=loaded.name, profile=profile), profile=profile)
+            out.append(probe.score(kv.keys, kv.values))
+        return out
+
+    for level, floor in todo.items():
+        if rd is None:
+
+            def score(lam: float, level=level):
+                profile.levels[level] = lam
+                out = run(level)
+                log(f"  {level} lambda {lam:.4f}: ppl {out[0].ppl_change_pct:+.3f}% agree {out[0].agree_pct:.1f}%")
+                return out
+
+            profile.levels[level] = bisect_lambda(score, floor)
+            log(f"{level}: lambda {profile.levels[level]:.4f}")
             continue
 
-        def score(lam: float, level=level):
-            profile.levels[level] = lam
-            out = []
-            for probe, (k, v) in zip(probes, kvs):
-                kv = decode(encode(k, v, level=level, model=loaded.name, profile=profile), profile=profile)
-                out.append(probe.score(kv.keys, kv.values))
-            r = out[0]
-            log(f"  {level} lambda {lam:.4f}: ppl {r.ppl_change_pct:+.3f}% agree {r.agree_pct:.1f}%")
+        def score_mu(mu: float, level=level):
+            profile.levels[level] = RD_REFERENCE_LAMBDA
+            profile.allocation[level] = rd.allocate(mu)
+            out = run(level)
+            log(f"  {level} slope {mu:.3g}: ppl {out[0].ppl_change_pct:+.3f}% agree {out[0].agree_pct:.1f}%")
             return out
 
-        profile.levels[level] = bisect_lambda(score, floor)
-        log(f"{level}: lambda {profile.levels[level]:.4f}")
+        mu = bisect_lambda(score_mu, floor, lo=1e-8, hi=1e-1, steps=12)
+        profile.levels[level] = RD_REFERENCE_LAMBDA
+        profile.allocation[level] = rd.allocate(mu)
+        profile.calibration.setdefault("slopes", {})[level] = mu
+        log(f"{level}: slope {mu:.3g}, step multipliers {profile.allocation[level].min():.3g}"
+            f"..{profile.allocation[level].max():.3g}")
     return profile
 
 
@@ -179,6 +306,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", type=int, default=512, help="scored tokens (default: %(default)s)")
     p.add_argument("--transform", choices=TRANSFORMS, default="head",
                    help="per kv head KLT (default), per layer KLT, rope (keys before RoPE only), or none")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="measured",
+                   help="per-group steps from measured rate-distortion curves (default; about 30 minutes "
+                        "for two texts on 2 CPU cores) or from the Fisher weights alone")
     p.add_argument("--alias", action="append", default=[], help="other model names the profile applies to")
     p.add_argument("--lambda", dest="lambdas", action="append", default=[], metavar="LEVEL=VALUE",
                    help="use this step multiplier for a level instead of searching for it")
@@ -208,7 +338,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, fixed=fixed,
-                        transform=args.transform, log=lambda m: print(m, file=sys.stderr))
+                        transform=args.transform, allocation=args.allocation, log=lambda m: print(m, file=sys.stderr))
     profile.calibration["aliases"] = args.alias
     profile.save(args.out)
     print(f"{args.out}: profile for {profile.model}, sha256 {profile.digest.hex()}")

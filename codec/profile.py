@@ -26,6 +26,7 @@ File format (JSON, UTF-8)::
      "weights": [[[F_keys_h ...], [F_values_h ...]] per layer],   # floats
      "step_scale": float,            # normalises steps, see steps()
      "levels": {"high": lambda, "balanced": lambda, "compact": lambda},
+     "allocation": {level: [[m_keys, m_values] per layer]},  # optional, see below
      "calibration": {...free-form provenance...},
      "transform": {                  # optional
         "group": B,                  # channels per basis block (head_dim or kv_heads * head_dim)
@@ -33,6 +34,14 @@ File format (JSON, UTF-8)::
         "rope_inv_freq": [floats] or null,   # float32 values; keys are coded before RoPE
         "bases": base64 of int16 LE [layers, 2, H*D/B, B, B] (rows: output coordinates)},
      "sha256": hex digest of the canonical JSON of everything else}
+
+A level may carry an **allocation**: a step multiplier per (layer, keys/values)
+chosen by measured rate-distortion (``kvcodec calibrate``): the Fisher weights
+are a second-order estimate that misjudges groups whose error acts
+non-linearly (SmolLM2's layer-0 values cause half of all output divergence at
+a uniform allocation), so calibration measures, for every group, the bits it
+takes and the output KL it causes at a ladder of steps, and gives each group
+the step where its marginal KL per bit equals the level's slope.
 
 Example::
 
@@ -75,6 +84,7 @@ class Profile:
     calibration: dict = field(default_factory=dict)
     bases: np.ndarray | None = None  # int16 [layers, 2, groups, B, B]: the transform, if any
     rope_inv_freq: np.ndarray | None = None  # float32 [rot_dim / 2]: keys coded before RoPE
+    allocation: dict[str, np.ndarray] = field(default_factory=dict)  # level -> float64 [layers, 2] step multipliers
 
     @property
     def has_transform(self) -> bool:
@@ -108,6 +118,10 @@ class Profile:
             "step_scale": self.step_scale, "levels": dict(sorted(self.levels.items())),
             "calibration": self.calibration,
         }
+        if self.allocation:  # absent from profiles without one (their digests stay what they were)
+            body["allocation"] = {
+                level: [[float(m) for m in kv] for kv in alloc] for level, alloc in sorted(self.allocation.items())
+            }
         if self.bases is not None:
             body["transform"] = {
                 "group": int(self.bases.shape[-1]), "scale_bits": _transform.SCALE_BITS,
@@ -139,10 +153,14 @@ class Profile:
         return (self.layers, self.kv_heads, self.head_dim) == (layers, kv_heads, head_dim)
 
     def steps(self, level: str, layer: int, is_value: bool) -> np.ndarray:
-        """Target step of each head: ``lambda_level * step_scale / sqrt(F)``."""
+        """Target step of each head: ``lambda_level * step_scale / sqrt(F)``, times the level's
+        allocation multiplier for this (layer, keys/values) if it has one."""
         lam = self.levels.get(level)
         if lam is None:
             raise InvalidInput(f"profile {self.model}: no calibrated lambda for level {level!r}")
+        alloc = self.allocation.get(level)
+        if alloc is not None:
+            lam = lam * float(alloc[layer, int(is_value)])
         w = np.maximum(self.weights[layer, int(is_value)], 1e-30)
         return lam * self.step_scale / np.sqrt(w)
 
@@ -176,9 +194,28 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
     if any(not math.isfinite(v) or v <= 0 for v in levels.values()):
         raise InvalidInput(f"{source}: level lambdas must be positive")
     bases, inv_freq = _read_transform(body.get("transform"), layers, heads, dim, source)
+    allocation = _read_allocation(body.get("allocation", {}), layers, source)
     return Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
                    int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
-                   dict(body.get("calibration", {})), bases, inv_freq)
+                   dict(body.get("calibration", {})), bases, inv_freq, allocation)
+
+
+def _read_allocation(spec, layers: int, source: str) -> dict[str, np.ndarray]:
+    """The per-level step multipliers of a profile (``{}`` without any)."""
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"{source}: allocation must map level names to [[keys, values] per layer]")
+    out = {}
+    for level, rows in spec.items():
+        try:
+            alloc = np.asarray(rows, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{source}: allocation {level!r}: not numbers ({exc})") from None
+        if alloc.shape != (layers, 2):
+            raise InvalidInput(f"{source}: allocation {level!r}: shape {alloc.shape} != ({layers}, 2)")
+        if not np.all(np.isfinite(alloc)) or np.any(alloc <= 0):
+            raise InvalidInput(f"{source}: allocation {level!r}: multipliers must be positive")
+        out[str(level)] = alloc
+    return out
 
 
 def _read_transform(spec, layers: int, heads: int, dim: int, source: str):
@@ -244,11 +281,23 @@ def _known_profiles(search_path: str) -> tuple[tuple[bytes, Profile], ...]:
             raise InvalidInput(f"{PROFILE_PATH_ENV}: {folder} is not a directory")
         for entry in sorted(folder.glob("*.json")):
             found.append(load_profile(entry))
-    shipped = files("kvcodec") / "profiles"
-    for entry in sorted(shipped.iterdir(), key=lambda e: e.name) if shipped.is_dir() else []:
-        if entry.name.endswith(".json"):
-            found.append(profile_from_json(json.loads(entry.read_text()), entry.name))
+    found += _shipped(files("kvcodec") / "profiles")
     return tuple((profile.digest, profile) for profile in found)
+
+
+def _shipped(folder) -> list[Profile]:
+    """The profiles in a folder of the installed package (an importlib.resources Traversable)."""
+    entries = sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else []
+    return [profile_from_json(json.loads(e.read_text()), e.name) for e in entries if e.name.endswith(".json")]
+
+
+@lru_cache(maxsize=1)
+def _retired_profiles() -> tuple[tuple[bytes, Profile], ...]:
+    """Shipped profiles that a recalibration replaced: never chosen for encoding, kept so that
+    the streams they coded (with a transform, they need them) still decode."""
+    from importlib.resources import files
+
+    return tuple((p.digest, p) for p in _shipped(files("kvcodec") / "profiles" / "retired"))
 
 
 def builtin_profile(model: str, layers: int, kv_heads: int, head_dim: int) -> Profile | None:
@@ -263,5 +312,6 @@ def builtin_profile(model: str, layers: int, kv_heads: int, head_dim: int) -> Pr
 
 
 def builtin_profile_by_digest(digest: bytes) -> Profile | None:
-    """The known profile (see :func:`builtin_profiles`) whose SHA-256 is ``digest``, if any."""
-    return next((p for d, p in builtin_profiles() if d == digest), None)
+    """The known profile (see :func:`builtin_profiles`, then the retired shipped ones) whose
+    SHA-256 is ``digest``, if any."""
+    return next((p for d, p in builtin_profiles() + _retired_profiles() if d == digest), None)

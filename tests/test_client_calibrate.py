@@ -1,0 +1,158 @@
+"""`kvcodec calibrate`: measured rate-distortion allocation and the profile's allocation field."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kvcodec.client.calibrate import RD_MULTIPLIERS, RateDistortion
+from kvcodec.codec import decode, encode
+from kvcodec.codec.errors import InvalidInput
+from kvcodec.codec.profile import Profile, _digest, load_profile, profile_from_json
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _curves(sensitivity: list[float]) -> RateDistortion:
+    """Textbook curves: bits fall one per doubling of the step, KL grows as step**2 * sensitivity."""
+    mults = np.asarray(RD_MULTIPLIERS)
+    groups = len(sensitivity)
+    bits = np.stack([np.full((groups, 2), 6.0 - np.log2(m)) for m in mults])
+    kl = np.stack([np.asarray(sensitivity)[:, None].repeat(2, 1) * m**2 for m in mults])
+    return RateDistortion(mults, bits, kl)
+
+
+def test_allocation_gives_sensitive_groups_finer_steps():
+    rd = _curves([1.0, 16.0, 1.0]).refined()
+    alloc = rd.allocate(mu=0.5)
+    assert alloc.shape == (3, 2)
+    # KL = s * m^2, bits = 6 - log2 m: the optimum has m^2 * s constant, so 16x sensitivity -> step / 4
+    assert alloc[0, 0] == pytest.approx(4 * alloc[1, 0])
+    assert alloc[0, 0] == alloc[2, 1]
+    # the slope trades rate for distortion monotonically, within the measured ladder
+    assert np.all(rd.allocate(1e-9) == RD_MULTIPLIERS[0])
+    assert np.all(rd.allocate(1e9) == RD_MULTIPLIERS[-1])
+    assert np.all(rd.allocate(0.1) <= rd.allocate(1.0))
+
+
+def test_refined_curves_pass_through_the_measured_points():
+    rd = _curves([2.0, 3.0])
+    fine = rd.refined(per_octave=4)
+    assert len(fine.multipliers) == 4 * (len(RD_MULTIPLIERS) - 1) + 1
+    at = [int(i) for i in np.flatnonzero(np.isin(fine.multipliers, rd.multipliers))]
+    assert len(at) == len(RD_MULTIPLIERS)
+    np.testing.assert_allclose(fine.bits[at], rd.bits)
+    np.testing.assert_allclose(fine.kl[at], rd.kl)
+
+
+def _profile(allocation=None) -> Profile:
+    weights = np.ones((2, 2, 2))
+    prof = Profile("m", 2, 2, 8, weights, {"balanced": 0.3, "compact": 0.6}, step_scale=0.5)
+    if allocation is not None:
+        prof.allocation = {"balanced": np.asarray(allocation, dtype=np.float64)}
+    return prof
+
+
+def test_allocation_scales_the_steps_and_survives_the_file(tmp_path):
+    plain, alloc = _profile(), _profile([[1.0, 0.25], [2.0, 1.0]])
+    np.testing.assert_allclose(alloc.steps("balanced", 0, True), plain.steps("balanced", 0, True) * 0.25)
+    np.testing.assert_allclose(alloc.steps("balanced", 1, False), plain.steps("balanced", 1, False) * 2)
+    np.testing.assert_allclose(alloc.steps("compact", 0, True), plain.steps("compact", 0, True))  # no allocation
+    assert "allocation" not in plain.to_json()  # profiles without one keep their digest
+    assert alloc.digest != plain.digest
+    alloc.save(tmp_path / "a.json")
+    back = load_profile(tmp_path / "a.json")
+    assert back.digest == alloc.digest
+    np.testing.assert_array_equal(back.allocation["balanced"], alloc.allocation["balanced"])
+
+
+def test_streams_follow_the_allocation():
+    """A finer multiplier on layer 0's values: more bytes there, smaller error; the rest unchanged."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 64, 8)
+    plain, alloc = _profile(), _profile([[1.0, 0.25], [1.0, 1.0]])
+    a, b = decode(encode(keys, values, profile=plain)), decode(encode(keys, values, profile=alloc))
+    err = lambda kv: (kv.values[0].float() - values[0]).abs().max()  # noqa: E731
+    assert err(b) < err(a) / 2
+    assert torch.equal(a.values[1], b.values[1]) and torch.equal(a.keys, b.keys)
+    assert len(encode(keys, values, profile=alloc)) > len(encode(keys, values, profile=plain))
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"balanced": [[1.0, 1.0]]}, r"shape \(1, 2\) != \(2, 2\)"),
+    ({"balanced": [[1.0, 0.0], [1.0, 1.0]]}, "must be positive"),
+    ({"balanced": [["x", 1.0], [1.0, 1.0]]}, "not numbers"),
+    ([1.0], "must map level names"),
+])
+def test_bad_allocation_is_named(value, message):
+    body = copy.deepcopy(_profile().to_json())
+    body.pop("sha256")
+    body["allocation"] = value
+    body["sha256"] = _digest(body)
+    with pytest.raises(InvalidInput, match=f"allocation.*{message}|{message}"):
+        profile_from_json(json.loads(json.dumps(body)))
+
+
+def test_calibrate_measures_curves_and_allocates_on_a_model(tiny_llama):
+    """The measured path end to end on a small real transformer (random weights, random tokens)."""
+    from kvcodec.client.calibrate import calibrate_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(0, 128, (64,), generator=gen).tolist() for _ in range(2)]
+    logs = []
+    prof = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16,
+                            fixed={"high": 0.05, "compact": 0.8}, log=logs.append)
+    assert set(prof.allocation) == {"balanced"}  # fixed levels get none
+    alloc = prof.allocation["balanced"]
+    assert alloc.shape == (2, 2) and RD_MULTIPLIERS[0] <= alloc.min() <= alloc.max() <= RD_MULTIPLIERS[-1]
+    assert prof.calibration["allocation"] == "measured" and prof.calibration["slopes"]["balanced"] > 0
+    curve = [m for m in logs if "rate-distortion: step" in m]
+    assert len(curve) == len(RD_MULTIPLIERS)
+    rates = [float(m.split(": ")[2].split()[0]) for m in curve]
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1] + 2  # bits fall as steps grow
+    back = profile_from_json(json.loads(json.dumps(prof.to_json())))
+    assert back.digest == prof.digest
+    keys = torch.randn(2, 2, 48, 16)
+    kv = decode(encode(keys, keys, level="balanced", profile=back), profile=back)
+    assert (kv.keys.float() - keys).abs().mean() < 0.5 * keys.abs().mean()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_calibrate_cli_writes_a_measured_allocation(smollm2, gpl_text, tmp_path, capsys):
+    """End to end on the real model with a short prefix: curves, slope bisection, a usable profile."""
+    from kvcodec.cli import main
+
+    out = tmp_path / "p.json"
+    rc = main(["calibrate", "--text", str(gpl_text), "--out", str(out), "--prefix", "40", "--eval", "8",
+               "--lambda", "high=0.05", "--lambda", "compact=0.8"])
+    assert rc == 0
+    prof = load_profile(out)
+    assert set(prof.allocation) == {"balanced"}  # fixed levels get none
+    alloc = prof.allocation["balanced"]
+    assert alloc.shape == (prof.layers, 2)
+    assert RD_MULTIPLIERS[0] <= alloc.min() and alloc.max() <= RD_MULTIPLIERS[-1]
+    assert prof.calibration["allocation"] == "measured" and prof.calibration["slopes"]["balanced"] > 0
+    assert "rate-distortion" in capsys.readouterr().err
+    keys = torch.randn(prof.layers, prof.kv_heads, 40, prof.head_dim, dtype=torch.float16)
+    kv = decode(encode(keys, keys, level="balanced", profile=prof), profile=prof)
+    assert (kv.keys.float() - keys.float()).abs().mean() < 0.5 * keys.float().abs().mean()
+
+
+def test_streams_of_a_retired_shipped_profile_still_decode():
+    """A recalibration replaces the shipped profile; streams coded with the old one (transform
+    streams need it) decode by digest, and the old one is never picked for new streams."""
+    from kvcodec.codec.profile import _retired_profiles, builtin_profile
+
+    retired = _retired_profiles()
+    assert retired, "the previous SmolLM2 profile ships in kvcodec/profiles/retired"
+    digest, old = retired[0]
+    current = builtin_profile("smollm2-135m", old.layers, old.kv_heads, old.head_dim)
+    assert current is not None and current.digest != digest
+    keys = torch.randn(old.layers, old.kv_heads, 8, old.head_dim, dtype=torch.float16)
+    blob = encode(keys, keys, level="balanced", profile=old)
+    assert decode(blob).keys.shape == keys.shape  # found by digest, no profile passed
