@@ -123,6 +123,24 @@ class RateDistortion:
     bits: np.ndarray
     kl: np.ndarray
 
+    def to_json(self) -> dict:
+        return {"multipliers": self.multipliers.tolist(), "bits": np.round(self.bits, 6).tolist(),
+                "kl": [[[float(f"{x:.6g}") for x in kv] for kv in layer] for layer in self.kl]}
+
+    @classmethod
+    def from_json(cls, body: dict, layers: int) -> RateDistortion:
+        """Curves stored in a profile's calibration record; raises InvalidInput if malformed."""
+        from kvcodec.codec.errors import InvalidInput
+
+        try:
+            rd = cls(*(np.asarray(body[k], dtype=np.float64) for k in ("multipliers", "bits", "kl")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"rate_distortion: bad or missing field ({exc})") from None
+        shape = (len(rd.multipliers), layers, 2)
+        if rd.bits.shape != shape or rd.kl.shape != shape or np.any(rd.multipliers <= 0):
+            raise InvalidInput(f"rate_distortion: curves of shape {rd.bits.shape}, {rd.kl.shape} != {shape}")
+        return rd
+
     def refined(self, per_octave: int = RD_FINE) -> RateDistortion:
         """The curves on a ladder ``per_octave`` times finer (linear in log step; KL in log KL)."""
         lm = np.log2(self.multipliers)
@@ -186,7 +204,7 @@ TRANSFORMS = ("head", "layer", "rope", "none")
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
               levels: dict[str, tuple[float, float]] | None = None,
               fixed: dict[str, float] | None = None, transform: str = "head",
-              allocation: str = "measured", log=print):
+              allocation: str = "measured", retune=None, log=print):
     """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``.
 
     Args:
@@ -203,58 +221,55 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
 
     ids = [tokenize_file(loaded, t, prefix_len + eval_len) for t in texts]
     return calibrate_tokens(loaded, ids, [str(t) for t in texts], prefix_len=prefix_len, eval_len=eval_len,
-                            levels=levels, fixed=fixed, transform=transform, allocation=allocation, log=log)
+                            levels=levels, fixed=fixed, transform=transform, allocation=allocation,
+                            retune=retune, log=log)
 
 
 def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_len: int = 1536,
                      eval_len: int = 512, levels: dict[str, tuple[float, float]] | None = None,
                      fixed: dict[str, float] | None = None, transform: str = "head",
-                     allocation: str = "measured", log=print):
-    """:func:`calibrate` on token sequences (``names``: what the profile records as its texts)."""
+                     allocation: str = "measured", retune=None, log=print):
+    """:func:`calibrate` on token sequences (``names``: what the profile records as its texts).
+
+    With ``retune`` (a profile calibrated with ``allocation="measured"``), its weights, transform
+    and stored rate-distortion curves are kept and only the levels are searched again (for
+    other floors or texts): minutes instead of the curves' half hour.
+    """
     fixed = dict(fixed or {})
+
+    import copy
 
     from kvcodec.client.quality import QualityProbe
     from kvcodec.codec.api import decode, encode
+    from kvcodec.codec.errors import InvalidInput
     from kvcodec.codec.profile import Profile
 
     levels = levels or LEVEL_FLOORS
-    parts = []
-    for path, tok in zip(names, ids):
-        log(f"sensitivity: {path}")
-        parts.append(measure_sensitivity(loaded, tok, prefix_len, eval_len))
-    weights, step_scale = combine(parts)
-    cfg = loaded.config
-    layers, heads = weights.shape[0], weights.shape[2]
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    profile = Profile(loaded.name, layers, heads, dim, weights, {}, 1, step_scale,
-                      {"texts": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
     kvs = [tuple(t.half() for t in p.exact_kv) for p in probes]
-    if transform != "none":
-        from kvcodec.codec.transform import fit_bases, identity_bases, model_rope
-
-        rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
-        rope = model_rope(rotary) if rotary is not None else None
-        group = dim if transform == "head" else heads * dim
-        what = "no basis" if transform == "rope" else f"KLT per {transform} ({group} channels)"
-        log(f"transform: {what}, keys {'before RoPE' if rope else 'as cached'}")
-        if transform == "rope":
-            if rope is None:
-                from kvcodec.codec.errors import InvalidInput
-
-                raise InvalidInput("--transform rope: the model's RoPE cannot be removed exactly (scaled or dynamic)")
-            profile.bases = identity_bases(layers, heads * dim, dim)
-        else:
-            profile.bases = fit_bases(kvs, weights, group, rope)
-        profile.rope_inv_freq = None if rope is None else rope.inv_freq
-        profile.calibration["transform"] = transform
+    if retune is not None:
+        stored = retune.calibration.get("rate_distortion")
+        if allocation != "measured" or not stored:
+            raise InvalidInput("retune: the profile holds no measured rate-distortion curves")
+        profile = copy.deepcopy(retune)
+        profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels}
+        profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels}
+        profile.calibration.update({"retuned_on": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
+        layers = profile.layers
+    else:
+        profile = _fit(loaded, ids, names, probes, kvs, prefix_len, eval_len, transform, log)
+        layers = profile.layers
     profile.levels.update(fixed)
     todo = {level: floor for level, floor in levels.items() if level not in fixed}
     rd = None
-    if allocation == "measured" and todo:
+    if retune is not None:
+        rd = RateDistortion.from_json(profile.calibration["rate_distortion"], layers).refined()
+    elif allocation == "measured" and todo:
         log(f"rate-distortion curves: {len(RD_MULTIPLIERS)} steps x {layers * 2} groups x {len(probes)} texts")
-        rd = measure_rate_distortion(probes, kvs, profile, loaded.name, log).refined()
+        measured = measure_rate_distortion(probes, kvs, profile, loaded.name, log)
         profile.calibration["allocation"] = "measured"
+        profile.calibration["rate_distortion"] = measured.to_json()
+        rd = measured.refined()
 
     def run(level: str) -> list:
         out = []
@@ -292,6 +307,41 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
     return profile
 
 
+def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transform: str, log):
+    """Sensitivity weights and (unless ``transform`` is ``none``) the transform of a new profile."""
+    from kvcodec.codec.profile import Profile
+
+    parts = []
+    for path, tok in zip(names, ids):
+        log(f"sensitivity: {path}")
+        parts.append(measure_sensitivity(loaded, tok, prefix_len, eval_len))
+    weights, step_scale = combine(parts)
+    cfg = loaded.config
+    layers, heads = weights.shape[0], weights.shape[2]
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    profile = Profile(loaded.name, layers, heads, dim, weights, {}, 1, step_scale,
+                      {"texts": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
+    if transform != "none":
+        from kvcodec.codec.transform import fit_bases, identity_bases, model_rope
+
+        rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
+        rope = model_rope(rotary) if rotary is not None else None
+        group = dim if transform == "head" else heads * dim
+        what = "no basis" if transform == "rope" else f"KLT per {transform} ({group} channels)"
+        log(f"transform: {what}, keys {'before RoPE' if rope else 'as cached'}")
+        if transform == "rope":
+            if rope is None:
+                from kvcodec.codec.errors import InvalidInput
+
+                raise InvalidInput("--transform rope: the model's RoPE cannot be removed exactly (scaled or dynamic)")
+            profile.bases = identity_bases(layers, heads * dim, dim)
+        else:
+            profile.bases = fit_bases(kvs, weights, group, rope)
+        profile.rope_inv_freq = None if rope is None else rope.inv_freq
+        profile.calibration["transform"] = transform
+    return profile
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",
@@ -309,6 +359,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allocation", choices=ALLOCATIONS, default="measured",
                    help="per-group steps from measured rate-distortion curves (default; about 30 minutes "
                         "for two texts on 2 CPU cores) or from the Fisher weights alone")
+    p.add_argument("--floor", action="append", default=[], metavar="LEVEL=PPL,AGREE",
+                   help="quality floor a level must meet on every calibration text: max |perplexity change| %% "
+                        "and min greedy agreement %% (defaults: "
+                        + ", ".join(f"{k}={a},{b}" for k, (a, b) in LEVEL_FLOORS.items()) + ")")
+    p.add_argument("--retune", metavar="PROFILE",
+                   help="keep this profile's weights, transform and measured curves; search only the levels "
+                        "(those given by --floor, else all) against --text")
     p.add_argument("--alias", action="append", default=[], help="other model names the profile applies to")
     p.add_argument("--lambda", dest="lambdas", action="append", default=[], metavar="LEVEL=VALUE",
                    help="use this step multiplier for a level instead of searching for it")
@@ -333,13 +390,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise UsageError(f"--lambda: {item!r} is not LEVEL=NUMBER") from None
         if level not in LEVEL_FLOORS or fixed[level] <= 0:
             raise UsageError(f"--lambda: {item!r}: level must be one of {', '.join(LEVEL_FLOORS)}, value > 0")
+    floors = {}
+    for item in args.floor:
+        level, _, value = item.partition("=")
+        try:
+            ppl, agree = (float(x) for x in value.split(","))
+        except ValueError:
+            raise UsageError(f"--floor: {item!r} is not LEVEL=PPL,AGREE (e.g. balanced=0.5,96)") from None
+        if level not in LEVEL_FLOORS or ppl <= 0 or not 0 < agree <= 100:
+            raise UsageError(f"--floor: {item!r}: level must be one of {', '.join(LEVEL_FLOORS)}, "
+                             "0 < PPL, 0 < AGREE <= 100")
+        floors[level] = (ppl, agree)
+    retune = None
+    if args.retune:
+        from kvcodec.codec.errors import KVCodecError
+        from kvcodec.codec.profile import load_profile
+
+        try:
+            retune = load_profile(args.retune)
+        except KVCodecError as exc:
+            raise UsageError(f"--retune: {exc}") from None
+        if not retune.calibration.get("rate_distortion"):
+            raise UsageError(f"--retune: {args.retune} holds no measured rate-distortion curves "
+                             "(calibrated with --allocation fisher or by an older kvcodec)")
+    levels = floors if (retune is not None and floors) else {**LEVEL_FLOORS, **floors}
     try:
         loaded = load_model(args.model)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
-    profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, fixed=fixed,
-                        transform=args.transform, allocation=args.allocation, log=lambda m: print(m, file=sys.stderr))
-    profile.calibration["aliases"] = args.alias
+    if retune is not None and not retune.matches(loaded.num_layers, loaded.num_kv_heads, loaded.head_dim):
+        raise UsageError(f"--retune: {args.retune} is for {retune.layers} layers x {retune.kv_heads} kv heads x "
+                         f"{retune.head_dim}, the model has {loaded.num_layers} x {loaded.num_kv_heads} x {loaded.head_dim}")
+    profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, levels=levels, fixed=fixed,
+                        transform=args.transform, allocation=args.allocation, retune=retune,
+                        log=lambda m: print(m, file=sys.stderr))
+    if args.alias or retune is None:
+        profile.calibration["aliases"] = args.alias
     profile.save(args.out)
     print(f"{args.out}: profile for {profile.model}, sha256 {profile.digest.hex()}")
     return 0

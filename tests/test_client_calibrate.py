@@ -116,6 +116,15 @@ def test_calibrate_measures_curves_and_allocates_on_a_model(tiny_llama):
     assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1] + 2  # bits fall as steps grow
     back = profile_from_json(json.loads(json.dumps(prof.to_json())))
     assert back.digest == prof.digest
+
+    # retune: the stored curves serve another floor without measuring again
+    logs.clear()
+    loose = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16,
+                             levels={"balanced": (1e3, 1.0)}, retune=back, log=logs.append)
+    assert not any("rate-distortion: step" in m for m in logs)
+    assert np.array_equal(loose.bases, back.bases) and np.array_equal(loose.weights, back.weights)
+    assert np.all(loose.allocation["balanced"] >= alloc) and loose.allocation["balanced"].max() > alloc.max()
+    assert loose.levels["high"] == 0.05 and loose.calibration["retuned_on"] == ["a", "b"]
     keys = torch.randn(2, 2, 48, 16)
     kv = decode(encode(keys, keys, level="balanced", profile=back), profile=back)
     assert (kv.keys.float() - keys).abs().mean() < 0.5 * keys.abs().mean()
@@ -142,6 +151,13 @@ def test_calibrate_cli_writes_a_measured_allocation(smollm2, gpl_text, tmp_path,
     kv = decode(encode(keys, keys, level="balanced", profile=prof), profile=prof)
     assert (kv.keys.float() - keys.float()).abs().mean() < 0.5 * keys.float().abs().mean()
 
+    again = tmp_path / "q.json"
+    assert main(["calibrate", "--text", str(gpl_text), "--out", str(again), "--prefix", "40", "--eval", "8",
+                 "--retune", str(out), "--floor", "balanced=100,1"]) == 0
+    retuned = load_profile(again)
+    assert np.array_equal(retuned.bases, prof.bases) and retuned.calibration["aliases"] == []
+    assert np.all(retuned.allocation["balanced"] >= alloc)
+
 
 def test_streams_of_a_retired_shipped_profile_still_decode():
     """A recalibration replaces the shipped profile; streams coded with the old one (transform
@@ -156,3 +172,23 @@ def test_streams_of_a_retired_shipped_profile_still_decode():
     keys = torch.randn(old.layers, old.kv_heads, 8, old.head_dim, dtype=torch.float16)
     blob = encode(keys, keys, level="balanced", profile=old)
     assert decode(blob).keys.shape == keys.shape  # found by digest, no profile passed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--floor", "balanced=abc"], "--floor: 'balanced=abc' is not LEVEL=PPL,AGREE"),
+    (["--floor", "ultra=1,95"], "level must be one of high, balanced, compact"),
+    (["--floor", "compact=1,120"], "0 < AGREE <= 100"),
+    (["--retune", "NOPROFILE"], "--retune: profile: NOPROFILE: no such file"),
+    (["--retune", "PLAIN"], "holds no measured rate-distortion curves"),
+])
+def test_calibrate_cli_rejects_bad_floors_and_retune_profiles(extra, message, gpl_text, tmp_path, capsys):
+    from kvcodec.cli import main
+
+    _profile().save(tmp_path / "plain.json")
+    extra = [str(tmp_path / "plain.json") if x == "PLAIN" else str(tmp_path / "none.json") if x == "NOPROFILE" else x
+             for x in extra]
+    message = message.replace("NOPROFILE", str(tmp_path / "none.json"))
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--text", str(gpl_text), "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
