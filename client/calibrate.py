@@ -114,7 +114,7 @@ class RateDistortion:
     """Measured curves of every (layer, keys/values) group.
 
     Attributes:
-        multipliers: float64 ``[M]`` steps as multiples of the reference lambda.
+        multipliers: float64 ``[M]`` steps as multiples of ``reference`` (a lambda).
         bits: float64 ``[M, layers, 2]`` bits per element of the group's substreams (mean over texts).
         kl: float64 ``[M, layers, 2]`` output KL with only that group reconstructed (sum over texts).
     """
@@ -122,9 +122,10 @@ class RateDistortion:
     multipliers: np.ndarray
     bits: np.ndarray
     kl: np.ndarray
+    reference: float = RD_REFERENCE_LAMBDA
 
     def to_json(self) -> dict:
-        return {"multipliers": self.multipliers.tolist(), "bits": np.round(self.bits, 6).tolist(),
+        return {"reference_lambda": self.reference, "multipliers": self.multipliers.tolist(), "bits": np.round(self.bits, 6).tolist(),
                 "kl": [[[float(f"{x:.6g}") for x in kv] for kv in layer] for layer in self.kl]}
 
     @classmethod
@@ -136,6 +137,7 @@ class RateDistortion:
             rd = cls(*(np.asarray(body[k], dtype=np.float64) for k in ("multipliers", "bits", "kl")))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"rate_distortion: bad or missing field ({exc})") from None
+        rd.reference = float(body.get("reference_lambda", RD_REFERENCE_LAMBDA))
         shape = (len(rd.multipliers), layers, 2)
         if rd.bits.shape != shape or rd.kl.shape != shape or np.any(rd.multipliers <= 0):
             raise InvalidInput(f"rate_distortion: curves of shape {rd.bits.shape}, {rd.kl.shape} != {shape}")
@@ -152,7 +154,7 @@ class RateDistortion:
             out = np.stack([np.interp(fine, lm, flat[:, j]) for j in range(flat.shape[1])], axis=1)
             return out.reshape(len(fine), *y.shape[1:])
 
-        return RateDistortion(2.0**fine, interp(self.bits), np.exp(interp(logkl)))
+        return RateDistortion(2.0**fine, interp(self.bits), np.exp(interp(logkl)), self.reference)
 
     def allocate(self, mu: float) -> np.ndarray:
         """Step multiplier ``[layers, 2]`` of each group minimising ``KL + mu * bits``."""
@@ -242,7 +244,6 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
     from kvcodec.client.quality import QualityProbe
     from kvcodec.codec.api import decode, encode
     from kvcodec.codec.errors import InvalidInput
-    from kvcodec.codec.profile import Profile
 
     levels = levels or LEVEL_FLOORS
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
@@ -255,10 +256,9 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
         profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels}
         profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels}
         profile.calibration.update({"retuned_on": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
-        layers = profile.layers
     else:
         profile = _fit(loaded, ids, names, probes, kvs, prefix_len, eval_len, transform, log)
-        layers = profile.layers
+    layers = profile.layers
     profile.levels.update(fixed)
     todo = {level: floor for level, floor in levels.items() if level not in fixed}
     rd = None
@@ -292,14 +292,14 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             continue
 
         def score_mu(mu: float, level=level):
-            profile.levels[level] = RD_REFERENCE_LAMBDA
+            profile.levels[level] = rd.reference
             profile.allocation[level] = rd.allocate(mu)
             out = run(level)
             log(f"  {level} slope {mu:.3g}: ppl {out[0].ppl_change_pct:+.3f}% agree {out[0].agree_pct:.1f}%")
             return out
 
         mu = bisect_lambda(score_mu, floor, lo=1e-8, hi=1e-1, steps=12)
-        profile.levels[level] = RD_REFERENCE_LAMBDA
+        profile.levels[level] = rd.reference
         profile.allocation[level] = rd.allocate(mu)
         profile.calibration.setdefault("slopes", {})[level] = mu
         log(f"{level}: slope {mu:.3g}, step multipliers {profile.allocation[level].min():.3g}"
