@@ -39,9 +39,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Quality floors per level used when bisecting lambda: (max |ppl change| %, min greedy agreement %).
-# Tighter than the issue's targets so they hold on texts other than the calibration text.
-LEVEL_FLOORS = {"high": (0.05, 99.3), "balanced": (0.4, 96.5), "compact": (2.5, 89.0)}
+# Quality floors per level, met on every calibration text when bisecting a level's slope (or
+# lambda): (max |ppl change| %, min greedy agreement %). The issue's targets are 0.1 / 99 (high),
+# 1 / 95 (balanced), 5 / 85 (compact) on texts *not* calibrated on; these floors were set by
+# checking two held-out texts (GPL-3, argparse.py; benchmarks/RESULTS.md): the perplexity
+# floor is the one that binds on SmolLM2's calibration texts.
+LEVEL_FLOORS = {"high": (0.1, 98.8), "balanced": (0.8, 95.0), "compact": (2.5, 89.0)}
 
 
 # The ladder of steps at which the rate-distortion curves are measured, as multiples of
@@ -284,7 +287,7 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             def score(lam: float, level=level):
                 profile.levels[level] = lam
                 out = run(level)
-                log(f"  {level} lambda {lam:.4f}: ppl {out[0].ppl_change_pct:+.3f}% agree {out[0].agree_pct:.1f}%")
+                log(f"  {level} lambda {lam:.4f}: {_worst(out)}")
                 return out
 
             profile.levels[level] = bisect_lambda(score, floor)
@@ -295,7 +298,7 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             profile.levels[level] = rd.reference
             profile.allocation[level] = rd.allocate(mu)
             out = run(level)
-            log(f"  {level} slope {mu:.3g}: ppl {out[0].ppl_change_pct:+.3f}% agree {out[0].agree_pct:.1f}%")
+            log(f"  {level} slope {mu:.3g}: {_worst(out)}")
             return out
 
         mu = bisect_lambda(score_mu, floor, lo=1e-8, hi=1e-1, steps=12)
@@ -305,6 +308,12 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
         log(f"{level}: slope {mu:.3g}, step multipliers {profile.allocation[level].min():.3g}"
             f"..{profile.allocation[level].max():.3g}")
     return profile
+
+
+def _worst(results) -> str:
+    """The worst perplexity change and greedy agreement over the calibration texts, for the log."""
+    ppl = max((r.ppl_change_pct for r in results), key=abs)
+    return f"worst ppl {ppl:+.3f}%, worst agree {min(r.agree_pct for r in results):.1f}%"
 
 
 def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transform: str, log):
