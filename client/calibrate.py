@@ -1,6 +1,6 @@
 """``kvcodec calibrate``: measure a model's KV sensitivity and write a codec profile.
 
-Two steps (see :mod:`kvcodec.codec.profile` for the theory):
+Four steps (see :mod:`kvcodec.codec.profile` for the theory):
 
 1. *Sensitivity.* For each calibration text, prefill a prefix, then score the
    following tokens attending to that prefix's KV with gradients enabled; the
@@ -16,9 +16,10 @@ Two steps (see :mod:`kvcodec.codec.profile` for the theory):
    ``RD_REFERENCE_LAMBDA``) and, for every (layer, keys/values) group, record
    the bits its substreams take and the output KL (vs the exact KV) when only
    that group is replaced by its reconstruction. KL adds up across groups to
-   within a few percent at the rates the levels use, so the allocation that
+   within ~10% at the rates the levels use, so the allocation that
    minimises total KL at a rate gives every group the step where
-   ``KL_g + mu * bits_g`` is least (curves interpolated in log step).
+   ``KL_g + mu * bits_g`` is least (curves interpolated in log step). The
+   curves are stored in the profile: ``--retune PROFILE`` repeats only step 4.
 4. *Levels.* For each lossy level, bisect (in log space) the largest slope
    ``mu`` (with ``--allocation fisher``: the largest step multiplier
    ``lambda``) whose reconstruction still meets the level's quality floor on
@@ -28,6 +29,8 @@ Two steps (see :mod:`kvcodec.codec.profile` for the theory):
 Example::
 
     kvcodec calibrate --text /usr/share/common-licenses/Apache-2.0 --out smollm2.json
+    kvcodec calibrate --retune smollm2.json --floor balanced=0.5,96 \
+        --text /usr/share/common-licenses/Apache-2.0 --out smollm2-b.json
 """
 
 from __future__ import annotations
