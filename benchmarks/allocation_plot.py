@@ -36,14 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.profile}: no measured allocation (calibrated with --allocation fisher?)", file=sys.stderr)
         return 1
     levels = [lv for lv in ("high", "balanced", "compact") if lv in prof.allocation]
-    rows = []
-    for layer in range(prof.layers):
-        row = [layer]
-        for lv in levels:
-            lam = prof.levels[lv]
-            k, v = prof.allocation[lv][layer] * lam
-            row += [f"{k:.3f}", f"{v:.3f}"]
-        rows.append(row)
+    steps = {lv: prof.allocation[lv] * prof.levels[lv] for lv in levels}  # [layers, 2] each
+    rows = [[layer] + [f"{m:.3f}" for lv in levels for m in steps[lv][layer]] for layer in range(prof.layers)]
     headers = ["layer"] + [f"{lv} {kind}" for lv in levels for kind in ("keys", "values")]
     print(f"Step multipliers (lambda x allocation) of {args.profile}, sha256 {prof.digest.hex()[:16]}…\n")
     print(markdown_table(headers, rows))
@@ -56,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(10, 4.2))
         x = np.arange(prof.layers)
         for i, lv in enumerate(levels):
-            alloc = prof.allocation[lv] * prof.levels[lv]
+            alloc = steps[lv]
             ax.plot(x, alloc[:, 0], "-o", ms=3, color=f"C{i}", label=f"{lv}: keys")
             ax.plot(x, alloc[:, 1], "--s", ms=3, color=f"C{i}", label=f"{lv}: values")
         ax.set_yscale("log", base=2)

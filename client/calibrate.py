@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -176,33 +176,27 @@ def measure_rate_distortion(probes, kvs, profile, model: str, log=print) -> Rate
     layers = profile.layers
     bits = np.zeros((len(mults), layers, 2))
     kl = np.zeros((len(mults), layers, 2))
-    saved = dict(profile.levels), dict(profile.allocation)
-    profile.allocation.clear()
-    try:
-        for i, m in enumerate(mults):
-            profile.levels["balanced"] = RD_REFERENCE_LAMBDA * m
-            for probe, (k, v) in zip(probes, kvs):
-                blob = encode(k, v, level="balanced", model=model, profile=profile)
-                layout = container.parse(blob)
-                h = layout.header
-                per_group = k[0].numel()
-                kv = decode(blob, profile=profile)
-                for layer in range(layers):
-                    for kind in range(2):
-                        size = sum(layout.lengths[h.substream_id(layer, bool(kind), b)] for b in range(h.blocks_per_tensor))
-                        bits[i, layer, kind] += 8 * size / per_group / len(probes)
-                        keys, values = probe.exact_kv
-                        if kind:
-                            values[layer] = kv.values[layer]
-                        else:
-                            keys[layer] = kv.keys[layer]
-                        kl[i, layer, kind] += probe.score(keys, values).kl_mean
-            log(f"  rate-distortion: step x{RD_REFERENCE_LAMBDA * m:.4f}: {bits[i].mean():.3f} bits/element, "
-                f"summed group KL {kl[i].sum():.5f}")
-    finally:
-        profile.levels.clear()
-        profile.levels.update(saved[0])
-        profile.allocation.update(saved[1])
+    for i, m in enumerate(mults):
+        # the profile's weights and transform with one uniform step multiplier (no allocation)
+        trial = replace(profile, levels={"balanced": RD_REFERENCE_LAMBDA * m}, allocation={})
+        for probe, (k, v) in zip(probes, kvs):
+            blob = encode(k, v, level="balanced", model=model, profile=trial)
+            layout = container.parse(blob)
+            h = layout.header
+            per_group = k[0].numel()
+            kv = decode(blob, profile=trial)
+            for layer in range(layers):
+                for kind in range(2):
+                    size = sum(layout.lengths[h.substream_id(layer, bool(kind), b)] for b in range(h.blocks_per_tensor))
+                    bits[i, layer, kind] += 8 * size / per_group / len(probes)
+                    keys, values = probe.exact_kv
+                    if kind:
+                        values[layer] = kv.values[layer]
+                    else:
+                        keys[layer] = kv.keys[layer]
+                    kl[i, layer, kind] += probe.score(keys, values).kl_mean
+        log(f"  rate-distortion: step x{RD_REFERENCE_LAMBDA * m:.4f}: {bits[i].mean():.3f} bits/element, "
+            f"summed group KL {kl[i].sum():.5f}")
     return RateDistortion(mults, bits, kl)
 
 
@@ -255,8 +249,9 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
     kvs = [tuple(t.half() for t in p.exact_kv) for p in probes]
     if retune is not None:
-        stored = retune.calibration.get("rate_distortion")
-        if allocation != "measured" or not stored:
+        if allocation != "measured":
+            raise InvalidInput(f"retune: needs allocation 'measured', not {allocation!r}")
+        if not retune.calibration.get("rate_distortion"):
             raise InvalidInput("retune: the profile holds no measured rate-distortion curves")
         profile = copy.deepcopy(retune)
         profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels}

@@ -273,20 +273,21 @@ def builtin_profiles() -> tuple[tuple[bytes, Profile], ...]:
 
 @lru_cache(maxsize=4)
 def _known_profiles(search_path: str) -> tuple[tuple[bytes, Profile], ...]:
-    from importlib.resources import files
-
     found = []
     for folder in [Path(p) for p in search_path.split(os.pathsep) if p]:
         if not folder.is_dir():
             raise InvalidInput(f"{PROFILE_PATH_ENV}: {folder} is not a directory")
         for entry in sorted(folder.glob("*.json")):
             found.append(load_profile(entry))
-    found += _shipped(files("kvcodec") / "profiles")
+    found += _shipped()
     return tuple((profile.digest, profile) for profile in found)
 
 
-def _shipped(folder) -> list[Profile]:
-    """The profiles in a folder of the installed package (an importlib.resources Traversable)."""
+def _shipped(*sub: str) -> list[Profile]:
+    """The profiles in ``kvcodec/profiles/<sub...>`` of the installed package."""
+    from importlib.resources import files
+
+    folder = files("kvcodec").joinpath("profiles", *sub)
     entries = sorted(folder.iterdir(), key=lambda e: e.name) if folder.is_dir() else []
     return [profile_from_json(json.loads(e.read_text()), e.name) for e in entries if e.name.endswith(".json")]
 
@@ -295,9 +296,7 @@ def _shipped(folder) -> list[Profile]:
 def _retired_profiles() -> tuple[tuple[bytes, Profile], ...]:
     """Shipped profiles that a recalibration replaced: never chosen for encoding, kept so that
     the streams they coded (with a transform, they need them) still decode."""
-    from importlib.resources import files
-
-    return tuple((p.digest, p) for p in _shipped(files("kvcodec") / "profiles" / "retired"))
+    return tuple((p.digest, p) for p in _shipped("retired"))
 
 
 def builtin_profile(model: str, layers: int, kv_heads: int, head_dim: int) -> Profile | None:

@@ -93,7 +93,7 @@ def test_bad_allocation_is_named(value, message):
     body.pop("sha256")
     body["allocation"] = value
     body["sha256"] = _digest(body)
-    with pytest.raises(InvalidInput, match=f"allocation.*{message}|{message}"):
+    with pytest.raises(InvalidInput, match=message):
         profile_from_json(json.loads(json.dumps(body)))
 
 
