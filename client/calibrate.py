@@ -24,7 +24,9 @@ Four steps (see :mod:`kvcodec.codec.profile` for the theory):
    ``mu`` (with ``--allocation fisher``: the largest step multiplier
    ``lambda``) whose reconstruction still meets the level's quality floor on
    the calibration texts (perplexity change and greedy agreement, scored with
-   :class:`kvcodec.client.quality.QualityProbe`).
+   :class:`kvcodec.client.quality.QualityProbe`). Then, with a transform, record
+   each level's side-information prior (:mod:`kvcodec.codec.sideprior`): the
+   classes and centres the calibration KV gets at the level's steps.
 
 Example::
 
@@ -178,7 +180,7 @@ def measure_rate_distortion(probes, kvs, profile, model: str, log=print) -> Rate
     kl = np.zeros((len(mults), layers, 2))
     for i, m in enumerate(mults):
         # the profile's weights and transform with one uniform step multiplier (no allocation)
-        trial = replace(profile, levels={"balanced": RD_REFERENCE_LAMBDA * m}, allocation={})
+        trial = replace(profile, levels={"balanced": RD_REFERENCE_LAMBDA * m}, allocation={}, side_priors={})
         for probe, (k, v) in zip(probes, kvs):
             blob = encode(k, v, level="balanced", model=model, profile=trial)
             layout = container.parse(blob)
@@ -198,6 +200,43 @@ def measure_rate_distortion(probes, kvs, profile, model: str, log=print) -> Rate
         log(f"  rate-distortion: step x{RD_REFERENCE_LAMBDA * m:.4f}: {bits[i].mean():.3f} bits/element, "
             f"summed group KL {kl[i].sum():.5f}")
     return RateDistortion(mults, bits, kl)
+
+
+def fit_side_priors(profile, kvs, model: str) -> dict[str, dict[str, np.ndarray]]:
+    """Each level's side-information prior (:mod:`kvcodec.codec.sideprior`): the classes and
+    centres the calibration KV ``kvs`` gets at the level's steps, per (layer, keys/values),
+    pooled over every substream with at least half a block of quantized tokens."""
+    from kvcodec.codec import container, substream
+    from kvcodec.codec.api import encode
+    from kvcodec.codec.sideprior import fit_prior
+
+    plain = replace(profile, side_priors={})
+    shape = (profile.layers, 2)
+    out = {}
+    for level in sorted(plain.levels):
+        samples = {}
+        for k, v in kvs:
+            blob = encode(k, v, level=level, model=model, profile=plain)
+            layout = container.parse(blob)
+            h = layout.header
+            for sid in range(h.n_substreams):
+                block = sid % h.blocks_per_tensor
+                n_raw, tokens = h.block_raw_tokens(block), h.block_tokens(block)
+                if 2 * (tokens - n_raw) < h.token_block and h.blocks_per_tensor > 1:
+                    continue
+                _, rest = substream.split_raw(container.substream(blob, layout, sid), h.kv_heads, tokens, h.head_dim,
+                                              k.dtype, n_raw, h.coder, h.packed_side)
+                p = substream.parse_rans(rest, h.kv_heads, h.head_dim, h.packed_side)
+                group = samples.setdefault(divmod(sid // h.blocks_per_tensor, 2), ([], [], []))
+                for values, value in zip(group, (p.steps, p.classes, p.centers)):
+                    values.append(value)
+        priors = {at: fit_prior(*group) for at, group in samples.items()}
+        out[level] = {
+            "steps": np.stack([priors[at].steps for at in np.ndindex(shape)]).reshape(*shape, -1),
+            "classes": np.stack([priors[at].classes for at in np.ndindex(shape)]).reshape(*shape, -1).astype(np.uint8),
+            "centres": np.stack([priors[at].centres for at in np.ndindex(shape)]).reshape(*shape, -1).astype(np.int16),
+        }
+    return out
 
 
 TRANSFORMS = ("head", "layer", "rope", "none")
@@ -254,6 +293,7 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
         if not retune.calibration.get("rate_distortion"):
             raise InvalidInput("retune: the profile holds no measured rate-distortion curves")
         profile = copy.deepcopy(retune)
+        profile.side_priors = {}  # fitted again below, at the new levels' steps
         profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels}
         profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels}
         profile.calibration.update({"retuned_on": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
@@ -305,6 +345,9 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
         profile.calibration.setdefault("slopes", {})[level] = mu
         log(f"{level}: slope {mu:.3g}, step multipliers {profile.allocation[level].min():.3g}"
             f"..{profile.allocation[level].max():.3g}")
+    if profile.has_transform:
+        profile.side_priors = fit_side_priors(profile, kvs, loaded.name)
+        log(f"side-information priors: {', '.join(sorted(profile.side_priors))}")
     return profile
 
 

@@ -205,6 +205,7 @@ def _encode(
     layers, heads, tokens, dim = keys.shape
     prof = None if lossless else _resolve_profile(profile, model, layers, heads, dim)
     use_transform = prof is not None and prof.has_transform and lv.name in prof.levels
+    use_prior = use_transform and lv.name in prof.side_priors
     if use_transform and not 0 <= first_position <= container.MAX_ROPE_POSITION - tokens:
         raise InvalidInput(f"first_position: {first_position} is outside 0..{container.MAX_ROPE_POSITION - tokens}"
                            " (the profile's transform codes keys before RoPE)")
@@ -215,12 +216,18 @@ def _encode(
         token_block=token_block, first_position=first_position, model=model,
         raw_tokens=0 if lossless else max(0, min(tokens, sink_tokens - first_position)),
         profile=prof.digest if prof else container.NO_PROFILE,
-        flags=(container.FLAG_TRANSFORM if use_transform else 0) | (0 if lossless else container.FLAG_PACKED_SIDE),
+        flags=(container.FLAG_TRANSFORM if use_transform else 0) | (0 if lossless else container.FLAG_PACKED_SIDE)
+        | (container.FLAG_PREDICTED_SIDE if use_prior else 0),
     )
+
+    def prior(layer: int, is_value: bool):
+        return prof.side_prior(lv.name, layer, is_value) if use_prior else None
+
     if backend != "numba" and not lossless:  # batched on the device, same bytes
         payloads = device_encode.encode_payloads(
             keys, values, header, lambda layer, is_value: _stats_step_rule(lv, prof, layer, is_value),
             lambda layer, is_value: prof.transform(layer, is_value) if use_transform else None, backend, progress,
+            priors=prior,
         )
         return container.pack(header, payloads)
     jobs = [
@@ -238,7 +245,7 @@ def _encode(
         tr = prof.transform(layer, is_value) if use_transform else None
         return substream.encode_quantized(
             block, rule, header.block_raw_tokens(b), header.coder, tr, header.block_quantized_position(b),
-            header.packed_side,
+            header.packed_side, prior(layer, is_value),
         )
 
     payloads: list[bytes] = []
@@ -287,7 +294,7 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor
             return out.to(dtype)
         return substream.decode_quantized(
             view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder, out,
-            block_transform(layout, sid), h.block_quantized_position(block), h.packed_side,
+            block_transform(layout, sid), h.block_quantized_position(block), h.packed_side, block_prior(layout, sid),
         )
     except container.ChecksumMismatch:
         raise
@@ -322,6 +329,9 @@ def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) 
         )
     if not (profile.has_transform and profile.matches(h.layers, h.kv_heads, h.head_dim)):
         raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no transform for this stream's layout")
+    if h.predicted_side and _level_name(h.level) not in profile.side_priors:
+        raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no side-information prior for level "
+                             f"{_level_name(h.level)!r}, which the stream's flags say it was coded with")
     layout.profile = profile
     return layout
 
@@ -334,6 +344,16 @@ def block_transform(layout: Layout, sid: int):
         return None
     layer, kind = divmod(sid // h.blocks_per_tensor, 2)
     return layout.profile.transform(layer, bool(kind))
+
+
+def block_prior(layout: Layout, sid: int):
+    """The side-information prior of substream ``sid`` (None unless the stream has flag 4);
+    :func:`attach_profile` has checked the profile holds it."""
+    h = layout.header
+    if not h.predicted_side:
+        return None
+    layer, kind = divmod(sid // h.blocks_per_tensor, 2)
+    return layout.profile.side_prior(_level_name(h.level), layer, bool(kind))
 
 
 def _min_length(h: Header, block: int) -> int:

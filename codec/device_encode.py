@@ -41,6 +41,7 @@ from kvcodec.codec import entropy, substream
 from kvcodec.codec.container import Header
 from kvcodec.codec.quantize import block_rms, segment_sum
 from kvcodec.codec.rans_encode import encode_flat_batch
+from kvcodec.codec.sideprior import SidePrior
 from kvcodec.codec.transform import Transform, snap_scales
 
 # K+V elements coded per group of layers (bounds device memory at ~40 bytes an element)
@@ -96,6 +97,7 @@ def encode_payloads(
     backend: str,
     progress: Callable[[int, int], None] | None = None,
     max_elements: int | None = None,
+    priors: Callable[[int, bool], SidePrior | None] | None = None,
 ) -> list[bytes]:
     """Every substream payload of a quantized (coder 3) stream, in substream order.
 
@@ -108,6 +110,7 @@ def encode_payloads(
         progress: optional ``callback(done, total)``, called per substream.
         max_elements: K+V elements per group of layers, one entropy batch per group
             (default :data:`MAX_GROUP_ELEMENTS`).
+        priors: ``(layer, is_value) -> SidePrior`` or None (streams with header flag 4).
 
     Returns:
         The payloads, byte-identical to :func:`kvcodec.codec.substream.encode_quantized`'s.
@@ -130,7 +133,8 @@ def encode_payloads(
         for g in range(len(ids)):
             for kind in (0, 1):
                 for b in range(header.blocks_per_tensor):
-                    payloads.append(_payload(header, segments, raw, quant, g, kind, b))
+                    prior = priors(ids[g], bool(kind)) if priors else None
+                    payloads.append(_payload(header, segments, raw, quant, g, kind, b, prior))
                     if progress:
                         progress(len(payloads), header.n_substreams)
     return payloads
@@ -233,7 +237,9 @@ def _entropy_code(deltas: torch.Tensor, classes: np.ndarray, segments: _Segments
     return encode_flat_batch(ordered[coded], cls[coded], counts, dev, backend)
 
 
-def _payload(h: Header, segments: _Segments, raw, quant: _Quantized | None, g: int, kind: int, b: int) -> bytes:
+def _payload(
+    h: Header, segments: _Segments, raw, quant: _Quantized | None, g: int, kind: int, b: int, prior: SidePrior | None
+) -> bytes:
     """Substream ``(layer g of the group, kind, block b)``: raw tokens, then the quantized part's fields."""
     n_raw = h.block_raw_tokens(b)
     start = b * h.token_block
@@ -242,7 +248,7 @@ def _payload(h: Header, segments: _Segments, raw, quant: _Quantized | None, g: i
     if s is not None:
         steps, centers, classes = quant.steps[g, kind, s], quant.centers[g, kind, s], quant.classes[g, kind, s]
         words, escapes = quant.coded[(g * 2 + kind) * len(segments.blocks) + s]
-        out += [substream.pack_side(steps, centers, np.ascontiguousarray(classes), h.packed_side),
+        out += [substream.pack_side(steps, centers, np.ascontiguousarray(classes), h.packed_side, prior),
                 _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes()]
     return b"".join(out)
 

@@ -175,7 +175,8 @@ def _decode_batch(data, layout: Layout, sids: list[int], dtype, device, backend:
                 container.substream(data, layout, sid), h.kv_heads, tokens, h.head_dim, stored, n_raw, h.coder,
                 h.packed_side,
             )
-            p = substream.parse_rans(rest, h.kv_heads, h.head_dim, h.packed_side) if tokens > n_raw else None
+            p = (substream.parse_rans(rest, h.kv_heads, h.head_dim, h.packed_side, api.block_prior(layout, sid))
+                 if tokens > n_raw else None)
         except CorruptStream as exc:
             raise CorruptStream(f"{h.describe(sid)}: {exc}") from None
         raws.append(raw)

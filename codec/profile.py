@@ -27,6 +27,8 @@ File format (JSON, UTF-8)::
      "step_scale": float,            # normalises steps, see steps()
      "levels": {"high": lambda, "balanced": lambda, "compact": lambda},
      "allocation": {level: [[m_keys, m_values] per layer]},  # optional, see below
+     "side_priors": {level: {"steps": b64 f32 [L, 2, H], "classes": b64 u8 [L, 2, H*D],
+                             "centres": b64 i16 [L, 2, H*D]}},   # optional, needs a transform
      "calibration": {...free-form provenance...},
      "transform": {                  # optional
         "group": B,                  # channels per basis block (head_dim or kv_heads * head_dim)
@@ -42,6 +44,10 @@ non-linearly (SmolLM2's layer-0 values cause half of all output divergence at
 a uniform allocation), so calibration measures, for every group, the bits it
 takes and the output KL it causes at a ladder of steps, and gives each group
 the step where its marginal KL per bit equals the level's slope.
+
+With a transform a profile may carry **side priors** (:mod:`kvcodec.codec.sideprior`):
+per level, the scale classes and centres its calibration texts produced, so that
+streams code their side information as differences from them (header flag 4).
 
 Example::
 
@@ -63,10 +69,13 @@ from pathlib import Path
 import numpy as np
 
 from kvcodec.codec import transform as _transform
+from kvcodec.codec.entropy import NUM_CLASSES
 from kvcodec.codec.errors import InvalidInput
+from kvcodec.codec.sideprior import SidePrior
 
 FORMAT = "kvcodec-profile"
 VERSION = 1
+_PRIOR_FIELDS = {"steps": "<f4", "classes": "u1", "centres": "<i2"}  # side_priors: name -> stored dtype
 
 
 @dataclass
@@ -85,6 +94,8 @@ class Profile:
     bases: np.ndarray | None = None  # int16 [layers, 2, groups, B, B]: the transform, if any
     rope_inv_freq: np.ndarray | None = None  # float32 [rot_dim / 2]: keys coded before RoPE
     allocation: dict[str, np.ndarray] = field(default_factory=dict)  # level -> float64 [layers, 2] step multipliers
+    # level -> {"steps": float32 [layers, 2, H], "classes": uint8 / "centres": int16 [layers, 2, H * D]}
+    side_priors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def has_transform(self) -> bool:
@@ -100,6 +111,15 @@ class Profile:
             rope = None if is_value or self.rope_inv_freq is None else _transform.Rope(self.rope_inv_freq)
             cache[key] = _transform.Transform(self.bases[layer, int(is_value)], rope)
         return cache[key]
+
+    def side_prior(self, level: str, layer: int, is_value: bool) -> SidePrior | None:
+        """The expected side information of one (level, layer, keys/values), None without one."""
+        table = self.side_priors.get(level)
+        if table is None:
+            return None
+        at = (layer, int(is_value))
+        return SidePrior(table["steps"][at], table["classes"][at].astype(np.int64),
+                         table["centres"][at].astype(np.int64))
 
     def _derived(self) -> dict:
         """What is derived from ``bases`` (transforms, the digest), kept while ``bases`` is the
@@ -121,6 +141,12 @@ class Profile:
         if self.allocation:  # absent from profiles without one (their digests stay what they were)
             body["allocation"] = {
                 level: [[float(m) for m in kv] for kv in alloc] for level, alloc in sorted(self.allocation.items())
+            }
+        if self.side_priors:  # likewise
+            body["side_priors"] = {
+                level: {name: base64.b64encode(table[name].astype(dt).tobytes()).decode("ascii")
+                        for name, dt in _PRIOR_FIELDS.items()}
+                for level, table in sorted(self.side_priors.items())
             }
         if self.bases is not None:
             body["transform"] = {
@@ -195,9 +221,40 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
         raise InvalidInput(f"{source}: level lambdas must be positive")
     bases, inv_freq = _read_transform(body.get("transform"), layers, heads, dim, source)
     allocation = _read_allocation(body.get("allocation", {}), layers, source)
+    priors = _read_side_priors(body.get("side_priors", {}), layers, heads, dim, source)
+    if priors and bases is None:
+        raise InvalidInput(f"{source}: side_priors need a transform (only transform streams use them)")
     return Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
                    int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
-                   dict(body.get("calibration", {})), bases, inv_freq, allocation)
+                   dict(body.get("calibration", {})), bases, inv_freq, allocation, priors)
+
+
+def _read_side_priors(spec, layers: int, heads: int, dim: int, source: str) -> dict[str, dict[str, np.ndarray]]:
+    """The per-level side-information priors of a profile (``{}`` without any)."""
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"{source}: side_priors must map level names to {{steps, classes, centres}}")
+    shapes = {"steps": (layers, 2, heads), "classes": (layers, 2, heads * dim), "centres": (layers, 2, heads * dim)}
+    out = {}
+    for level, table in spec.items():
+        where = f"{source}: side_priors {level!r}"
+        if not isinstance(table, dict) or set(table) != set(_PRIOR_FIELDS):
+            raise InvalidInput(f"{where}: needs exactly the fields {', '.join(_PRIOR_FIELDS)}")
+        arrays = {}
+        for name, dt in _PRIOR_FIELDS.items():
+            try:
+                raw = base64.b64decode(table[name], validate=True)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"{where}: {name}: not base64 ({exc})") from None
+            need = int(np.prod(shapes[name])) * np.dtype(dt).itemsize
+            if len(raw) != need:
+                raise InvalidInput(f"{where}: {name}: {len(raw)} bytes, shape {shapes[name]} needs {need}")
+            arrays[name] = np.frombuffer(raw, dtype=dt).reshape(shapes[name]).astype(np.dtype(dt).newbyteorder("="))
+        if not np.all(np.isfinite(arrays["steps"])) or np.any(arrays["steps"] <= 0):
+            raise InvalidInput(f"{where}: steps must be positive float32 numbers")
+        if arrays["classes"].max(initial=0) > NUM_CLASSES:
+            raise InvalidInput(f"{where}: classes must be 0..{NUM_CLASSES}")
+        out[str(level)] = arrays
+    return out
 
 
 def _read_allocation(spec, layers: int, source: str) -> dict[str, np.ndarray]:

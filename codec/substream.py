@@ -30,6 +30,7 @@ import zstandard
 from kvcodec.codec import entropy, rans
 from kvcodec.codec.errors import CorruptStream
 from kvcodec.codec.quantize import dequantize_block, quantize_block
+from kvcodec.codec.sideprior import SidePrior
 from kvcodec.codec.transform import Transform
 
 ZSTD_LEVEL = 10
@@ -80,19 +81,23 @@ _PACKED_FIXED = 2 + 4 + 4 + 4
 _U32x2 = struct.Struct("<II")
 
 
-def pack_side(steps: np.ndarray, centers: np.ndarray, classes: np.ndarray, packed: bool) -> bytes:
+def pack_side(
+    steps: np.ndarray, centers: np.ndarray, classes: np.ndarray, packed: bool, prior: SidePrior | None = None
+) -> bytes:
     """A coder-3 substream's side information, up to (not including) ``n_escapes``.
 
     Plain: ``steps | width | centres | classes``. Packed: ``steps | side_classes u8[2] |
     n_side_escapes u32 | n_side_words u32 | side_escapes u16[] | side_words u16[]`` where the
     side symbols are two rows of ``C``, the class differences ``classes[c] - classes[c-1]``
     (``classes[-1] = 0``) and the centres, coded with coder 3's own rANS and static classes.
+    With a ``prior`` (packed only, header flag 4) the rows are the differences from the
+    prior's prediction at these steps instead.
     """
     head = steps.astype("<f4").tobytes()
     if not packed:
         width = 1 if centers.size == 0 or (centers.min() >= -128 and centers.max() <= 127) else 2
         return b"".join((head, bytes((width,)), centers.astype(f"<i{width}").tobytes(), classes.tobytes()))
-    rows = np.stack([np.diff(classes.astype(np.int32), prepend=0), centers.astype(np.int32)])
+    rows = _side_rows(steps, centers.astype(np.int64), classes.astype(np.int64), prior).astype(np.int32)
     absd = np.abs(rows.astype(np.int64))
     side_classes = entropy.scale_classes(absd.sum(axis=1), absd.max(axis=1, initial=0), rows.shape[1])
     words, escapes = rans.encode_deltas_host(rows, side_classes)
@@ -100,7 +105,17 @@ def pack_side(steps: np.ndarray, centers: np.ndarray, classes: np.ndarray, packe
                      escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes()))
 
 
-def _parse_packed_side(payload: memoryview, pos: int, channels: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _side_rows(steps: np.ndarray, centers: np.ndarray, classes: np.ndarray, prior: SidePrior | None) -> np.ndarray:
+    """The two side rows (int64 ``[2, C]``) that code ``classes`` and ``centers``."""
+    if prior is None:
+        return np.stack([np.diff(classes, prepend=0), centers])
+    pred_classes, pred_centers = prior.predict(steps)
+    return np.stack([classes - pred_classes, centers - pred_centers])
+
+
+def _parse_packed_side(
+    payload: memoryview, pos: int, channels: int, steps: np.ndarray, prior: SidePrior | None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Decode packed side information at ``pos``; returns ``(centres, classes, next pos)``."""
     side_classes = np.frombuffer(payload, dtype=np.uint8, count=2, offset=pos).copy()
     rans.check_classes(side_classes)
@@ -116,10 +131,13 @@ def _parse_packed_side(payload: memoryview, pos: int, channels: int) -> tuple[np
         rows = rans.decode_deltas(words, escapes, side_classes, channels)
     except CorruptStream as exc:
         raise CorruptStream(f"side information: {exc}") from None
-    classes = np.cumsum(rows[0].astype(np.int64))
+    if prior is None:
+        classes, centers = np.cumsum(rows[0].astype(np.int64)), rows[1].astype(np.int64)
+    else:
+        pred_classes, pred_centers = prior.predict(steps)
+        classes, centers = rows[0] + pred_classes, rows[1] + pred_centers
     if classes.size and (classes.min() < 0 or classes.max() > entropy.NUM_CLASSES):
         raise CorruptStream(f"classes: decoded class outside 0..{entropy.NUM_CLASSES}")
-    centers = rows[1].astype(np.int64)
     if centers.size and (centers.min() < -32768 or centers.max() > 32767):
         raise CorruptStream("centres: decoded centre outside int16")
     return centers.astype(np.int32), classes.astype(np.uint8), end
@@ -161,6 +179,7 @@ def encode_quantized(
     transform: Transform | None = None,
     first: int = 0,
     packed: bool = False,
+    prior: SidePrior | None = None,
 ) -> bytes:
     """Encode ``x`` (``[H, T, D]`` in its stored dtype, any device).
 
@@ -169,7 +188,8 @@ def encode_quantized(
     with ``coder`` (3: interleaved rANS, 2: constriction ANS). With a
     ``transform`` (coder 3 only) the rest is quantized in its domain;
     ``first`` is the absolute position of the first quantized token; ``packed``
-    entropy-codes coder 3's side information (header flag 2).
+    entropy-codes coder 3's side information (header flag 2), against ``prior`` if given
+    (header flag 4).
     """
     raw = _raw_bytes(x[:, :n_raw]) if n_raw else b""
     rest = x[:, n_raw:].float()
@@ -195,13 +215,16 @@ def encode_quantized(
     classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
     words, escapes = rans.encode_deltas(deltas, classes)
     return b"".join((
-        raw, pack_side(steps, centers, classes, packed), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
+        raw, pack_side(steps, centers, classes, packed, prior), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
         words.astype("<u2").tobytes(),
     ))
 
 
-def parse_rans(payload: memoryview, heads: int, dim: int, packed: bool = False) -> RansPayload:
-    """Split a coder-3 quantized part (after the raw tokens) into its fields.
+def parse_rans(
+    payload: memoryview, heads: int, dim: int, packed: bool = False, prior: SidePrior | None = None
+) -> RansPayload:
+    """Split a coder-3 quantized part (after the raw tokens) into its fields (``prior``: the
+    side-information prior of a flag-4 stream's substream).
 
     Raises:
         CorruptStream: a field is invalid or does not fit the substream.
@@ -213,7 +236,7 @@ def parse_rans(payload: memoryview, heads: int, dim: int, packed: bool = False) 
     steps = _read_steps(payload, heads)
     pos = 4 * heads
     if packed:
-        centers, classes, pos = _parse_packed_side(payload, pos, channels)
+        centers, classes, pos = _parse_packed_side(payload, pos, channels, steps, prior)
         return _parse_words(payload, pos, steps, centers, classes)
     width = payload[pos]
     if width not in (1, 2):
@@ -287,6 +310,7 @@ def decode_quantized(
     transform: Transform | None = None,
     first: int = 0,
     packed: bool = False,
+    prior: SidePrior | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`encode_quantized`; raises :class:`CorruptStream` on bad content.
 
@@ -298,7 +322,7 @@ def decode_quantized(
     if n_quant == 0:
         return raw.to(dtype).to(device)
     if coder == CODER_RANS:
-        p = parse_rans(payload, heads, dim, packed)
+        p = parse_rans(payload, heads, dim, packed, prior)
         steps, centers = p.steps, p.centers
         deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
     else:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvcodec.client.calibrate import RD_MULTIPLIERS, RateDistortion
-from kvcodec.codec import decode, encode
+from kvcodec.client.quality import QualityProbe
+from kvcodec.codec import container, decode, encode
 from kvcodec.codec.errors import InvalidInput
 from kvcodec.codec.profile import Profile, _digest, load_profile, profile_from_json
 
@@ -116,6 +117,11 @@ def test_calibrate_measures_curves_and_allocates_on_a_model(tiny_llama):
     assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1] + 2  # bits fall as steps grow
     back = profile_from_json(json.loads(json.dumps(prof.to_json())))
     assert back.digest == prof.digest
+    # each level's side-information prior, and streams coded against it
+    assert set(back.side_priors) == {"high", "balanced", "compact"}
+    assert np.array_equal(back.side_priors["balanced"]["classes"], prof.side_priors["balanced"]["classes"])
+    k, v = QualityProbe(tiny_llama, ids[0], 48, 16).exact_kv
+    assert container.parse(encode(k.half(), v.half(), level="compact", profile=back)).header.predicted_side
 
     # retune: the stored curves serve another floor without measuring again
     logs.clear()
