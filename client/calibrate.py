@@ -239,7 +239,7 @@ def fit_side_priors(profile, kvs, model: str) -> dict[str, dict[str, np.ndarray]
     return out
 
 
-TRANSFORMS = ("head", "layer", "rope", "none")
+TRANSFORMS = ("mixed", "head", "layer", "rope", "none")
 
 
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
@@ -372,12 +372,13 @@ def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transf
     profile = Profile(loaded.name, layers, heads, dim, weights, {}, 1, step_scale,
                       {"texts": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
     if transform != "none":
-        from kvcodec.codec.transform import fit_bases, identity_bases, model_rope
+        from kvcodec.codec.transform import block_diagonal, fit_bases, identity_bases, model_rope
 
         rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
         rope = model_rope(rotary) if rotary is not None else None
         group = dim if transform == "head" else heads * dim
-        what = "no basis" if transform == "rope" else f"KLT per {transform} ({group} channels)"
+        what = {"rope": "no basis", "mixed": f"keys: KLT per layer ({group} channels), values: KLT per head"}.get(
+            transform, f"KLT per {transform} ({group} channels)")
         log(f"transform: {what}, keys {'before RoPE' if rope else 'as cached'}")
         if transform == "rope":
             if rope is None:
@@ -385,6 +386,9 @@ def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transf
 
                 raise InvalidInput("--transform rope: the model's RoPE cannot be removed exactly (scaled or dynamic)")
             profile.bases = identity_bases(layers, heads * dim, dim)
+        elif transform == "mixed":  # values' per-head bases stored block-diagonally in the layer-wide group
+            profile.bases = fit_bases(kvs, weights, group, rope)
+            profile.bases[:, 1] = block_diagonal(fit_bases(kvs, weights, dim, rope)[:, 1], group)
         else:
             profile.bases = fit_bases(kvs, weights, group, rope)
         profile.rope_inv_freq = None if rope is None else rope.inv_freq

@@ -153,12 +153,14 @@ class Transform:
     def __init__(self, basis: np.ndarray, rope: Rope | None = None):
         if basis.ndim != 3 or basis.shape[1] != basis.shape[2] or basis.shape[1] > MAX_GROUP:
             raise InvalidInput(f"transform basis: shape {basis.shape} is not [groups, B, B] with B <= {MAX_GROUP}")
-        self.basis = np.ascontiguousarray(basis, dtype=np.int16)
+        # a block-diagonal basis (``calibrate --transform mixed`` stores per-head value bases in a
+        # layer-wide group) is applied block by block: the same exact sums without the zeros
+        self.basis = np.ascontiguousarray(split_block_diagonal(basis), dtype=np.int16)
         self.rope = rope
         self._device_basis: dict[str, torch.Tensor] = {}
         # an identity basis (e.g. ``calibrate --transform rope``: only RoPE is removed) needs no
         # matrix product; the elementwise shortcuts below give the same bits
-        eye = np.eye(basis.shape[1], dtype=np.int64) << SCALE_BITS
+        eye = np.eye(self.basis.shape[1], dtype=np.int64) << SCALE_BITS
         self.identity = bool(np.all(self.basis.astype(np.int64) == eye))
 
     @property
@@ -226,6 +228,34 @@ class Transform:
         if self.rope is not None:
             x = rotate(x, self.rope, first)
         return x
+
+
+def split_block_diagonal(basis: np.ndarray) -> np.ndarray:
+    """``[G, B, B]`` -> ``[G * B / b, b, b]`` for the smallest ``b`` (dividing ``B``) in whose
+    blocks every matrix is block-diagonal; the basis itself when there is none."""
+    groups, size = basis.shape[:2]
+    for b in range(1, size):
+        if size % b:
+            continue
+        n = size // b
+        blocks = basis.reshape(groups, n, b, n, b)
+        diagonal = blocks[:, np.arange(n), :, np.arange(n), :]  # [n, G, b, b]
+        rebuilt = np.zeros_like(blocks)
+        rebuilt[:, np.arange(n), :, np.arange(n), :] = diagonal
+        if np.array_equal(rebuilt, blocks):
+            return diagonal.transpose(1, 0, 2, 3).reshape(groups * n, b, b)
+    return basis
+
+
+def block_diagonal(bases: np.ndarray, group: int) -> np.ndarray:
+    """``[..., C / b, b, b]`` bases as block-diagonal ``[..., C / group, group, group]``."""
+    *lead, count, b, _ = bases.shape
+    n = group // b
+    out = np.zeros((*lead, count // n, group, group), dtype=bases.dtype)
+    for i in range(count):
+        j = i % n
+        out[..., i // n, j * b : (j + 1) * b, j * b : (j + 1) * b] = bases[..., i, :, :]
+    return out
 
 
 def snap_scales(steps: np.ndarray) -> np.ndarray:

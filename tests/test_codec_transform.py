@@ -240,3 +240,22 @@ def test_identity_basis_shortcut_gives_the_matrix_product_bits():
     q = fast.forward(x, steps)
     assert torch.equal(q, slow.forward(x, steps))
     assert torch.equal(fast.inverse(q, steps, 3), slow.inverse(q, steps, 3))
+
+
+def test_block_diagonal_bases_are_applied_block_by_block_with_the_same_bits():
+    """``calibrate --transform mixed`` stores per-head value bases block-diagonally in a
+    layer-wide group; the transform applies the blocks alone and gets the full product's bits."""
+    per_head = _profile(DIM).bases[0, 1]  # [HEADS, DIM, DIM]
+    full = tr.block_diagonal(per_head, HEADS * DIM)  # [1, HEADS * DIM, HEADS * DIM]
+    assert full.shape == (1, HEADS * DIM, HEADS * DIM) and np.count_nonzero(full) == np.count_nonzero(per_head)
+    t = tr.Transform(full)
+    assert np.array_equal(t.basis, per_head)
+    assert tr.split_block_diagonal(_profile(HEADS * DIM).bases[0, 0]).shape == (1, HEADS * DIM, HEADS * DIM)
+    x = _kv(4)[1][0].float() * 3
+    steps = np.array([0.05, 0.2], dtype=np.float32)
+    q = t.forward(x, steps)
+    assert np.array_equal(q.numpy(), _reference_forward(x.numpy(), steps, full))
+    acc = np.einsum("tj,ji->ti", q.numpy().transpose(1, 0, 2).reshape(TOKENS, -1).astype(np.int64),
+                    full[0].astype(np.int64)).reshape(TOKENS, HEADS, DIM).transpose(1, 0, 2)
+    expect = (acc * (steps.astype(np.float64) * 2.0**-tr.SCALE_BITS)[:, None, None]).astype(np.float32)
+    assert np.array_equal(t.inverse(q, steps, 0).numpy(), expect)
