@@ -303,8 +303,14 @@ class BandwidthEstimator:
 
 
 def calibrate_decode(levels: Sequence[str] | None = None, tokens: int = 256,
-                     layers: int = 4, kv_heads: int = 3, head_dim: int = 64) -> dict[str, float]:
+                     layers: int = 4, kv_heads: int = 3, head_dim: int = 64, profile="known") -> dict[str, float]:
     """Measure this machine's decode speed (KV elements/s) per level on synthetic KV.
+
+    With ``profile="known"`` (default) the KV takes the shape of the first known profile with a
+    transform (kvcodec ships SmolLM2's) and is coded with it: streams of calibrated models decode
+    through their transform, the slower path (about half the speed on a CPU), so the controller
+    does not overrate loading. ``profile=None`` or no such profile: profile-less streams of
+    ``layers x kv_heads x tokens x head_dim``.
 
     Returns:
         level -> elements per second (empty if the codec is unavailable).
@@ -312,15 +318,20 @@ def calibrate_decode(levels: Sequence[str] | None = None, tokens: int = 256,
     import torch
 
     from kvcodec.codec import LEVELS, decode, encode
+    from kvcodec.codec.profile import builtin_profiles
 
+    if profile == "known":
+        profile = next((p for _, p in builtin_profiles() if p.has_transform), None)
+    if profile is not None:
+        layers, kv_heads, head_dim = profile.layers, profile.kv_heads, profile.head_dim
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(layers, kv_heads, tokens, head_dim, generator=gen).half()
     values = torch.randn(layers, kv_heads, tokens, head_dim, generator=gen).half()
     out: dict[str, float] = {}
     for level in levels or LEVELS:
-        blob = encode(keys, values, level=level, model="calibration")
-        decode(blob)  # warm-up
+        blob = encode(keys, values, level=level, model="calibration", profile=profile)
+        decode(blob, profile=profile)  # warm-up
         t0 = time.perf_counter()
-        decode(blob)
+        decode(blob, profile=profile)
         out[level] = 2 * keys.numel() / max(time.perf_counter() - t0, 1e-9)
     return out

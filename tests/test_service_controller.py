@@ -107,3 +107,25 @@ def test_stale_estimate_probes_with_one_chunk():
     decisions = plan(chunks, probing).decisions
     assert [d.action for d in decisions] == [LOAD_KV, LOAD_TEXT]
     assert decisions[0].level == "balanced" and decisions[0].reason.startswith("probe")
+
+
+def test_start_up_decode_calibration_times_the_shipped_transform_path(monkeypatch):
+    """By default the server times streams coded with the shipped profile's transform (what a
+    calibrated model's chunks decode through), not profile-less ones."""
+    from kvcodec.codec import api, container
+    from kvcodec.service.controller import calibrate_decode
+
+    seen = []
+    real = api._encode
+
+    def spy(keys, values, *args, **kwargs):
+        blob = real(keys, values, *args, **kwargs)
+        seen.append((tuple(keys.shape), container.parse(blob).header.transformed))
+        return blob
+
+    monkeypatch.setattr(api, "_encode", spy)
+    speeds = calibrate_decode(["balanced"], tokens=32)
+    assert set(speeds) == {"balanced"} and speeds["balanced"] > 0
+    assert seen == [((30, 3, 32, 64), True)]  # SmolLM2's shape, coded with its profile's transform
+    plain = calibrate_decode(["compact"], tokens=32, layers=2, profile=None)
+    assert plain["compact"] > 0 and seen[-1] == ((2, 3, 32, 64), False)
