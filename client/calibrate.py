@@ -7,10 +7,14 @@ Four steps (see :mod:`kvcodec.codec.profile` for the theory):
    mean squared gradient of the loss over each (layer, keys/values, kv head)
    is its Fisher weight. Texts are normalised to equal total weight and
    averaged; sink tokens are excluded (they are stored raw).
-2. *Transform* (``--transform head``, the default). Fit one basis per (layer,
-   keys/values, kv head): the KLT of the calibration KV, keys taken before RoPE
-   (see :mod:`kvcodec.codec.transform`). Streams coded with it need the profile
-   to decode; ``--transform none`` writes a profile that only sets steps.
+2. *Transform* (``--transform mixed``, the default). Fit the KLT of the
+   calibration KV, keys taken before RoPE (see :mod:`kvcodec.codec.transform`):
+   for keys one basis across a layer's kv heads (in the sensitivity-weighted
+   domain: keys of different heads are correlated, and on SmolLM2 this takes
+   5-9% off every level at equal quality), for values one per kv head (mixing
+   values across heads cost ~2 points of greedy agreement). Streams coded with
+   it need the profile to decode; ``--transform none`` writes a profile that
+   only sets steps.
 3. *Rate-distortion curves* (``--allocation measured``, the default). Code
    the calibration KV at a ladder of steps (``RD_MULTIPLIERS`` times
    ``RD_REFERENCE_LAMBDA``) and, for every (layer, keys/values) group, record
@@ -24,7 +28,10 @@ Four steps (see :mod:`kvcodec.codec.profile` for the theory):
    ``mu`` (with ``--allocation fisher``: the largest step multiplier
    ``lambda``) whose reconstruction still meets the level's quality floor on
    the calibration texts (perplexity change and greedy agreement, scored with
-   :class:`kvcodec.client.quality.QualityProbe`). Then, with a transform, record
+   :class:`kvcodec.client.quality.QualityProbe`); ``--slope LEVEL=MU`` takes a
+   slope as given instead (one chosen by checking held-out texts: on two
+   calibration texts the quality measures are noisy enough that bisection can
+   settle anywhere in a range of slopes). Then, with a transform, record
    each level's side-information prior (:mod:`kvcodec.codec.sideprior`): the
    classes and centres the calibration KV gets at the level's steps.
 
@@ -244,16 +251,18 @@ TRANSFORMS = ("mixed", "head", "layer", "rope", "none")
 
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
               levels: dict[str, tuple[float, float]] | None = None,
-              fixed: dict[str, float] | None = None, transform: str = "head",
-              allocation: str = "measured", retune=None, log=print):
+              fixed: dict[str, float] | None = None, slopes: dict[str, float] | None = None,
+              transform: str = "mixed", allocation: str = "measured", retune=None, log=print):
     """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``.
 
     Args:
         levels: quality floor per level to bisect lambda against (default LEVEL_FLOORS).
         fixed: lambdas to take as given instead of bisecting (e.g. from an earlier run).
-        transform: ``head`` (a basis per kv head), ``layer`` (one across a layer's heads,
-            in the sensitivity-weighted domain), ``rope`` (keys before RoPE, no basis: most of
-            the keys' gain at little decode cost) or ``none``.
+        slopes: rate-distortion slopes to take as given (measured allocation) instead of bisecting.
+        transform: ``mixed`` (keys: one basis across a layer's heads, in the sensitivity-weighted
+            domain; values: one per kv head), ``head`` (a basis per kv head), ``layer`` (one across
+            a layer's heads for both), ``rope`` (keys before RoPE, no basis: part of the keys' gain
+            at little decode cost) or ``none``.
         allocation: ``measured`` (per-group steps from measured rate-distortion curves, the
             level's slope bisected) or ``fisher`` (steps from the Fisher weights alone, the
             level's lambda bisected). Levels in ``fixed`` get no allocation.
@@ -262,21 +271,21 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
 
     ids = [tokenize_file(loaded, t, prefix_len + eval_len) for t in texts]
     return calibrate_tokens(loaded, ids, [str(t) for t in texts], prefix_len=prefix_len, eval_len=eval_len,
-                            levels=levels, fixed=fixed, transform=transform, allocation=allocation,
-                            retune=retune, log=log)
+                            levels=levels, fixed=fixed, slopes=slopes, transform=transform,
+                            allocation=allocation, retune=retune, log=log)
 
 
 def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_len: int = 1536,
                      eval_len: int = 512, levels: dict[str, tuple[float, float]] | None = None,
-                     fixed: dict[str, float] | None = None, transform: str = "head",
-                     allocation: str = "measured", retune=None, log=print):
+                     fixed: dict[str, float] | None = None, slopes: dict[str, float] | None = None,
+                     transform: str = "mixed", allocation: str = "measured", retune=None, log=print):
     """:func:`calibrate` on token sequences (``names``: what the profile records as its texts).
 
     With ``retune`` (a profile calibrated with ``allocation="measured"``), its weights, transform
     and stored rate-distortion curves are kept and only the levels are searched again (for
     other floors or texts): minutes instead of the curves' half hour.
     """
-    fixed = dict(fixed or {})
+    fixed, slopes = dict(fixed or {}), dict(slopes or {})
 
     import copy
 
@@ -284,7 +293,7 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
     from kvcodec.codec.api import decode, encode
     from kvcodec.codec.errors import InvalidInput
 
-    levels = levels or LEVEL_FLOORS
+    levels = LEVEL_FLOORS if levels is None else levels
     probes = [QualityProbe(loaded, tok, prefix_len, eval_len) for tok in ids]
     kvs = [tuple(t.half() for t in p.exact_kv) for p in probes]
     if retune is not None:
@@ -294,23 +303,32 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             raise InvalidInput("retune: the profile holds no measured rate-distortion curves")
         profile = copy.deepcopy(retune)
         profile.side_priors = {}  # fitted again below, at the new levels' steps
-        profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels}
-        profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels}
+        profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels and lv not in slopes}
+        profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels and lv not in slopes}
         profile.calibration.update({"retuned_on": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
     else:
         profile = _fit(loaded, ids, names, probes, kvs, prefix_len, eval_len, transform, log)
     layers = profile.layers
     profile.levels.update(fixed)
-    todo = {level: floor for level, floor in levels.items() if level not in fixed}
+    todo = {level: floor for level, floor in levels.items() if level not in fixed and level not in slopes}
     rd = None
     if retune is not None:
         rd = RateDistortion.from_json(profile.calibration["rate_distortion"], layers).refined()
-    elif allocation == "measured" and todo:
+    elif allocation == "measured" and (todo or slopes):
         log(f"rate-distortion curves: {len(RD_MULTIPLIERS)} steps x {layers * 2} groups x {len(probes)} texts")
         measured = measure_rate_distortion(probes, kvs, profile, loaded.name, log)
         profile.calibration["allocation"] = "measured"
         profile.calibration["rate_distortion"] = measured.to_json()
         rd = measured.refined()
+
+    given = dict(slopes)  # recorded as such in the profile
+    if slopes and rd is None:
+        raise InvalidInput("slopes: need the measured allocation's rate-distortion curves (allocation 'measured')")
+
+    def use_slope(level: str, mu: float) -> None:
+        profile.levels[level] = rd.reference
+        profile.allocation[level] = rd.allocate(mu)
+        profile.calibration.setdefault("slopes", {})[level] = mu
 
     def run(level: str) -> list:
         out = []
@@ -333,16 +351,16 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             continue
 
         def score_mu(mu: float, level=level):
-            profile.levels[level] = rd.reference
-            profile.allocation[level] = rd.allocate(mu)
+            use_slope(level, mu)
             out = run(level)
             log(f"  {level} slope {mu:.3g}: {_worst(out)}")
             return out
 
-        mu = bisect_lambda(score_mu, floor, lo=1e-8, hi=1e-1, steps=12)
-        profile.levels[level] = rd.reference
-        profile.allocation[level] = rd.allocate(mu)
-        profile.calibration.setdefault("slopes", {})[level] = mu
+        slopes[level] = bisect_lambda(score_mu, floor, lo=1e-8, hi=1e-1, steps=12)
+    for level, mu in slopes.items():
+        use_slope(level, mu)
+        if level in given:
+            profile.calibration.setdefault("slopes_given", {})[level] = mu
         log(f"{level}: slope {mu:.3g}, step multipliers {profile.allocation[level].min():.3g}"
             f"..{profile.allocation[level].max():.3g}")
     if profile.has_transform:
@@ -408,8 +426,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="profile file to write (.json)")
     p.add_argument("--prefix", type=int, default=1536, help="prefix tokens (default: %(default)s)")
     p.add_argument("--eval", type=int, default=512, help="scored tokens (default: %(default)s)")
-    p.add_argument("--transform", choices=TRANSFORMS, default="head",
-                   help="per kv head KLT (default), per layer KLT, rope (keys before RoPE only), or none")
+    p.add_argument("--transform", choices=TRANSFORMS, default="mixed",
+                   help="keys: KLT across a layer's heads, values: per kv head (default); per kv head KLT; "
+                        "per layer KLT; rope (keys before RoPE only); or none")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="measured",
                    help="per-group steps from measured rate-distortion curves (default; about 30 minutes "
                         "for two texts on 2 CPU cores) or from the Fisher weights alone")
@@ -422,8 +441,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(those given by --floor, else all) against --text")
     p.add_argument("--alias", action="append", default=[], help="other model names the profile applies to")
     p.add_argument("--lambda", dest="lambdas", action="append", default=[], metavar="LEVEL=VALUE",
-                   help="use this step multiplier for a level instead of searching for it")
+                   help="use this step multiplier for a level instead of searching for it (no allocation)")
+    p.add_argument("--slope", dest="slopes", action="append", default=[], metavar="LEVEL=MU",
+                   help="use this rate-distortion slope for a level instead of searching for it "
+                        "(measured allocation; e.g. one chosen by checking held-out texts)")
     p.set_defaults(func=cmd_calibrate)
+
+
+def _level_numbers(items: list[str], flag: str) -> dict[str, float]:
+    """``LEVEL=NUMBER`` options (``--lambda``, ``--slope``) as ``{level: number}``; UsageError if bad."""
+    from kvcodec.cli import UsageError
+
+    out = {}
+    for item in items:
+        level, _, value = item.partition("=")
+        try:
+            out[level] = float(value)
+        except ValueError:
+            raise UsageError(f"{flag}: {item!r} is not LEVEL=NUMBER") from None
+        if level not in LEVEL_FLOORS or not math.isfinite(out[level]) or out[level] <= 0:
+            raise UsageError(f"{flag}: {item!r}: level must be one of {', '.join(LEVEL_FLOORS)}, value > 0")
+    return out
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -435,15 +473,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for t in args.text:
         if not Path(t).is_file():
             raise UsageError(f"--text: {t}: no such file")
-    fixed = {}
-    for item in args.lambdas:
-        level, _, value = item.partition("=")
-        try:
-            fixed[level] = float(value)
-        except ValueError:
-            raise UsageError(f"--lambda: {item!r} is not LEVEL=NUMBER") from None
-        if level not in LEVEL_FLOORS or fixed[level] <= 0:
-            raise UsageError(f"--lambda: {item!r}: level must be one of {', '.join(LEVEL_FLOORS)}, value > 0")
+    fixed, slopes = _level_numbers(args.lambdas, "--lambda"), _level_numbers(args.slopes, "--slope")
+    if slopes and args.allocation != "measured":
+        raise UsageError("--slope: needs --allocation measured")
     floors = {}
     for item in args.floor:
         level, _, value = item.partition("=")
@@ -467,7 +499,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not retune.calibration.get("rate_distortion"):
             raise UsageError(f"--retune: {args.retune} holds no measured rate-distortion curves "
                              "(calibrated with --allocation fisher or by an older kvcodec)")
-    levels = floors if (retune is not None and floors) else {**LEVEL_FLOORS, **floors}
+    levels = floors if (retune is not None and (floors or slopes)) else {**LEVEL_FLOORS, **floors}
+    levels = {level: floor for level, floor in levels.items() if level not in slopes}
     try:
         loaded = load_model(args.model)
     except ModelError as exc:
@@ -476,7 +509,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--retune: {args.retune} is for {retune.layers} layers x {retune.kv_heads} kv heads x "
                          f"{retune.head_dim}, the model has {loaded.num_layers} x {loaded.num_kv_heads} x {loaded.head_dim}")
     profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, levels=levels, fixed=fixed,
-                        transform=args.transform, allocation=args.allocation, retune=retune,
+                        slopes=slopes, transform=args.transform, allocation=args.allocation, retune=retune,
                         log=lambda m: print(m, file=sys.stderr))
     if args.alias or retune is None:
         profile.calibration["aliases"] = args.alias

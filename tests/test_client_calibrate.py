@@ -131,6 +131,12 @@ def test_calibrate_measures_curves_and_allocates_on_a_model(tiny_llama):
     assert np.array_equal(loose.bases, back.bases) and np.array_equal(loose.weights, back.weights)
     assert np.all(loose.allocation["balanced"] >= alloc) and loose.allocation["balanced"].max() > alloc.max()
     assert loose.levels["high"] == 0.05 and loose.calibration["retuned_on"] == ["a", "b"]
+    # a slope chosen elsewhere (e.g. by checking held-out texts) is taken as given, not searched
+    pinned = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16,
+                              levels={}, slopes={"balanced": 1e-3}, retune=back, log=logs.append)
+    curves = RateDistortion.from_json(back.calibration["rate_distortion"], 2).refined()
+    assert np.array_equal(pinned.allocation["balanced"], curves.allocate(1e-3))
+    assert pinned.calibration["slopes_given"] == {"balanced": 1e-3} and pinned.levels["high"] == 0.05
     keys = torch.randn(2, 2, 48, 16)
     kv = decode(encode(keys, keys, level="balanced", profile=back), profile=back)
     assert (kv.keys.float() - keys).abs().mean() < 0.5 * keys.abs().mean()
@@ -186,6 +192,9 @@ def test_streams_of_a_retired_shipped_profile_still_decode():
     (["--floor", "compact=1,120"], "0 < AGREE <= 100"),
     (["--retune", "NOPROFILE"], "--retune: profile: NOPROFILE: no such file"),
     (["--retune", "PLAIN"], "holds no measured rate-distortion curves"),
+    (["--slope", "balanced=x"], "--slope: 'balanced=x' is not LEVEL=NUMBER"),
+    (["--slope", "balanced=-1"], "--slope: 'balanced=-1': level must be one of"),
+    (["--slope", "balanced=1e-4", "--allocation", "fisher"], "--slope: needs --allocation measured"),
 ])
 def test_calibrate_cli_rejects_bad_floors_and_retune_profiles(extra, message, gpl_text, tmp_path, capsys):
     from kvcodec.cli import main
