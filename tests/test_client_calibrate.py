@@ -105,7 +105,7 @@ def test_calibrate_measures_curves_and_allocates_on_a_model(tiny_llama):
     gen = torch.Generator().manual_seed(3)
     ids = [torch.randint(0, 128, (64,), generator=gen).tolist() for _ in range(2)]
     logs = []
-    prof = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16,
+    prof = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16, transform="head",
                             fixed={"high": 0.05, "compact": 0.8}, log=logs.append)
     assert set(prof.allocation) == {"balanced"}  # fixed levels get none
     alloc = prof.allocation["balanced"]
