@@ -55,16 +55,22 @@ class SidePrior:
 
     def predict(self, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted ``(classes, centres)`` (int64 ``[C]``) of a substream coded with ``steps``."""
-        dim = self.classes.size // self.steps.size
         steps = np.asarray(steps, dtype=np.float32)
         if np.array_equal(steps, self.steps):
             return self.classes, self.centres
-        shift = np.repeat(quarter_octaves(steps) - quarter_octaves(self.steps), dim)
-        classes = np.clip(self.classes - shift, 0, NUM_CLASSES)
-        # c * s0 is exact in binary64 (int16 times a float32), then one correctly rounded division
-        ratio = np.repeat(self.steps.astype(np.float64), dim) / np.repeat(steps.astype(np.float64), dim)
-        centres = np.clip(np.rint(self.centres * ratio), -32768, 32767).astype(np.int64)
-        return classes, centres
+        classes, centres = _moved(self.classes, self.centres, self.steps, steps)
+        return np.clip(classes, 0, NUM_CLASSES), np.clip(np.rint(centres), -32768, 32767).astype(np.int64)
+
+
+def _moved(classes: np.ndarray, centres: np.ndarray, measured: np.ndarray, steps: np.ndarray):
+    """Classes and centres of one substream measured at ``measured`` steps, as they would be at
+    ``steps``: classes shifted by the difference in quarter octaves (int64), centres rescaled
+    (float64, not rounded: ``c * s0`` is exact for an int16 times a float32, then one correctly
+    rounded division)."""
+    dim = classes.size // measured.size
+    shift = np.repeat(quarter_octaves(steps) - quarter_octaves(measured), dim)
+    scaled = np.asarray(centres, dtype=np.float64) * np.repeat(measured.astype(np.float64), dim)
+    return np.asarray(classes, dtype=np.int64) - shift, scaled / np.repeat(steps.astype(np.float64), dim)
 
 
 def fit_prior(steps: list[np.ndarray], classes: list[np.ndarray], centres: list[np.ndarray]) -> SidePrior:
@@ -78,13 +84,8 @@ def fit_prior(steps: list[np.ndarray], classes: list[np.ndarray], centres: list[
         raise ValueError("fit_prior: no substreams")
     keys = [np.asarray(s, dtype=np.float32).tobytes() for s in steps]
     ref = np.frombuffer(max(set(keys), key=keys.count), dtype=np.float32).copy()
-    dim = classes[0].size // ref.size
-    cls_acc, cen_acc = [], []
-    for s, cls, cen in zip(steps, classes, centres):
-        shift = np.repeat(quarter_octaves(ref) - quarter_octaves(s), dim)
-        cls_acc.append(np.asarray(cls, dtype=np.int64) - shift)
-        cen_acc.append(np.asarray(cen, dtype=np.float64) * np.repeat(np.asarray(s, np.float64) / ref, dim))
-    cls = np.clip(np.rint(np.mean(cls_acc, axis=0)), 0, NUM_CLASSES).astype(np.int64)
-    cen = np.clip(np.rint(np.mean(cen_acc, axis=0)), -32768, 32767).astype(np.int64)
+    moved = [_moved(cls, cen, np.asarray(s, dtype=np.float32), ref) for s, cls, cen in zip(steps, classes, centres)]
+    cls = np.clip(np.rint(np.mean([m[0] for m in moved], axis=0)), 0, NUM_CLASSES).astype(np.int64)
+    cen = np.clip(np.rint(np.mean([m[1] for m in moved], axis=0)), -32768, 32767).astype(np.int64)
     return SidePrior(ref, cls, cen)
 
