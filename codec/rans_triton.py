@@ -29,6 +29,7 @@ triton is first imported); that is how CI proves it bit-exact against numba.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 
 from kvcodec.codec import rans
 from kvcodec.codec.errors import CorruptStream, InvalidInput
-from kvcodec.codec.rans_torch import Substream, _lanes, device_tables
+from kvcodec.codec.rans_torch import Substream, device_tables
 
 def available() -> bool:
     """Whether triton can be imported (the ``gpu`` extra is installed)."""
@@ -66,12 +67,18 @@ def _kernel():
 
 
 _POINTER_TYPES = {  # the kernel's pointer arguments, as the launcher passes them
-    "words": "*i32", "word_start": "*i64", "word_end": "*i64", "init": "*i64", "n_syms": "*i64",
-    "lanes_of": "*i64", "tokens_of": "*i64", "cls_buf": "*i32", "cls_off": "*i64", "esc_buf": "*i32",
-    "esc_off": "*i64", "esc_count": "*i64", "slot2sym": "*i32", "freq": "*i32", "cum": "*i32",
-    "esc_e": "*i32", "out": "*i32", "out_off": "*i64", "status": "*i64",
+    "buf": "*i32", "word_begin": "*i64", "word_end": "*i64", "n_syms": "*i64", "lanes_of": "*i64",
+    "tokens_of": "*i64", "cls_buf": "*i32", "row_buf": "*i32", "cls_off": "*i64", "esc_begin": "*i64",
+    "esc_count": "*i64", "slot2sym": "*i32", "freq": "*i32", "cum": "*i32", "esc_e": "*i32", "out": "*i32",
+    "out_off": "*i64", "status": "*i64",
 }
 NUM_WARPS = 1  # one program holds one substream's 32 lanes: one warp
+STATUS = 5  # status words per program: final word position, overrun, escapes read, bad states, short
+
+
+def _constexprs() -> dict[str, int]:
+    return {"PROB_BITS": rans.PROB_BITS, "ALPHABET": int(rans.FREQ.shape[1]), "LANES": rans.LANES,
+            "STATE_LOW": rans.STATE_LOW, "STATUS": STATUS}
 
 
 def compile_for(capability: int = 90) -> dict[str, object]:
@@ -92,7 +99,7 @@ def compile_for(capability: int = 90) -> dict[str, object]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = {"PROB_BITS": rans.PROB_BITS, "ALPHABET": int(rans.FREQ.shape[1]), "LANES": rans.LANES}
+    constexprs = _constexprs()
     signature = {**_POINTER_TYPES, **{name: "constexpr" for name in constexprs}}
     source = ASTSource(fn=_kernel(), signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
@@ -118,68 +125,73 @@ def check_usable(device) -> None:
     )
 
 
-def _pack(subs: list[Substream], counts: list[int]) -> dict[str, np.ndarray]:
-    """Host-side batch arrays for the substreams with symbols (bounds checked here)."""
-    cols: dict[str, list] = {k: [] for k in ("words", "start", "end", "init", "n", "lanes", "tokens",
-                                              "cls", "cls_off", "esc", "esc_off", "esc_count", "out_off")}
-    wpos = cpos = epos = opos = 0
-    for b, (s, n) in enumerate(zip(subs, counts)):
-        lanes = _lanes(n)
-        w = np.asarray(s.words, dtype=np.int64)
-        if len(w) < 2 * lanes:
-            raise CorruptStream(f"batch item {b}: entropy payload: {rans._ERRORS[6]}")
-        init = np.full(rans.LANES, rans.STATE_LOW, dtype=np.int64)
-        init[:lanes] = w[0 : 2 * lanes : 2] | (w[1 : 2 * lanes : 2] << 16)
-        coded = s.classes[s.classes != 0].astype(np.int32)
-        for key, value in (("words", w), ("init", init), ("cls", coded), ("esc", np.asarray(s.escapes, np.int64))):
-            cols[key].append(value)
-        for key, value in (("start", wpos + 2 * lanes), ("end", wpos + len(w)), ("n", n), ("lanes", lanes),
-                           ("tokens", s.tokens), ("cls_off", cpos), ("esc_off", epos),
-                           ("esc_count", len(s.escapes)), ("out_off", opos)):
-            cols[key].append(value)
-        wpos, cpos, epos, opos = wpos + len(w), cpos + len(coded), epos + len(s.escapes), opos + n
-    flat = {k: np.concatenate(cols[k] + [np.zeros(1, np.int64)]) for k in ("words", "cls", "esc")}
-    flat["init"] = np.concatenate(cols["init"])
-    flat.update({k: np.asarray(v, dtype=np.int64) for k, v in cols.items() if k not in flat})
-    flat["total"] = np.int64(opos)
-    return flat
+@dataclass
+class Batch:
+    """A batch of substreams for one launch, every tensor on the decoding device.
+
+    ``buf`` holds u16 words and escapes (int16 or int32 storage; values are read as
+    ``& 0xFFFF``). Per substream (int64 ``[B]``): ``word_begin``/``word_end`` bound its
+    words (lane states first), ``esc_begin``/``esc_count`` its escapes, ``n`` its symbols
+    (coded channels x ``tokens``), ``lanes`` ``min(32, max(1, n // 64))``. Its coded rows
+    are ``cls[cls_off + r]`` (class) and ``row[cls_off + r]`` (channel), int32; the deltas
+    go to ``out[out_off + channel * tokens + t]``.
+    """
+
+    buf: torch.Tensor
+    word_begin: torch.Tensor
+    word_end: torch.Tensor
+    esc_begin: torch.Tensor
+    esc_count: torch.Tensor
+    n: torch.Tensor
+    lanes: torch.Tensor
+    tokens: torch.Tensor
+    cls: torch.Tensor
+    row: torch.Tensor
+    cls_off: torch.Tensor
+    out_off: torch.Tensor
 
 
-def _launch(p: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
-    """One kernel launch over the packed batch; returns (flat deltas, status [B, 4])."""
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in p.items() if k != "total"}
-    t["words"] = t["words"].to(torch.int32)
-    t["cls"] = t["cls"].to(torch.int32)
-    t["esc"] = t["esc"].to(torch.int32)
+def lanes_of(n: torch.Tensor) -> torch.Tensor:
+    """Lanes of substreams with ``n`` symbols (:func:`kvcodec.codec.rans_torch._lanes`, elementwise)."""
+    return torch.clamp(torch.div(n, rans.LANE_SYMBOLS, rounding_mode="floor"), 1, rans.LANES)
+
+
+def coded_rows(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``[B, C]`` of each substream's channels, coded ones (class != 0) first in channel order.
+
+    Returns ``(classes, channels, coded)``: int32 classes and channel of each row, int64 coded counts.
+    """
+    uncoded = (classes == 0).to(torch.int8)
+    order = torch.sort(uncoded, dim=1, stable=True).indices
+    return classes.gather(1, order).to(torch.int32), order.to(torch.int32), (1 - uncoded.to(torch.int64)).sum(1)
+
+
+def launch(batch: Batch, out: torch.Tensor) -> torch.Tensor:
+    """One kernel launch over ``batch`` (asynchronous); returns the status ``[B, STATUS]`` on the device."""
+    device = out.device
+    for name, value in vars(batch).items():  # the kernel indexes every array as a dense vector
+        if not value.is_contiguous():
+            raise ValueError(f"launch: batch.{name} is not contiguous")
     slot2sym, freq, cum, esc_e = device_tables(device, torch.int32)
-    batch = len(p["n"])
-    out = torch.zeros(int(p["total"]) + 1, dtype=torch.int32, device=device)
-    status = torch.zeros((batch, 4), dtype=torch.int64, device=device)
-    _kernel()[(batch,)](
-        t["words"], t["start"], t["end"], t["init"], t["n"], t["lanes"], t["tokens"], t["cls"], t["cls_off"],
-        t["esc"], t["esc_off"], t["esc_count"], slot2sym, freq, cum, esc_e, out, t["out_off"], status,
-        PROB_BITS=rans.PROB_BITS, ALPHABET=rans.FREQ.shape[1], LANES=rans.LANES, num_warps=NUM_WARPS,
-    )
-    return out, status.cpu().numpy()
+    size = len(batch.n)
+    status = torch.zeros((size, STATUS), dtype=torch.int64, device=device)
+    if size:
+        _kernel()[(size,)](
+            batch.buf, batch.word_begin, batch.word_end, batch.n, batch.lanes, batch.tokens, batch.cls, batch.row,
+            batch.cls_off, batch.esc_begin, batch.esc_count, slot2sym, freq, cum, esc_e, out, batch.out_off, status,
+            **_constexprs(), num_warps=NUM_WARPS,
+        )
+    return status
 
 
-def _check_status(p: dict[str, np.ndarray], status: np.ndarray, index: list[int]) -> None:
-    """The checks of the numba decoder, on each program's final position, escapes and states."""
-    for row, b in enumerate(index):
-        ptr, overrun, n_esc, bad_states = (int(v) for v in status[row])
-        code = 0
-        if overrun:
-            code = 1
-        elif ptr != p["end"][row]:
-            code = 2
-        elif n_esc > p["esc_count"][row]:
-            code = 4
-        elif n_esc < p["esc_count"][row]:
-            code = 5
-        elif bad_states:
-            code = 3
-        if code:
-            raise CorruptStream(f"batch item {b}: entropy payload: {rans._ERRORS[code]}")
+def status_codes(status: np.ndarray, word_end: np.ndarray, esc_count: np.ndarray) -> np.ndarray:
+    """The numba decoder's error code (``rans._ERRORS``; 0: fine) of every program, from its status row."""
+    ptr, overrun, n_esc, bad_states, short = (status[:, i] for i in range(STATUS))
+    code = np.zeros(len(status), dtype=np.int64)
+    for value, failed in ((3, bad_states != 0), (5, n_esc < esc_count), (4, n_esc > esc_count),
+                          (2, ptr != word_end), (1, overrun != 0), (6, short != 0)):  # the last set wins
+        code[failed] = value
+    return code
 
 
 def decode_symbols(subs: list[Substream], device=None) -> list[torch.Tensor]:
@@ -201,26 +213,38 @@ def decode_symbols(subs: list[Substream], device=None) -> list[torch.Tensor]:
     """
     device = torch.device(device or "cpu")
     check_usable(device)
-    counts = [int((s.classes != 0).sum()) * s.tokens for s in subs]
-    for b, (s, n) in enumerate(zip(subs, counts)):
+    for s in subs:
         rans.check_classes(s.classes)
-        if n == 0 and (len(s.words) or len(s.escapes)):
-            raise CorruptStream(f"batch item {b}: entropy payload: {rans._ERRORS[2]}")
-    index = [b for b, n in enumerate(counts) if n]
-    flat = None
-    if index:
-        p = _pack([subs[b] for b in index], [counts[b] for b in index])
-        flat, status = _launch(p, device)
-        _check_status(p, status, index)
-    result, pos = [], 0
-    for s, n in zip(subs, counts):
-        out = torch.zeros((len(s.classes), s.tokens), dtype=torch.int32, device=device)
-        if n:
-            coded = torch.from_numpy(np.nonzero(s.classes)[0]).to(device)
-            out[coded] = flat[pos : pos + n].reshape(-1, s.tokens)
-            pos += n
-        result.append(out)
-    return result
+    words = [np.asarray(s.words, dtype=np.int32) for s in subs]
+    escapes = [np.asarray(s.escapes, dtype=np.int32) for s in subs]
+    sizes = np.array([[len(w), len(e)] for w, e in zip(words, escapes)], dtype=np.int64).reshape(-1, 2)
+    begin = np.concatenate([[0], np.cumsum(sizes.sum(axis=1))])[:-1]
+    channels = np.array([len(s.classes) for s in subs], dtype=np.int64)
+    tokens = np.array([s.tokens for s in subs], dtype=np.int64)
+    out_off = np.concatenate([[0], np.cumsum(channels * tokens)]).astype(np.int64)
+    width = int(channels.max(initial=0))
+    classes = np.zeros((len(subs), width), dtype=np.int64)
+    for b, s in enumerate(subs):
+        classes[b, : len(s.classes)] = s.classes
+    flat = np.concatenate([np.concatenate([w, e]) for w, e in zip(words, escapes)] + [np.zeros(1, np.int32)])
+    dev = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in (
+        ("buf", flat), ("begin", begin), ("sizes", sizes), ("tokens", tokens), ("out_off", out_off[:-1]),
+        ("classes", classes))}
+    cls, row, coded = coded_rows(dev["classes"])
+    n = coded * dev["tokens"]
+    word_end = dev["begin"] + dev["sizes"][:, 0]
+    batch = Batch(dev["buf"], dev["begin"], word_end, word_end, dev["sizes"][:, 1].contiguous(), n, lanes_of(n), dev["tokens"], cls.reshape(-1), row.reshape(-1),
+                  torch.arange(len(subs), device=device, dtype=torch.int64) * width, dev["out_off"])
+    out = torch.zeros(int(out_off[-1]) + 1, dtype=torch.int32, device=device)
+    status = launch(batch, out).cpu().numpy()
+    n_host = n.cpu().numpy()
+    code = status_codes(status, begin + sizes[:, 0], sizes[:, 1])
+    code[n_host == 0] = np.where(sizes[n_host == 0].sum(axis=1) > 0, 2, 0)  # nothing to decode: nothing may be left
+    bad = np.nonzero(code)[0]
+    if len(bad):
+        raise CorruptStream(f"batch item {bad[0]}: entropy payload: {rans._ERRORS[int(code[bad[0]])]}")
+    return [out[out_off[b] : out_off[b + 1]].reshape(int(channels[b]), int(tokens[b])) for b in range(len(subs))]
 
 
-__all__ = ["NUM_WARPS", "available", "check_usable", "compile_for", "decode_symbols"]
+__all__ = ["NUM_WARPS", "STATUS", "Batch", "available", "check_usable", "coded_rows", "compile_for", "decode_symbols",
+           "lanes_of", "launch", "status_codes"]

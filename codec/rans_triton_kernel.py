@@ -11,7 +11,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _rans_step(x, cls, active, ptr, end, words, slot2sym, freq, cum,
+def _u16(buf, pos, mask):
+    """u16 values at ``pos`` of the word buffer (int16 or int32 storage), 0 where masked."""
+    return tl.load(buf + pos, mask=mask, other=0).to(tl.int64) & 0xFFFF
+
+
+@triton.jit
+def _rans_step(x, cls, active, ptr, end, buf, slot2sym, freq, cum,
                PROB_BITS: tl.constexpr, ALPHABET: tl.constexpr):
     """One lock-step step of every lane: (new states, symbols, new word position, overrun flag)."""
     slot = x & ((1 << PROB_BITS) - 1)
@@ -24,32 +30,40 @@ def _rans_step(x, cls, active, ptr, end, words, slot2sym, freq, cum,
     need = active & (nx < 65536)
     need_i = need.to(tl.int64)
     pos = ptr + tl.cumsum(need_i, axis=0) - need_i
-    w = tl.load(words + pos, mask=need & (pos < end), other=0).to(tl.int64)
+    w = _u16(buf, pos, need & (pos < end))
     overrun = tl.max((need & (pos >= end)).to(tl.int64), axis=0)
     nx = tl.where(need, (nx << 16) | w, nx)
     return tl.where(active, nx, x), s, ptr + tl.sum(need_i, axis=0), overrun
 
 
 @triton.jit
-def _deltas(s, cls, active, ei, esc_e, esc_buf, e_off, e_cnt):
+def _deltas(s, cls, active, ei, esc_e, buf, e_off, e_cnt):
     """Symbols -> deltas; escaped symbols take escape-list entries in symbol order. Returns (deltas, escapes seen)."""
     e = tl.load(esc_e + cls, mask=active, other=0).to(tl.int64)
     d = s - e
     is_esc = active & (d > e)
     esc_i = is_esc.to(tl.int64)
     gi = ei + tl.cumsum(esc_i, axis=0) - esc_i
-    m = tl.load(esc_buf + e_off + gi, mask=is_esc & (gi < e_cnt), other=0).to(tl.int64) + e + 1
+    m = _u16(buf, e_off + gi, is_esc & (gi < e_cnt)) + e + 1
     d = tl.where(is_esc, tl.where(d == e + 2, m, -m), d)
     return d, ei + tl.sum(esc_i, axis=0)
 
 
 @triton.jit
 def rans_decode_kernel(
-    words, word_start, word_end, init, n_syms, lanes_of, tokens_of, cls_buf, cls_off,
-    esc_buf, esc_off, esc_count, slot2sym, freq, cum, esc_e, out, out_off, status,
-    PROB_BITS: tl.constexpr, ALPHABET: tl.constexpr, LANES: tl.constexpr,
+    buf, word_begin, word_end, n_syms, lanes_of, tokens_of, cls_buf, row_buf, cls_off,
+    esc_begin, esc_count, slot2sym, freq, cum, esc_e, out, out_off, status,
+    PROB_BITS: tl.constexpr, ALPHABET: tl.constexpr, LANES: tl.constexpr, STATE_LOW: tl.constexpr,
+    STATUS: tl.constexpr,
 ):
-    """Program ``b`` decodes substream ``b``; writes its deltas and ``status[b] = (ptr, overrun, escapes, bad states)``."""
+    """Program ``b`` decodes substream ``b``; writes its deltas and ``status[b] = (ptr, overrun, escapes, bad states,
+    too few words for the lane states)``.
+
+    ``buf`` holds the u16 words and escapes (``word_begin[b]..word_end[b]``: the lane
+    states, then the renormalisation words; ``esc_begin[b]``: ``esc_count[b]`` escapes).
+    Coded row ``r`` of the substream has class ``cls_buf[cls_off[b] + r]`` and is channel
+    ``row_buf[cls_off[b] + r]``; its deltas go to ``out[out_off[b] + channel * tokens + t]``.
+    """
     b = tl.program_id(0)
     lane = tl.arange(0, LANES)
     n = tl.load(n_syms + b)
@@ -57,27 +71,33 @@ def rans_decode_kernel(
     tokens = tl.load(tokens_of + b)
     c_off = tl.load(cls_off + b)
     o_off = tl.load(out_off + b)
-    e_off = tl.load(esc_off + b)
+    e_off = tl.load(esc_begin + b)
     e_cnt = tl.load(esc_count + b)
     end = tl.load(word_end + b)
-    ptr = tl.load(word_start + b)
-    x = tl.load(init + b * LANES + lane)
+    start = tl.load(word_begin + b)
+    has = (lane < nl) & (start + 2 * lane + 1 < end)
+    x0 = _u16(buf, start + 2 * lane, has) | (_u16(buf, start + 2 * lane + 1, has) << 16)
+    x = tl.where(lane < nl, x0, STATE_LOW)
+    ptr = start + 2 * nl
     overrun = tl.zeros((), dtype=tl.int64)
     ei = tl.zeros((), dtype=tl.int64)
     steps = (n + nl - 1) // tl.maximum(nl, 1)
     for k in range(steps):
         i = k * nl + lane  # symbol i of the substream is on lane i % nl
         active = (lane < nl) & (i < n)
-        cls = tl.load(cls_buf + c_off + i // tokens, mask=active, other=1).to(tl.int64)
-        x, s, ptr, over = _rans_step(x, cls, active, ptr, end, words, slot2sym, freq, cum, PROB_BITS, ALPHABET)
+        r = i // tokens
+        cls = tl.load(cls_buf + c_off + r, mask=active, other=1).to(tl.int64)
+        row = tl.load(row_buf + c_off + r, mask=active, other=0).to(tl.int64)
+        x, s, ptr, over = _rans_step(x, cls, active, ptr, end, buf, slot2sym, freq, cum, PROB_BITS, ALPHABET)
         overrun = overrun | over
-        d, ei = _deltas(s, cls, active, ei, esc_e, esc_buf, e_off, e_cnt)
-        tl.store(out + o_off + i, d.to(tl.int32), mask=active)
-    bad_states = tl.max(((lane < nl) & (x != 65536)).to(tl.int64), axis=0)
-    tl.store(status + b * 4 + 0, ptr)
-    tl.store(status + b * 4 + 1, overrun)
-    tl.store(status + b * 4 + 2, ei)
-    tl.store(status + b * 4 + 3, bad_states)
+        d, ei = _deltas(s, cls, active, ei, esc_e, buf, e_off, e_cnt)
+        tl.store(out + o_off + row * tokens + (i - r * tokens), d.to(tl.int32), mask=active)
+    bad_states = tl.max(((lane < nl) & (x != STATE_LOW)).to(tl.int64), axis=0)
+    tl.store(status + b * STATUS + 0, ptr)
+    tl.store(status + b * STATUS + 1, overrun)
+    tl.store(status + b * STATUS + 2, ei)
+    tl.store(status + b * STATUS + 3, bad_states)
+    tl.store(status + b * STATUS + 4, (end - start < 2 * nl).to(tl.int64))
 
 
 @triton.jit

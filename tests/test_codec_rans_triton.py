@@ -21,7 +21,7 @@ import pytest
 from _triton_fixtures import compile_without_gpu, rerun_under_interpreter
 import torch
 
-from kvcodec.codec import decode, encode, entropy, rans, rans_triton
+from kvcodec.codec import decode, encode, entropy, rans, rans_torch, rans_triton
 from kvcodec.codec.errors import CorruptStream
 from kvcodec.codec.layers import decode_layers
 from kvcodec.codec.rans_torch import Substream
@@ -53,7 +53,7 @@ def test_kernel_matches_numba_on_random_substreams(seed):
     rng = np.random.default_rng(seed)
     pairs = [_random_substream(rng, big=(i == 0)) for i in range(18)]
     subs = [s for s, _ in pairs]
-    lanes = {rans_triton._lanes(int((s.classes != 0).sum()) * s.tokens) for s in subs}
+    lanes = {rans_torch._lanes(int((s.classes != 0).sum()) * s.tokens) for s in subs}
     assert 32 in lanes and any(0 < n < 32 for n in lanes)
     assert sum(len(s.escapes) for s in subs) > 0 and len({int(c) for s in subs for c in s.classes}) > 3
     out = rans_triton.decode_symbols(subs)  # one launch for the whole batch
