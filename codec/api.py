@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcodec.codec import container, device_encode, substream
+from kvcodec.codec import container, device_encode, gpu_decode, substream
 from kvcodec.codec.container import DecodeLimits, Header, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, MissingProfile
 from kvcodec.codec.kvfile import check_kv
@@ -467,6 +467,13 @@ def _decode_torch(data, layout: Layout, device, dtype, progress: Progress | None
     from kvcodec.codec import layers as _layers
 
     h = layout.header
+    if backend == "triton" and gpu_decode.supports(h):  # the whole stream as one group: two launches
+        every = list(range(h.layers))
+        _check_min_lengths(layout, every)
+        keys, values = gpu_decode.decode_group(data, layout, every, device, dtype or _TORCH_DTYPES[h.dtype])
+        if progress:
+            progress(h.layers, h.layers)
+        return KVPair(keys, values)
     parts = []
     batch = h.layers if backend == "triton" else 2  # nobody consumes layers early here: one launch for the stream
     for layer, keys, values in _layers.iter_layers(data, layout, device, dtype, backend, 1, batch):

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from kvcodec.codec import api, container, rans_torch, rans_triton, substream
+from kvcodec.codec import api, container, gpu_decode, rans_torch, rans_triton, substream
 from kvcodec.codec.container import DecodeLimits, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput
 from kvcodec.codec.quantize import dequantize_block
@@ -98,7 +98,9 @@ def iter_layers(
     api._check_min_lengths(layout, list(range(h.layers)))
     out_dtype = dtype or api._TORCH_DTYPES[h.dtype]
     resolved = resolve_backend(backend, device, h.coder)
-    if resolved in ("torch", "triton"):
+    if resolved == "triton" and gpu_decode.supports(h):
+        yield from _group_layers(data, layout, out_dtype, device, max(1, batch_layers))
+    elif resolved in ("torch", "triton"):
         yield from _torch_layers(data, layout, out_dtype, device, max(1, batch_layers), resolved)
     else:
         yield from _numba_layers(data, layout, out_dtype, device, max(1, threads))
@@ -148,6 +150,16 @@ def _numba_layers(data, layout: Layout, dtype, device, threads: int):
             for fs in futures:
                 for f in fs:
                     f.cancel()
+
+
+def _group_layers(data, layout: Layout, dtype, device, batch_layers: int):
+    """Triton, packed side information: :func:`kvcodec.codec.gpu_decode.decode_group` per batch of layers."""
+    h = layout.header
+    for first in range(0, h.layers, batch_layers):
+        layers = list(range(first, min(first + batch_layers, h.layers)))
+        keys, values = gpu_decode.decode_group(data, layout, layers, device, dtype)
+        for i, layer in enumerate(layers):
+            yield layer, keys[i], values[i]
 
 
 def _torch_layers(data, layout: Layout, dtype, device, batch_layers: int, backend: str = "torch"):

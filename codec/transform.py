@@ -127,7 +127,7 @@ def rotate(x: torch.Tensor, rope: Rope, first: int) -> torch.Tensor:
 def _rotate(x: torch.Tensor, rope: Rope, first: int, sign: float) -> torch.Tensor:
     """``x1 cos - s x2 sin``, ``x2 cos + s x1 sin`` with ``s = sign``: separate IEEE multiplies and
     adds (a negated product is exact), written into one output tensor."""
-    cos, sin = rope_tables(rope, first, x.shape[1], x.device)
+    cos, sin = rope_tables(rope, first, x.shape[-2], x.device)  # x: [..., T, D]
     half = rope.rot_dim // 2
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     out = torch.empty_like(x)

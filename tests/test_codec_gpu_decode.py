@@ -1,0 +1,130 @@
+"""The grouped device decoder (codec/gpu_decode.py), run by Triton's CPU interpreter, equals numba bit for bit.
+
+Covers what the per-substream path handles one substream at a time: raw (sink) tokens, a
+partial last block, RoPE keys with per-head and layer-wide bases, side-information priors,
+float32 and bfloat16 streams, and every kind of damage (reported as the other decoders report it).
+See test_codec_rans_triton.py for why TRITON_INTERPRET is set at import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+
+_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np
+import pytest
+from _triton_fixtures import rerun_under_interpreter
+import torch
+
+from kvcodec.codec import container, decode, encode, rans_triton
+from kvcodec.codec.errors import ChecksumMismatch, CorruptStream
+from kvcodec.codec.layers import decode_layers
+from kvcodec.client.calibrate import fit_side_priors
+from test_codec_transform import DIM, HEADS, _kv, _profile
+
+pytestmark = pytest.mark.skipif(not rans_triton.available(), reason="triton is not installed (extra 'gpu')")
+in_process = pytest.mark.skipif(_PREIMPORTED, reason="triton was imported before TRITON_INTERPRET=1; see the subprocess test")
+TOKENS = 45  # blocks of 16: a partial last block
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    """Per-head bases with priors, and layer-wide bases (one group of all heads) without."""
+    head = _profile()
+    return {"head+prior": replace(head, side_priors=fit_side_priors(head, [_kv(5), _kv(6)], "tiny")),
+            "layer": _profile(group=HEADS * DIM)}
+
+
+def _same(a, b) -> bool:
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
+
+
+def _assert_decoders_agree(blob: bytes, profile=None) -> None:
+    ref = decode(blob, backend="numba", profile=profile)
+    got = decode(blob, backend="triton", profile=profile)
+    assert _same(got.keys, ref.keys) and _same(got.values, ref.values)
+    for layer, keys, values in decode_layers(blob, backend="triton", batch_layers=1, profile=profile):
+        assert _same(keys, ref.keys[layer]) and _same(values, ref.values[layer])
+
+
+@in_process
+@pytest.mark.parametrize("name", ["head+prior", "layer"])
+@pytest.mark.parametrize("level,sinks", [("high", 0), ("compact", 5), ("balanced", 20)])
+def test_transform_streams_decode_like_numba(profiles, name, level, sinks):
+    prof = profiles[name]
+    k, v = _kv(3, TOKENS)
+    blob = encode(k, v, level=level, token_block=16, sink_tokens=sinks, profile=prof)
+    assert container.parse(blob).header.predicted_side == (name == "head+prior")
+    _assert_decoders_agree(blob, prof)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_streams_decode_like_numba(dtype):
+    k, v = _kv(4, TOKENS)
+    k[0, 1, 7, 3] = 3000.0  # an outlier: escapes
+    blob = encode(k.to(dtype), v.to(dtype), level="balanced", token_block=16, sink_tokens=3)
+    _assert_decoders_agree(blob)
+    out = decode(blob, backend="triton", dtype=torch.float16)
+    assert out.keys.dtype == torch.float16 and _same(out.keys, decode(blob, dtype=torch.float16).keys)
+
+
+def _repack(blob: bytes, sid: int, edit) -> bytes:
+    """``blob`` with substream ``sid`` replaced by ``edit(payload)``, every CRC made valid again."""
+    layout = container.parse(blob)
+    payloads = [bytes(blob[o : o + n]) for o, n in zip(layout.offsets, layout.lengths)]
+    payloads[sid] = edit(bytearray(payloads[sid]))
+    return container.pack(layout.header, payloads)
+
+
+def _errors(blob: bytes) -> tuple[str, str]:
+    messages = []
+    for backend in ("numba", "triton"):
+        with pytest.raises(CorruptStream) as info:
+            decode(blob, backend=backend)
+        messages.append(str(info.value))
+    return messages[0], messages[1]
+
+
+@in_process
+def test_damage_is_reported_like_numba():
+    k, v = _kv(2, TOKENS)
+    blob = encode(k, v, level="balanced", token_block=16)
+    layout = container.parse(blob)
+    sid = 4  # layer 1, keys, block 1
+
+    def flip_words(p):
+        p[-6] ^= 0x5A
+        return bytes(p)
+
+    def huge_side_count(p):
+        p[4 * HEADS + 6 : 4 * HEADS + 10] = (1 << 20).to_bytes(4, "little")
+        return bytes(p)
+
+    def bad_step(p):
+        p[0:4] = np.float32(-1.0).tobytes()
+        return bytes(p)
+
+    def odd_words(p):
+        return bytes(p) + b"\x00"
+
+    for edit, text in ((flip_words, "entropy payload"), (huge_side_count, "do not fit"),
+                       (bad_step, "step sizes"), (odd_words, "whole number of u16 words")):
+        numba_msg, triton_msg = _errors(_repack(blob, sid, edit))
+        assert triton_msg.startswith(layout.header.describe(sid)) and text in triton_msg, triton_msg
+        assert numba_msg.startswith(layout.header.describe(sid)), numba_msg
+    damaged = bytearray(blob)
+    damaged[layout.offsets[sid] + 20] ^= 1  # no CRC fix-up: the checksum names it first
+    with pytest.raises(ChecksumMismatch, match=f"substream {sid} "):
+        decode(bytes(damaged), backend="triton")
+
+
+def test_whole_module_in_subprocess_when_triton_was_imported_first():
+    if not _PREIMPORTED:
+        pytest.skip("triton runs in the interpreter in this process; the tests above ran here")
+    rerun_under_interpreter(__file__)
