@@ -28,7 +28,7 @@ from test_codec_transform import DIM, HEADS, _kv, _profile
 
 pytestmark = pytest.mark.skipif(not rans_triton.available(), reason="triton is not installed (extra 'gpu')")
 in_process = pytest.mark.skipif(_PREIMPORTED, reason="triton was imported before TRITON_INTERPRET=1; see the subprocess test")
-TOKENS = 45  # blocks of 16: a partial last block
+TOKENS = 35  # blocks of 16: a partial last block
 
 
 @pytest.fixture(scope="module")
@@ -44,34 +44,32 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
 
 
-def _assert_decoders_agree(blob: bytes, profile=None) -> None:
+def _assert_decoders_agree(blob: bytes, profile=None, by_layer: bool = False) -> None:
     ref = decode(blob, backend="numba", profile=profile)
     got = decode(blob, backend="triton", profile=profile)
     assert _same(got.keys, ref.keys) and _same(got.values, ref.values)
-    for layer, keys, values in decode_layers(blob, backend="triton", batch_layers=1, profile=profile):
-        assert _same(keys, ref.keys[layer]) and _same(values, ref.values[layer])
+    if by_layer:  # one group per layer
+        for layer, keys, values in decode_layers(blob, backend="triton", batch_layers=1, profile=profile):
+            assert _same(keys, ref.keys[layer]) and _same(values, ref.values[layer])
 
 
 @in_process
-@pytest.mark.parametrize("name", ["head+prior", "layer"])
-@pytest.mark.parametrize("level,sinks", [("high", 0), ("compact", 5), ("balanced", 20)])
+@pytest.mark.parametrize("level,sinks,name", [("high", 0, "head+prior"), ("compact", 5, "layer"),
+                                              ("balanced", 20, "head+prior")])
 def test_transform_streams_decode_like_numba(profiles, name, level, sinks):
     prof = profiles[name]
     k, v = _kv(3, TOKENS)
     blob = encode(k, v, level=level, token_block=16, sink_tokens=sinks, profile=prof)
     assert container.parse(blob).header.predicted_side == (name == "head+prior")
-    _assert_decoders_agree(blob, prof)
+    _assert_decoders_agree(blob, prof, by_layer=level == "compact")
 
 
 @in_process
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plain_streams_decode_like_numba(dtype):
+def test_plain_float32_stream_decodes_like_numba():
     k, v = _kv(4, TOKENS)
     k[0, 1, 7, 3] = 3000.0  # an outlier: escapes
-    blob = encode(k.to(dtype), v.to(dtype), level="balanced", token_block=16, sink_tokens=3)
+    blob = encode(k.float(), v.float(), level="balanced", token_block=16, sink_tokens=3)
     _assert_decoders_agree(blob)
-    out = decode(blob, backend="triton", dtype=torch.float16)
-    assert out.keys.dtype == torch.float16 and _same(out.keys, decode(blob, dtype=torch.float16).keys)
 
 
 def _repack(blob: bytes, sid: int, edit) -> bytes:
