@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -171,7 +172,7 @@ def check(device: str, kv_path: str | None) -> int:
         blob = encode(k, v, level=level, token_block=block)
         if encode(k, v, level=level, token_block=block, threads=2) != blob:
             failures.append(f"{name}: 1-thread and 2-thread encodes differ")
-        if device != "cpu" and encode(k.to(device), v.to(device), level=level, token_block=block) != blob:
+        if encode(k.to(device), v.to(device), level=level, token_block=block) != blob:
             failures.append(f"{name}: encoding {device} tensors gives other bytes than CPU tensors")
         ref = decode(blob, backend="numba")
         for backend in ("numba", "torch"):
@@ -185,6 +186,7 @@ def check(device: str, kv_path: str | None) -> int:
         tried = _check_triton(name, k, v, level, block, device, failures)
         print(f"checked {name}: {len(blob)} bytes, decoders and encoders numba/torch{tried} on {device}")
     _check_transform_streams(device, failures)
+    _check_shipped_profile(device, failures)
     for f in failures:
         print("MISMATCH:", f)
     print("bit-exact" if not failures else f"{len(failures)} mismatches")
@@ -193,8 +195,6 @@ def check(device: str, kv_path: str | None) -> int:
 
 def bench_profile(k: torch.Tensor, seed: int = 9):
     """A profile with a transform for ``k``'s layout (bases fitted on other synthetic KV; RoPE-free)."""
-    import numpy as np
-
     from kvcodec.codec import transform as tr
     from kvcodec.codec.profile import Profile
 
@@ -222,6 +222,34 @@ def _check_transform_streams(device: str, failures: list[str]) -> None:
                       backend=backend) != ref:
                 failures.append(f"transform/{level}: encode(backend={backend}) on {device} differs from numba")
     print(f"checked transform streams: encoders numba/{'/'.join(backends)} on {device}")
+
+
+def _check_shipped_profile(device: str, failures: list[str]) -> None:
+    """Streams coded with the shipped SmolLM2 profile (RoPE keys, layer-wide key bases, per-head
+    value bases, side priors: header flags 1, 2 and 4) decode alike on every path."""
+    from kvcodec.codec.profile import builtin_profile
+
+    if device == "cpu" or builtin_profile("smollm2-135m", 30, 3, 64) is None:
+        # in the interpreter this takes minutes; tests/test_codec_gpu_decode.py checks the same
+        # flags on a tiny profile
+        print("checked shipped profile: skipped (CPU, or no shipped SmolLM2 profile)")
+        return
+    gen = torch.Generator().manual_seed(11)
+    tokens = 300
+    k = (torch.randn(30, 3, tokens, 64, generator=gen) * 2).half()
+    v = torch.randn(30, 3, tokens, 64, generator=gen).half()
+    backends = ["torch"] + (["triton"] if _triton_usable(device) else [])
+    for level in ("high", "balanced", "compact"):
+        blob = encode(k, v, level=level, model="smollm2-135m", sink_tokens=4)
+        ref = decode(blob, backend="numba")
+        for backend in backends:
+            got = decode(blob, device=device, backend=backend)
+            if not (_equal(got.keys, ref.keys) and _equal(got.values, ref.values)):
+                failures.append(f"shipped profile/{level}: decode on {device} with {backend} differs from numba")
+        if encode(k.to(device), v.to(device), level=level, model="smollm2-135m", sink_tokens=4,
+                                      backend=backends[-1]) != blob:
+            failures.append(f"shipped profile/{level}: encode(backend={backends[-1]}) on {device} differs from numba")
+    print(f"checked shipped profile ({tokens} tokens, flags 1/2/4): decoders numba/{'/'.join(backends)} on {device}")
 
 
 def _triton_usable(device: str) -> bool:
@@ -298,9 +326,12 @@ def _entropy_encode_rows(k, v, tokens, device, nbytes, bits, repeats, with_torch
     return rows
 
 
-def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int, torch_tokens: int) -> str:
+def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int, torch_tokens: int,
+          numba_tokens: int) -> str:
     """Encode/decode throughput table (plus copy baselines on CUDA)."""
     before = parallel_control()
+    cuda = device.startswith("cuda")
+    triton = _triton_usable(device) and cuda
     rows = []
     for tokens in tokens_list:
         k, v = tiled_kv(kv_path, tokens) if kv_path else synthetic_kv(tokens)
@@ -308,26 +339,23 @@ def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int
         kd, vd = k.to(device), v.to(device)
         blob = encode(kd, vd, level="balanced")
         bits = 8 * len(blob) / (2 * k.numel())
-        for threads in (1, 2):
-            s = timed(lambda: encode(kd, vd, level="balanced", threads=threads), device, repeats)
-            rows.append(_row("encode", tokens, "numba", threads, nbytes, s, bits))
-            s = timed(lambda: decode(blob, device=device, backend="numba", threads=threads), device, repeats)
-            rows.append(_row("decode", tokens, "numba", threads, nbytes, s, bits))
-        if tokens <= torch_tokens:
+        if tokens <= numba_tokens:
+            for threads in (1, 2):
+                s = timed(lambda: encode(kd, vd, level="balanced", threads=threads), device, repeats)
+                rows.append(_row("encode", tokens, "numba", threads, nbytes, s, bits))
+                s = timed(lambda: decode(blob, device=device, backend="numba", threads=threads), device, repeats)
+                rows.append(_row("decode", tokens, "numba", threads, nbytes, s, bits))
+            rows += _entropy_encode_rows(k, v, tokens, device, nbytes, bits, repeats, tokens <= torch_tokens)
+        if tokens <= torch_tokens:  # the lock-step torch reference coders
             s = timed(lambda: decode(blob, device=device, backend="torch"), device, 1)
             rows.append(_row("decode", tokens, "torch", "-", nbytes, s, bits))
-        rows += _entropy_encode_rows(k, v, tokens, device, nbytes, bits, repeats, tokens <= torch_tokens)
-        if device.startswith("cuda") and _triton_usable(device):  # batched device pipeline, one launch
-            s = timed(lambda: encode(kd, vd, level="balanced", backend="triton"), device, repeats)
-            rows.append(_row("encode", tokens, "triton", "-", nbytes, s, bits))
-        if tokens <= torch_tokens:  # the same pipeline with the torch lock-step entropy coder
             s = timed(lambda: encode(kd, vd, level="balanced", backend="torch"), device, 1)
             rows.append(_row("encode", tokens, "torch", "-", nbytes, s, bits))
-            s = timed(lambda: decode(blob, device=device, backend="triton"), device, repeats)  # one launch
-            rows.append(_row("decode", tokens, "triton", "-", nbytes, s, bits))
+        if triton:
+            rows += _triton_rows(kd, vd, tokens, device, nbytes, repeats)
         s = timed(lambda: kd.clone(), device, repeats) * 2  # the device's copy bandwidth (the limit)
         rows.append(_row("copy device->device", tokens, "-", "-", nbytes, s, 16.0))
-        if device.startswith("cuda"):
+        if cuda:
             pinned = k.pin_memory()
             s = timed(lambda: pinned.to(device, non_blocking=True), device, repeats) * 2
             rows.append(_row("copy host->device", tokens, "-", "-", nbytes, s, 16.0))
@@ -337,9 +365,39 @@ def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int
     head = ["op", "tokens", "entropy back end", "threads", "bits/element", "MB/s of fp16 KV (median wall)",
             "MB/s (best run)", "median wall ms", "CPU ms", "MB/s per CPU-second"]
     return (
-        f"Device: {device}; host: {machine()}\n{control}\nKV: 8B-shaped {SHAPE}, {source}; level balanced\n\n"
-        + markdown_table(head, rows)
+        f"Device: {_device_name(device)}; host: {machine()}\n{control}\nKV: 8B-shaped {SHAPE}, {source}; "
+        "level balanced\n\n" + markdown_table(head, rows)
     )
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+
+
+def _triton_rows(kd, vd, tokens, device, nbytes, repeats) -> list[list[object]]:
+    """The device pipelines: batched encode, whole-stream decode and layer-by-layer decode, each
+    without and with a profile transform (``bench_profile``: the inverse transform's float64 sums)."""
+    rows = []
+    for label, prof in (("", None), (" (transform)", bench_profile(kd.cpu()))):
+        blob = encode(kd, vd, level="balanced", backend="triton", profile=prof)
+        bits = 8 * len(blob) / (2 * kd.numel())
+        s = timed(lambda: encode(kd, vd, level="balanced", backend="triton", profile=prof), device, repeats)
+        rows.append(_row("encode" + label, tokens, "triton", "-", nbytes, s, bits))
+        s = timed(lambda: decode(blob, device=device, backend="triton", profile=prof), device, repeats)
+        rows.append(_row("decode" + label, tokens, "triton", "-", nbytes, s, bits))
+        pinned = torch.empty(len(blob), dtype=torch.uint8).pin_memory()  # as a network receive buffer would be
+        pinned.numpy()[:] = np.frombuffer(blob, dtype=np.uint8)
+        view = memoryview(pinned.numpy())
+        s = timed(lambda: decode(view, device=device, backend="triton", profile=prof), device, repeats)
+        rows.append(_row("decode, stream in pinned memory" + label, tokens, "triton", "-", nbytes, s, bits))
+
+        def by_layer():
+            for _ in decode_layers(blob, device=device, backend="triton", batch_layers=1, profile=prof):
+                pass
+
+        s = timed(by_layer, device, repeats)
+        rows.append(_row("decode_layers, 1 layer a group" + label, tokens, "triton", "-", nbytes, s, bits))
+    return rows
 
 
 def sizes(kv_path: str | None, tokens: int = 256) -> str:
@@ -377,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="run the bit-exactness checks only")
     p.add_argument("--kv", default=None, help="a KV safetensors file (kvcodec prefill) to tile to the 8B shape")
     p.add_argument("--tokens", default=None, help="comma-separated chunk sizes (default 256 on CPU, 256..4096 on CUDA)")
-    p.add_argument("--torch-tokens", type=int, default=None, help="largest chunk timed with the torch decoder")
+    p.add_argument("--torch-tokens", type=int, default=None,
+                   help="largest chunk timed with the lock-step torch coders (default 256 on CUDA)")
+    p.add_argument("--numba-tokens", type=int, default=None,
+                   help="largest chunk timed with the host numba coders (default: all on the CPU, 1024 on CUDA)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sizes", action="store_true", help="compare coder 3 with coder 2 on size only")
     args = p.parse_args(argv)
@@ -393,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cuda = args.device.startswith("cuda")
     tokens = [int(t) for t in (args.tokens or ("256,1024,4096" if cuda else "256")).split(",")]
-    torch_tokens = args.torch_tokens if args.torch_tokens is not None else (4096 if cuda else 0)
-    print(speed(args.device, tokens, args.kv, args.repeats, torch_tokens))
+    torch_tokens = args.torch_tokens if args.torch_tokens is not None else (256 if cuda else 0)
+    numba_tokens = args.numba_tokens if args.numba_tokens is not None else (1024 if cuda else max(tokens))
+    print(speed(args.device, tokens, args.kv, args.repeats, torch_tokens, numba_tokens))
     return 0
 
 

@@ -69,16 +69,35 @@ def _kernel():
 _POINTER_TYPES = {  # the kernel's pointer arguments, as the launcher passes them
     "buf": "*i32", "word_begin": "*i64", "word_end": "*i64", "n_syms": "*i64", "lanes_of": "*i64",
     "tokens_of": "*i64", "cls_buf": "*i32", "row_buf": "*i32", "cls_off": "*i64", "esc_begin": "*i64",
-    "esc_count": "*i64", "slot2sym": "*i32", "freq": "*i32", "cum": "*i32", "esc_e": "*i32", "out": "*i32",
-    "out_off": "*i64", "status": "*i64",
+    "esc_count": "*i64", "slot_info": "*i64", "esc_e": "*i32", "out": "*i32", "out_off": "*i64",
+    "status": "*i64",
 }
 NUM_WARPS = 1  # one program holds one substream's 32 lanes: one warp
 STATUS = 5  # status words per program: final word position, overrun, escapes read, bad states, short
 
 
 def _constexprs() -> dict[str, int]:
-    return {"PROB_BITS": rans.PROB_BITS, "ALPHABET": int(rans.FREQ.shape[1]), "LANES": rans.LANES,
-            "STATE_LOW": rans.STATE_LOW, "STATUS": STATUS}
+    return {"PROB_BITS": rans.PROB_BITS, "LANES": rans.LANES, "STATE_LOW": rans.STATE_LOW, "STATUS": STATUS}
+
+
+def slot_info() -> np.ndarray:
+    """int64 ``[classes, 2**PROB_BITS]``: each slot's symbol | frequency << 12 | (slot - cum) << 27."""
+    sym = rans.SLOT2SYM.astype(np.int64)
+    rows = np.arange(len(sym))[:, None]
+    freq, cum = rans.FREQ.astype(np.int64)[rows, sym], rans.CUM.astype(np.int64)[rows, sym]
+    bias = np.arange(sym.shape[1])[None, :] - cum
+    assert sym.max() < 1 << 12 and freq.max() < 1 << 15 and bias.max() < 1 << 14 and bias.min() >= 0
+    return sym | (freq << 12) | (bias << 27)
+
+
+_SLOT_INFO: dict[str, torch.Tensor] = {}
+
+
+def _device_slot_info(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _SLOT_INFO:
+        _SLOT_INFO[key] = torch.from_numpy(slot_info().reshape(-1)).to(device)
+    return _SLOT_INFO[key]
 
 
 def compile_for(capability: int = 90) -> dict[str, object]:
@@ -172,13 +191,14 @@ def launch(batch: Batch, out: torch.Tensor) -> torch.Tensor:
     for name, value in vars(batch).items():  # the kernel indexes every array as a dense vector
         if not value.is_contiguous():
             raise ValueError(f"launch: batch.{name} is not contiguous")
-    slot2sym, freq, cum, esc_e = device_tables(device, torch.int32)
+    esc_e = device_tables(device, torch.int32)[3]
     size = len(batch.n)
     status = torch.zeros((size, STATUS), dtype=torch.int64, device=device)
     if size:
         _kernel()[(size,)](
             batch.buf, batch.word_begin, batch.word_end, batch.n, batch.lanes, batch.tokens, batch.cls, batch.row,
-            batch.cls_off, batch.esc_begin, batch.esc_count, slot2sym, freq, cum, esc_e, out, batch.out_off, status,
+            batch.cls_off, batch.esc_begin, batch.esc_count, _device_slot_info(device), esc_e, out, batch.out_off,
+            status,
             **_constexprs(), num_warps=NUM_WARPS,
         )
     return status
