@@ -2,8 +2,8 @@
 
 The per-substream path (:func:`kvcodec.codec.layers._decode_batch`) parses every substream
 on the host and dequantizes it with its own tensor operations: about 0.7 ms of Python per
-substream, so a 4,096-token 8B-shaped chunk (1,024 substreams) spent 0.76 s on the host of
-an H100 while its kernel took a tenth of that (benchmarks/RESULTS.md). Here the host work of
+substream, so a 4,096-token 8B-shaped chunk (1,024 substreams) took 0.76 s on an H100 machine,
+almost all of it on the host (benchmarks/RESULTS.md; this path: 65-97 ms). Here the host work of
 a group of layers is a fixed number of numpy operations over all its substreams:
 
 1. the fixed fields of every substream (steps, side-information and escape counts, word
@@ -52,7 +52,9 @@ def supports(h: Header) -> bool:
     return h.coder == container.CODER_RANS and h.packed_side
 
 
-_CRC_THREADS = max(1, min(8, os.cpu_count() or 1))
+# zlib.crc32 releases the GIL, but on the H100 machine's 16-core host a 104 MB stream took
+# 45 ms on 1 thread, 18 ms on 4, 26 ms on 8 and 53 ms on 16 (benchmarks/RESULTS.md)
+_CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @lru_cache(maxsize=1)
