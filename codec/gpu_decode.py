@@ -255,11 +255,20 @@ def _upload(buf: np.ndarray, lo: int, hi: int, device) -> torch.Tensor:
     return t.to(device).view(torch.int16)
 
 
+# the exponent bits: a float is Inf or NaN when they are all set
+_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000}
+
+
 def _raw_tokens(buf, h: Header, offs, block, kv: torch.Tensor, dtype, errors: _Errors) -> None:
-    """The raw (attention-sink) tokens of every block that has some, straight into ``kv``."""
+    """The raw (attention-sink) tokens of every block that has some, straight into ``kv``.
+
+    Checked and moved as integers on the host (a torch operation on the CPU would wake its
+    thread pool, which then competes with the CRC threads); converted on the device.
+    """
     width = container.DTYPE_BYTES[h.dtype]
     stored = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[h.dtype]
     n_layers = kv.shape[1]
+    exponent = _EXPONENT[h.dtype]
     for b in range(h.blocks_per_tensor):
         n_raw = h.block_raw_tokens(b)
         if not n_raw:
@@ -267,11 +276,11 @@ def _raw_tokens(buf, h: Header, offs, block, kv: torch.Tensor, dtype, errors: _E
         rows = np.nonzero(block == b)[0]  # [layer, kind] order
         size = h.kv_heads * n_raw * h.head_dim * width
         ints = np.ascontiguousarray(_gather(buf, offs[rows], size)).view(_ENDIAN[width]).astype(f"=i{width}")
-        raw = torch.from_numpy(ints).view(stored).reshape(n_layers, 2, h.kv_heads, n_raw, h.head_dim)
-        finite = torch.isfinite(raw).reshape(len(rows), -1).all(dim=1).numpy()
+        finite = ((ints & exponent) != exponent).all(axis=1)
         errors.add(~finite, rows, lambda i: "raw tokens: non-finite value in a quantized stream")
+        raw = torch.from_numpy(ints).to(kv.device).view(stored).reshape(n_layers, 2, h.kv_heads, n_raw, h.head_dim)
         start = b * h.token_block
-        kv[:, :, :, start : start + n_raw] = raw.transpose(0, 1).to(dtype).to(kv.device)
+        kv[:, :, :, start : start + n_raw] = raw.transpose(0, 1).to(dtype)
 
 
 def _decode_side(words: torch.Tensor, f: _Fields, lo: int, channels: int, device):

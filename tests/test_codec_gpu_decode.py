@@ -92,7 +92,7 @@ def _errors(blob: bytes) -> tuple[str, str]:
 @in_process
 def test_damage_is_reported_like_numba():
     k, v = _kv(2, TOKENS)
-    blob = encode(k, v, level="balanced", token_block=16)
+    blob = encode(k, v, level="balanced", token_block=16, sink_tokens=2)
     layout = container.parse(blob)
     sid = 4  # layer 1, keys, block 1
 
@@ -116,6 +116,13 @@ def test_damage_is_reported_like_numba():
         numba_msg, triton_msg = _errors(_repack(blob, sid, edit))
         assert triton_msg.startswith(layout.header.describe(sid)) and text in triton_msg, triton_msg
         assert numba_msg.startswith(layout.header.describe(sid)), numba_msg
+
+    def infinite_sink(p):
+        p[0:2] = np.float16(np.inf).tobytes()
+        return bytes(p)
+
+    numba_msg, triton_msg = _errors(_repack(blob, 0, infinite_sink))
+    assert triton_msg == numba_msg == f"{layout.header.describe(0)}: raw tokens: non-finite value in a quantized stream"
     damaged = bytearray(blob)
     damaged[layout.offsets[sid] + 20] ^= 1  # no CRC fix-up: the checksum names it first
     with pytest.raises(ChecksumMismatch, match=f"substream {sid} "):
