@@ -6,8 +6,8 @@ a GPU it is bound by kernel launches. Here one *program* decodes one whole
 substream: its (up to 32) lane states live in registers and a loop over the
 steps does, per step,
 
-* ``slot = x & (M - 1)``, the symbol by a gather from the class's
-  slot-to-symbol table, ``x = f * (x >> 14) + slot - cum``;
+* ``slot = x & (M - 1)``; one read of the class's packed slot table gives the
+  symbol, ``f`` and ``slot - cum``, then ``x = f * (x >> 14) + slot - cum``;
 * the renormalisation words: lanes that need one take them in lane order,
   word ``ptr + exclusive_cumsum(need)`` (exactly the order the sequential
   numba decoder reads them);
