@@ -363,7 +363,6 @@ def _dequantize(layout: Layout, layers, runs: list[_Run], steps: np.ndarray, cen
     h = layout.header
     n_layers, heads, dim = len(layers), h.kv_heads, h.head_dim
     channels = heads * dim
-    finfo = torch.finfo(dtype)  # a value just under the dtype's max must not round to Inf
     row = pos = 0
     for run in runs:
         nb, tq = len(run.blocks), run.tokens
@@ -372,17 +371,48 @@ def _dequantize(layout: Layout, layers, runs: list[_Run], steps: np.ndarray, cen
         c = centres[row : row + count].view(n_layers, 2, nb, channels, 1)
         st = steps[row : row + count].reshape(n_layers, 2, nb, heads)
         start = run.blocks[0] * h.token_block + run.n_raw
-        target = kv[:, :, :, start : start + nb * tq]
-        first = h.block_quantized_position(run.blocks[0])
-        for kind in (0, 1):
-            q = d[:, kind] + c[:, kind]  # int32 [L, nb, C, tq]
-            q = q.view(n_layers, nb, heads, dim, tq).permute(0, 2, 1, 4, 3).reshape(n_layers, heads, nb * tq, dim)
-            step = torch.from_numpy(np.ascontiguousarray(st[:, kind].transpose(0, 2, 1))).to(kv.device)  # [L, H, nb]
-            step = step[:, :, :, None].expand(n_layers, heads, nb, tq).reshape(n_layers, heads, nb * tq, 1)
-            x = _values(layout, layers, kind, q, step, first)
-            target[kind].copy_(x.clamp(finfo.min, finfo.max).to(dtype))
+        if h.transformed:
+            _transform_run(layout, layers, run, d, c, st, kv, start, dtype)
+        else:  # one fused pass straight into kv
+            _fused_dequantize(d, centres[row : row + count], st, kv, start, torch.finfo(dtype))
         row += count
         pos += count * channels * tq
+
+
+def _transform_run(layout: Layout, layers, run: _Run, d, c, st: np.ndarray, kv: torch.Tensor, start: int,
+                   dtype) -> None:
+    """The inverse transform of one run (``d`` ``[L, 2, nb, C, tq]``), written into ``kv``."""
+    h = layout.header
+    n_layers, heads, dim = len(layers), h.kv_heads, h.head_dim
+    nb, tq = len(run.blocks), run.tokens
+    finfo = torch.finfo(dtype)  # a value just under the dtype's max must not round to Inf
+    target = kv[:, :, :, start : start + nb * tq]
+    first = h.block_quantized_position(run.blocks[0])
+    for kind in (0, 1):
+        q = d[:, kind] + c[:, kind]  # int32 [L, nb, C, tq]
+        q = q.view(n_layers, nb, heads, dim, tq).permute(0, 2, 1, 4, 3).reshape(n_layers, heads, nb * tq, dim)
+        step = torch.from_numpy(np.ascontiguousarray(st[:, kind].transpose(0, 2, 1))).to(kv.device)  # [L, H, nb]
+        step = step[:, :, :, None].expand(n_layers, heads, nb, tq).reshape(n_layers, heads, nb * tq, 1)
+        x = _values(layout, layers, kind, q, step, first)
+        target[kind].copy_(x.clamp(finfo.min, finfo.max).to(dtype))
+
+
+def _fused_dequantize(d: torch.Tensor, centres: torch.Tensor, steps: np.ndarray, kv: torch.Tensor, start: int,
+                      finfo) -> None:
+    """:func:`rans_triton_kernel.dequant_kernel` over one run (``d`` ``[L, 2, nb, C, tq]``)."""
+    import triton
+
+    from kvcodec.codec.rans_triton_kernel import dequant_kernel
+
+    n_layers, _, nb, channels, tq = d.shape
+    heads, dim = kv.shape[2], kv.shape[4]
+    block_t = 64
+    step = torch.from_numpy(np.ascontiguousarray(steps.reshape(-1, heads), dtype=np.float32)).to(kv.device)
+    grid = (n_layers * 2 * nb * heads, triton.cdiv(tq, block_t))
+    bf16 = kv.dtype == torch.bfloat16
+    dequant_kernel[grid](d, centres, step, kv.view(torch.int16) if bf16 else kv, n_layers, nb, heads, tq, kv.shape[3],
+                         start, finfo.min, finfo.max, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_T=block_t,
+                         BF16=bf16)
 
 
 def _values(layout: Layout, layers, kind: int, q: torch.Tensor, step: torch.Tensor, first: int) -> torch.Tensor:

@@ -131,3 +131,43 @@ def rans_encode_kernel(
         q = (x.to(tl.uint32) // f.to(tl.uint32)).to(tl.int64)  # x < 2**32 here: a 32-bit division
         x = tl.where(active, (q << PROB_BITS) + (x - q * f) + c, x)
     tl.store(state_out + b * LANES + lane, x)
+
+
+@triton.jit
+def dequant_kernel(
+    deltas, centres, steps, out, n_layers, n_blocks, heads, tokens_q, tokens, start, lo, hi,
+    DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BF16: tl.constexpr,
+):
+    """Symbols of a run of blocks -> values in the model's layout (streams without a transform).
+
+    Program ``(p, j)``: head ``h`` of substream ``s = p // heads`` (``[layer, kind, block]``
+    order), tokens ``j * BLOCK_T ..``. ``deltas`` int32 ``[S, C, tokens_q]``, ``centres`` int32
+    ``[S, C]``, ``steps`` float32 ``[S, heads]``; ``out`` ``[2, n_layers, heads, tokens, DIM]``
+    gets ``clamp(float32(delta + centre) * step, lo, hi)`` at token ``start + block * tokens_q + t``:
+    the operations of :func:`kvcodec.codec.quantize.dequantize_block`, in one pass. With ``BF16``
+    ``out`` is the int16 view of a bfloat16 tensor and the value is rounded to nearest-even here,
+    as torch rounds (the interpreter's own float32 -> bfloat16 cast truncates).
+    """
+    p = tl.program_id(0)
+    j = tl.program_id(1)
+    h = p % heads
+    s = p // heads
+    block = s % n_blocks
+    kind = (s // n_blocks) % 2
+    layer = s // (2 * n_blocks)
+    dd = tl.arange(0, BLOCK_D)
+    tt = j * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = (dd[:, None] < DIM) & (tt[None, :] < tokens_q)
+    channel = (s * heads + h) * DIM + dd  # row of [S * C, tokens_q]
+    d = tl.load(deltas + channel[:, None].to(tl.int64) * tokens_q + tt[None, :], mask=mask, other=0)
+    c = tl.load(centres + channel, mask=dd < DIM, other=0)
+    step = tl.load(steps + s * heads + h)
+    x = (d + c[:, None]).to(tl.float32) * step
+    x = tl.minimum(tl.maximum(x, lo), hi)
+    row = ((kind * n_layers + layer) * heads + h).to(tl.int64) * tokens + start + block * tokens_q
+    at = out + (row + tt[None, :]) * DIM + dd[:, None]
+    if BF16:  # finite after the clamp: the carry never reaches the sign bit
+        bits = x.to(tl.int32, bitcast=True)
+        tl.store(at, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(at, x.to(out.dtype.element_ty), mask=mask)

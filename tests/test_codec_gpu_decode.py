@@ -68,8 +68,14 @@ def test_transform_streams_decode_like_numba(profiles, name, level, sinks):
 def test_plain_float32_stream_decodes_like_numba():
     k, v = _kv(4, TOKENS)
     k[0, 1, 7, 3] = 3000.0  # an outlier: escapes
-    blob = encode(k.float(), v.float(), level="balanced", token_block=16, sink_tokens=3)
+    k = k.float()
+    k[1, 0, 20, 5] = 1e6  # beyond float16: clamped to its largest value when decoded to it
+    blob = encode(k, v.float(), level="balanced", token_block=16, sink_tokens=3)
     _assert_decoders_agree(blob)
+    for dtype in (torch.float16, torch.bfloat16):
+        ref, got = decode(blob, dtype=dtype), decode(blob, backend="triton", dtype=dtype)
+        assert _same(got.keys, ref.keys) and _same(got.values, ref.values)
+    assert float(got.keys.float().abs().max()) < 1.1e6 and bool(torch.isfinite(ref.keys).all())
 
 
 def _repack(blob: bytes, sid: int, edit) -> bytes:
