@@ -130,14 +130,32 @@ def encode_payloads(
         if segments.blocks:
             quant = _quantize(x[..., header.raw_tokens :, :].float(), ids, header, segments, step_rules, transforms,
                               backend)
+        sides = _sides(header, quant, ids, priors) if quant is not None else None
         for g in range(len(ids)):
             for kind in (0, 1):
                 for b in range(header.blocks_per_tensor):
-                    prior = priors(ids[g], bool(kind)) if priors else None
-                    payloads.append(_payload(header, segments, raw, quant, g, kind, b, prior))
+                    payloads.append(_payload(header, segments, raw, quant, sides, g, kind, b))
                     if progress:
                         progress(len(payloads), header.n_substreams)
     return payloads
+
+
+def _sides(h: Header, quant: _Quantized, ids: list[int], priors) -> np.ndarray:
+    """The packed side information of every quantized substream of the group, ``[G, 2, S]`` bytes objects."""
+    g, kinds, segs, heads = quant.steps.shape
+    channels = quant.centers.shape[-1]
+    prs = None
+    if priors:
+        prs = [priors(ids[i], bool(k)) for i in range(g) for k in range(kinds) for _ in range(segs)]
+    steps, centers = quant.steps.reshape(-1, heads), quant.centers.reshape(-1, channels)
+    classes = np.ascontiguousarray(quant.classes.reshape(-1, channels))
+    if h.packed_side:
+        packed = substream.pack_sides(steps, centers, classes, prs)
+    else:  # the plain layout (no header flag 2)
+        packed = [substream.pack_side(st, cen, cls, False) for st, cen, cls in zip(steps, centers, classes)]
+    out = np.empty(g * kinds * segs, dtype=object)
+    out[:] = packed
+    return out.reshape(g, kinds, segs)
 
 
 def _host_ints(x: torch.Tensor) -> np.ndarray:
@@ -237,19 +255,16 @@ def _entropy_code(deltas: torch.Tensor, classes: np.ndarray, segments: _Segments
     return encode_flat_batch(ordered[coded], cls[coded], counts, dev, backend)
 
 
-def _payload(
-    h: Header, segments: _Segments, raw, quant: _Quantized | None, g: int, kind: int, b: int, prior: SidePrior | None
-) -> bytes:
+def _payload(h: Header, segments: _Segments, raw, quant: _Quantized | None, sides, g: int, kind: int, b: int) -> bytes:
     """Substream ``(layer g of the group, kind, block b)``: raw tokens, then the quantized part's fields."""
     n_raw = h.block_raw_tokens(b)
     start = b * h.token_block
     out = [raw[g, kind, :, start : start + n_raw].astype(raw.dtype.newbyteorder("<")).tobytes()] if n_raw else []
     s = segments.index.get(b)
     if s is not None:
-        steps, centers, classes = quant.steps[g, kind, s], quant.centers[g, kind, s], quant.classes[g, kind, s]
         words, escapes = quant.coded[(g * 2 + kind) * len(segments.blocks) + s]
-        out += [substream.pack_side(steps, centers, np.ascontiguousarray(classes), h.packed_side, prior),
-                _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(), words.astype("<u2").tobytes()]
+        out += [sides[g, kind, s], _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
+                words.astype("<u2").tobytes()]
     return b"".join(out)
 
 

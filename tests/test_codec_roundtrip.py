@@ -298,3 +298,12 @@ def test_profile_given_as_object_str_or_path(tmp_path):
         encode(keys.repeat(2, 1, 1, 1), keys.repeat(2, 1, 1, 1), profile=prof)
     with pytest.raises(InvalidInput, match="no such file"):
         encode(keys, keys, profile=tmp_path / "missing.json")
+
+
+def test_crc32_many_on_threads_equals_one_by_one():
+    from kvcodec.codec import container
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, size=int(n), dtype=np.uint8).tobytes() for n in rng.integers(1, 300_000, 60)]
+    assert sum(map(len, parts)) > container._PARALLEL_CRC_BYTES  # the threaded path
+    assert container.crc32_many(parts) == [container.crc32(p) for p in parts]
