@@ -141,15 +141,16 @@ def test_numba_stream_decodes_in_one_triton_launch(monkeypatch):
     blob = encode(k, v, level="balanced", token_block=8)  # numba-encoded -> Triton decode
     ref = decode(blob, backend="numba")
     launches = []
-    launch = rans_triton._launch
-    monkeypatch.setattr(rans_triton, "_launch", lambda p, dev: (launches.append(len(p["n"])), launch(p, dev))[1])
+    launch = rans_triton.launch
+    monkeypatch.setattr(rans_triton, "launch", lambda batch, out: (launches.append(len(batch.n)), launch(batch, out))[1])
     got = decode(blob, backend="triton")
     assert torch.equal(got.keys, ref.keys) and torch.equal(got.values, ref.values)
-    assert launches == [2 * 2 * 2]  # 2 layers x (keys, values) x 2 blocks: one launch
+    # 2 layers x (keys, values) x 2 blocks: one launch for the side information, one for the symbols
+    assert launches == [2 * 2 * 2, 2 * 2 * 2]
     launches.clear()
     for layer, keys, values in decode_layers(blob, backend="triton", batch_layers=1):
         assert torch.equal(keys, ref.keys[layer]) and torch.equal(values, ref.values[layer])
-    assert launches == [2 * 2, 2 * 2]  # still layer by layer
+    assert launches == [2 * 2] * 4  # still layer by layer
 
 
 def test_unknown_or_unusable_backend_is_invalid_input():
