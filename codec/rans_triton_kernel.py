@@ -17,22 +17,26 @@ def _u16(buf, pos, mask):
 
 
 @triton.jit
-def _rans_step(x, cls, active, ptr, end, buf, slot_info, PROB_BITS: tl.constexpr):
+def _rans_step(x, cls, active, ptr, end, buf, slot_info, lane, PROB_BITS: tl.constexpr):
     """One lock-step step of every lane: (new states, symbols, new word position, overrun flag).
 
     ``slot_info[cls, slot]`` packs the slot's symbol (bits 0-11), its frequency (12-26) and
-    ``slot - cum`` (27-40): one table read per symbol instead of three dependent ones.
+    ``slot - cum`` (27-40): one table read per symbol instead of three dependent ones. The
+    next ``LANES`` words are read at the start of the step, alongside the table read, and each
+    lane that needs one takes its own from them: the two memory reads overlap instead of
+    following each other.
     """
+    window = _u16(buf, ptr + lane, ptr + lane < end)
     slot = x & ((1 << PROB_BITS) - 1)
     info = tl.load(slot_info + cls * (1 << PROB_BITS) + slot, mask=active, other=1 << 12)
     s = info & 0xFFF
     nx = ((info >> 12) & 0x7FFF) * (x >> PROB_BITS) + (info >> 27)
     # lanes that need a word take them in lane order: word ptr + exclusive prefix sum
     need = active & (nx < 65536)
-    need_i = need.to(tl.int64)
-    pos = ptr + tl.cumsum(need_i, axis=0) - need_i
-    w = _u16(buf, pos, need & (pos < end))
-    overrun = tl.max((need & (pos >= end)).to(tl.int64), axis=0)
+    need_i = need.to(tl.int32)
+    rel = tl.cumsum(need_i, axis=0) - need_i  # < LANES
+    w = tl.gather(window, rel, axis=0)
+    overrun = tl.max((need & (ptr + rel >= end)).to(tl.int64), axis=0)
     nx = tl.where(need, (nx << 16) | w, nx)
     return tl.where(active, nx, x), s, ptr + tl.sum(need_i, axis=0), overrun
 
@@ -89,7 +93,7 @@ def rans_decode_kernel(
         r = i // tokens
         cls = tl.load(cls_buf + c_off + r, mask=active, other=1).to(tl.int64)
         row = tl.load(row_buf + c_off + r, mask=active, other=0).to(tl.int64)
-        x, s, ptr, over = _rans_step(x, cls, active, ptr, end, buf, slot_info, PROB_BITS)
+        x, s, ptr, over = _rans_step(x, cls, active, ptr, end, buf, slot_info, lane, PROB_BITS)
         overrun = overrun | over
         d, ei = _deltas(s, cls, active, ei, esc_e, buf, e_off, e_cnt)
         tl.store(out + o_off + row * tokens + (i - r * tokens), d.to(tl.int32), mask=active)
