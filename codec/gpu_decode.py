@@ -3,7 +3,8 @@
 The per-substream path (:func:`kvcodec.codec.layers._decode_batch`) parses every substream
 on the host and dequantizes it with its own tensor operations: about 0.7 ms of Python per
 substream, so a 4,096-token 8B-shaped chunk (1,024 substreams) took 0.76 s on an H100 machine,
-almost all of it on the host (benchmarks/RESULTS.md; this path: 65-97 ms). Here the host work of
+almost all of it on the host (benchmarks/RESULTS.md, "GPU (H100)"; this path: 26.7 ms, 16.5 ms
+with the stream in pinned memory). Here the host work of
 a group of layers is a fixed number of numpy operations over all its substreams:
 
 1. the fixed fields of every substream (steps, side-information and escape counts, word
@@ -14,8 +15,9 @@ a group of layers is a fixed number of numpy operations over all its substreams:
    side information (two rows of ``C`` symbols with coder 3's own tables); torch turns the
    rows into classes and centres (adding the prior's prediction for flag-4 streams);
 4. one launch decodes every substream's deltas into ``[substream, channel, token]``;
-5. dequantization and the inverse transform run over whole runs of blocks at once and write
-   straight into the ``[layers, kv_heads, tokens, head_dim]`` outputs;
+5. dequantization runs over whole runs of blocks at once, straight into the
+   ``[layers, kv_heads, tokens, head_dim]`` outputs: one Triton pass without a transform,
+   batched torch operations (the exact float64 basis products) with one;
 6. meanwhile host threads check every substream's CRC-32 (zlib releases the GIL); one
    device-to-host copy of the status words at the end raises what the per-substream path
    raises, naming the substream.

@@ -25,8 +25,8 @@ Two entropy back ends give identical tensors (tests and
 
 ``auto`` picks ``numba`` (entropy decoding on the host, dequantization on ``device``), the
 path that needs neither triton nor a GPU. On an H100 ``triton`` decoded a 4,096-token
-8B-shaped chunk in 37.5 ms against numba's hundreds of MB/s per core (benchmarks/RESULTS.md,
-"GPU (H100)"): pass ``backend="triton"`` on a GPU. Streams of the other coders (lossless,
+8B-shaped chunk in 26.7 ms (20 GB/s) against numba's hundreds of MB/s per core
+(benchmarks/RESULTS.md, "GPU (H100)"): pass ``backend="triton"`` on a GPU. Streams of the other coders (lossless,
 coder 2) always take the per-substream path.
 """
 
@@ -79,8 +79,8 @@ def decode_layers(
         threads: numba back end: worker threads.
         batch_layers: torch and triton back ends: layers decoded per batch (default: 2 for torch;
             every layer for triton, whose one program per substream runs as long for one
-            layer as for all of them: on an H100 a 4,096-token 8B chunk took 421 ms one layer
-            a group and 65 ms as one group).
+            layer as for all of them: on an H100 a 4,096-token 8B chunk took 312 ms one layer
+            a group and 27 ms as one group).
         allow_trailing: accept bytes after the last substream.
         profile: for a transform-coded stream whose profile is not shipped (see ``api.decode``).
 
