@@ -175,7 +175,7 @@ def check(device: str, kv_path: str | None) -> int:
         if encode(k.to(device), v.to(device), level=level, token_block=block) != blob:
             failures.append(f"{name}: encoding {device} tensors gives other bytes than CPU tensors")
         ref = decode(blob, backend="numba")
-        for backend in ("numba", "torch"):
+        for backend in ("numba", "torch", "auto"):  # auto: triton on CUDA when installed
             got = decode(blob, device=device, backend=backend)
             if not (_equal(got.keys, ref.keys) and _equal(got.values, ref.values)):
                 failures.append(f"{name}: decode on {device} with {backend} differs from the CPU numba decode")

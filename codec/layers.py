@@ -23,11 +23,11 @@ Two entropy back ends give identical tensors (tests and
   with :mod:`kvcodec.codec.rans_triton`'s fused kernel. Needs triton (the ``gpu`` extra)
   and a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU.
 
-``auto`` picks ``numba`` (entropy decoding on the host, dequantization on ``device``), the
-path that needs neither triton nor a GPU. On an H100 ``triton`` decoded a 4,096-token
-8B-shaped chunk in 26.7 ms (20 GB/s) against numba's hundreds of MB/s per core
-(benchmarks/RESULTS.md, "GPU (H100)"): pass ``backend="triton"`` on a GPU. Streams of the other coders (lossless,
-coder 2) always take the per-substream path.
+``auto`` picks ``triton`` on a CUDA device when triton is installed, ``numba`` otherwise
+(entropy decoding on the host, dequantization on ``device``; the path that needs neither
+triton nor a GPU). On an H100 ``triton`` decoded a 4,096-token 8B-shaped chunk in 26.7 ms
+(20 GB/s) against numba's hundreds of MB/s per core (benchmarks/RESULTS.md, "GPU (H100)").
+Streams of the other coders (lossless, coder 2) always take the per-substream path.
 """
 
 from __future__ import annotations
@@ -46,14 +46,27 @@ BACKENDS = ("auto", "numba", "torch", "triton")
 
 
 def resolve_backend(name: str, device, coder: int) -> str:
-    """The entropy back end that decodes a stream of ``coder`` on ``device``."""
+    """The entropy back end that decodes a stream of ``coder`` on ``device``: ``auto`` is
+    ``triton`` for coder-3 streams on a CUDA device when triton is installed, else ``numba``."""
     if name not in BACKENDS:
         raise InvalidInput(f"backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if coder != container.CODER_RANS:
         return "numba"
+    if name == "auto":
+        return "triton" if _triton_on_cuda(device) else "numba"
     if name == "triton":
         rans_triton.check_usable(device)
-    return "numba" if name == "auto" else name
+    return name
+
+
+def _triton_on_cuda(device) -> bool:
+    if device is None or torch.device(device).type != "cuda" or not rans_triton.available():
+        return False
+    try:
+        rans_triton.check_usable(device)
+    except InvalidInput:  # triton imported in interpreter mode in this process
+        return False
+    return True
 
 
 def decode_layers(

@@ -172,3 +172,21 @@ def test_whole_module_in_subprocess_when_triton_was_imported_first():
 def test_encoder_kernel_compiles_for_cuda_without_a_gpu(capability, tmp_path):
     cubin_bytes, global_stores = compile_without_gpu("rans_encode", capability, tmp_path, "st.global")
     assert cubin_bytes > 1000 and global_stores > 0
+
+
+def test_auto_backend_is_triton_only_on_cuda(monkeypatch):
+    from kvcodec.codec import container, layers
+
+    rans = container.CODER_RANS
+    assert layers.resolve_backend("auto", "cpu", rans) == "numba"
+    assert layers.resolve_backend("auto", None, rans) == "numba"
+    monkeypatch.setattr(rans_triton, "available", lambda: True)
+    monkeypatch.setattr(rans_triton, "check_usable", lambda device: None)  # as on a CUDA machine with triton
+    assert layers.resolve_backend("auto", "cuda", rans) == "triton"
+    assert layers.resolve_backend("auto", "cuda", container.CODER_ANS) == "numba"  # coder 2: host only
+
+    def unusable(device):
+        raise InvalidInput("backend 'triton': interpreter mode")
+
+    monkeypatch.setattr(rans_triton, "check_usable", unusable)
+    assert layers.resolve_backend("auto", "cuda", rans) == "numba"
