@@ -42,7 +42,7 @@ import torch
 from kvcodec.codec import container, rans, rans_triton
 from kvcodec.codec.container import Header, Layout
 from kvcodec.codec.entropy import NUM_CLASSES
-from kvcodec.codec.errors import CorruptStream
+from kvcodec.codec.errors import CorruptStream, LimitExceeded
 from kvcodec.codec.transform import SCALE_BITS, rotate
 
 _ENDIAN = {2: "<i2", 4: "<i4"}
@@ -225,7 +225,11 @@ def _decode(data, layout: Layout, layers, sids, device, dtype):
     fields = _parse(buf, h, base[order], stop[order], order, errors) if len(order) else None
     errors.raise_first()
 
-    kv = torch.empty((2, n_layers, heads, h.tokens, dim), dtype=dtype, device=device)
+    try:
+        kv = torch.empty((2, n_layers, heads, h.tokens, dim), dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
+        raise LimitExceeded(f"output: cannot allocate 2 x {[n_layers, heads, h.tokens, dim]} {dtype} "
+                            f"({type(exc).__name__})") from None
     _raw_tokens(buf, h, offs, block, kv, dtype, errors)
     if fields is None:
         errors.raise_first()

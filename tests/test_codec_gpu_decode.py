@@ -135,6 +135,50 @@ def test_damage_is_reported_like_numba():
         decode(bytes(damaged), backend="triton")
 
 
+@in_process
+def test_fuzzed_payloads_fail_or_decode_like_numba(profiles):
+    """Random damage inside substream payloads (CRCs made valid again, so it reaches the parsers
+    and kernels): the grouped decoder accepts exactly what numba accepts, with the same
+    tensors, and raises only codec errors."""
+    import random
+
+    from kvcodec.codec.errors import KVCodecError
+
+    k, v = _kv(7, TOKENS)
+    prof = profiles["head+prior"]
+    seeds = [(encode(k, v, level=level, token_block=16, sink_tokens=2, profile=p), p)
+             for level, p in (("balanced", None), ("compact", prof))]
+    rng = random.Random(20261123)
+    outcomes = []
+    for _ in range(6):  # ~10 s each in the interpreter
+        blob, p = rng.choice(seeds)
+        sid = rng.randrange(container.parse(blob).header.n_substreams)
+
+        def damage(payload):
+            for _ in range(rng.choice([1, 1, 2, 3])):
+                at = rng.randrange(len(payload))
+                if rng.random() < 0.3 and at + 4 <= len(payload):
+                    payload[at : at + 4] = rng.choice([0, 1, 255, 65535, 1 << 20, 2**32 - 1]).to_bytes(4, "little")
+                else:
+                    payload[at] = rng.randrange(256)
+            return bytes(payload)
+
+        data = _repack(blob, sid, damage)
+        results = []
+        for backend in ("numba", "triton"):
+            try:
+                results.append(decode(data, profile=p, backend=backend))
+            except KVCodecError as exc:
+                results.append(type(exc))
+        ref, got = results
+        if isinstance(ref, type) or isinstance(got, type):
+            assert ref is got, (sid, ref, got)
+        else:
+            assert _same(got.keys, ref.keys) and _same(got.values, ref.values), sid
+        outcomes.append(isinstance(ref, type))
+    assert any(outcomes)  # damage was found
+
+
 def test_whole_module_in_subprocess_when_triton_was_imported_first():
     if not _PREIMPORTED:
         pytest.skip("triton runs in the interpreter in this process; the tests above ran here")
