@@ -303,8 +303,12 @@ class BandwidthEstimator:
 
 
 def calibrate_decode(levels: Sequence[str] | None = None, tokens: int = 256,
-                     layers: int = 4, kv_heads: int = 3, head_dim: int = 64, profile="known") -> dict[str, float]:
+                     layers: int = 4, kv_heads: int = 3, head_dim: int = 64, profile="known",
+                     device=None) -> dict[str, float]:
     """Measure this machine's decode speed (KV elements/s) per level on synthetic KV.
+
+    ``device``: where the KV is decoded to (default: the first CUDA device if there is one,
+    where ``backend="auto"`` decodes with triton when it is installed, else the CPU).
 
     With ``profile="known"`` (default) the KV takes the shape of the first known profile with a
     transform (kvcodec ships SmolLM2's) and is coded with it: streams of calibrated models decode
@@ -327,11 +331,15 @@ def calibrate_decode(levels: Sequence[str] | None = None, tokens: int = 256,
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(layers, kv_heads, tokens, head_dim, generator=gen).half()
     values = torch.randn(layers, kv_heads, tokens, head_dim, generator=gen).half()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict[str, float] = {}
     for level in levels or LEVELS:
         blob = encode(keys, values, level=level, model="calibration", profile=profile)
-        decode(blob, profile=profile)  # warm-up
+        decode(blob, profile=profile, device=device)  # warm-up (and the kernels' compilation)
         t0 = time.perf_counter()
-        decode(blob, profile=profile)
+        decode(blob, profile=profile, device=device)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         out[level] = 2 * keys.numel() / max(time.perf_counter() - t0, 1e-9)
     return out
