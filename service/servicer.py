@@ -225,6 +225,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
                     self._alive(context)
             except grpc.RpcError:  # the client went away mid-stream
                 raise CallAbandoned() from None
+            # a cancelled call can end the request stream early: report the cancel, not the
+            # half-sent chunk it leaves behind
+            self._alive(context)
             staged = assembler.finish()
             self._alive(context)  # nothing is written for a cancelled or expired call
             results = self._commit(info["tenant"], staged)
