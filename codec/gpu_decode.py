@@ -4,8 +4,8 @@ The per-substream path (:func:`kvcodec.codec.layers._decode_batch`) parses every
 on the host and dequantizes it with its own tensor operations: about 0.7 ms of Python per
 substream, so a 4,096-token 8B-shaped chunk (1,024 substreams) took 0.76 s on an H100 machine,
 almost all of it on the host (benchmarks/RESULTS.md, "GPU (H100)"; this path: 26.7 ms, 16.5 ms
-with the stream in pinned memory). Here the host work of
-a group of layers is a fixed number of numpy operations over all its substreams:
+with the stream in pinned memory). Here the host work of a group of layers is a fixed number
+of numpy operations over all its substreams:
 
 1. the fixed fields of every substream (steps, side-information and escape counts, word
    ranges) are read by vectorised gathers from the stream's bytes and checked as
