@@ -16,9 +16,12 @@ into blocks of ``token_block`` tokens.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from kvcodec.codec.errors import (
     ChecksumMismatch,
@@ -158,17 +161,22 @@ class Layout:
 
 
 _PARALLEL_CRC_BYTES = 8 << 20  # below this, threads cost more than they save
-_CRC_THREADS = 4  # zlib.crc32 releases the GIL; on a 16-core H100 host 4 threads were fastest
+# zlib.crc32 releases the GIL, but on the H100 machine's 16-core host a 104 MB stream took
+# 45 ms on 1 thread, 18 ms on 4, 26 ms on 8 and 53 ms on 16 (benchmarks/RESULTS.md)
+CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+@lru_cache(maxsize=1)
+def crc_pool() -> ThreadPoolExecutor:
+    """The threads that checksum large streams (shared by the encoder and the grouped decoder)."""
+    return ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="kvcodec-crc")
 
 
 def crc32_many(parts: list[bytes | memoryview]) -> list[int]:
-    """:func:`crc32` of each part; large totals on a few threads."""
+    """:func:`crc32` of each part; large totals on :func:`crc_pool`."""
     if sum(len(p) for p in parts) < _PARALLEL_CRC_BYTES:
         return [crc32(p) for p in parts]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(_CRC_THREADS) as pool:
-        return list(pool.map(crc32, parts, chunksize=max(1, len(parts) // (4 * _CRC_THREADS))))
+    return list(crc_pool().map(crc32, parts, chunksize=max(1, len(parts) // (4 * CRC_THREADS))))
 
 
 def pack(header: Header, payloads: list[bytes]) -> bytes:

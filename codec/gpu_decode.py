@@ -30,11 +30,8 @@ exact integers in float64, whatever the batching). Streams without packed side i
 
 from __future__ import annotations
 
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -46,22 +43,11 @@ from kvcodec.codec.errors import CorruptStream, LimitExceeded
 from kvcodec.codec.transform import SCALE_BITS, rotate
 
 _ENDIAN = {2: "<i2", 4: "<i4"}
-_INT_VIEW = {2: torch.int16, 4: torch.int32}
 
 
 def supports(h: Header) -> bool:
     """Whether streams with this header take this path (quantized coder 3, packed side information)."""
     return h.coder == container.CODER_RANS and h.packed_side
-
-
-# zlib.crc32 releases the GIL, but on the H100 machine's 16-core host a 104 MB stream took
-# 45 ms on 1 thread, 18 ms on 4, 26 ms on 8 and 53 ms on 16 (benchmarks/RESULTS.md)
-_CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-@lru_cache(maxsize=1)
-def _crc_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="kvcodec-crc")
 
 
 def _check_crcs(data, layout: Layout, sids: np.ndarray) -> None:
@@ -186,7 +172,8 @@ def decode_group(data, layout: Layout, layers: list[int], device, dtype) -> tupl
     blocks = h.blocks_per_tensor
     sids = ((np.asarray(layers, dtype=np.int64)[:, None, None] * 2 + np.arange(2)[None, :, None]) * blocks
             + np.arange(blocks)[None, None, :]).reshape(-1)  # [layer, kind, block] order
-    crcs = [_crc_pool().submit(_check_crcs, data, layout, part) for part in np.array_split(sids, _CRC_THREADS)]
+    crcs = [container.crc_pool().submit(_check_crcs, data, layout, part)
+            for part in np.array_split(sids, container.CRC_THREADS)]
 
     def checked_crcs() -> None:
         for f in crcs:
