@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcodec.codec import container, device_encode, gpu_decode, substream
+from kvcodec.codec import container, device_encode, gpu_decode, rans_triton, substream
 from kvcodec.codec.container import DecodeLimits, Header, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, MissingProfile
 from kvcodec.codec.kvfile import check_kv
@@ -187,9 +187,7 @@ def encode(
     """
     check_kv(keys, values)
     if backend == "auto":
-        from kvcodec.codec import layers as _layers  # layers imports this module
-
-        backend = "triton" if _layers._triton_on_cuda(keys.device) else "numba"
+        backend = "triton" if rans_triton.runs_on_cuda(keys.device) else "numba"
     with _cpu_threads(keys.device), entropy_encoder(backend, keys.device):  # device coders: this thread only
         return _encode(
             keys, values, level, model, first_position, token_block, sink_tokens, profile, progress,

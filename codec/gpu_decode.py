@@ -224,11 +224,10 @@ def _decode(data, layout: Layout, layers, sids, device, dtype):
 
     lo = int(offs.min())
     words = _upload(buf, lo, int(stop.max()), device)
-    side_rows, side_status = _decode_side(words, fields, lo, channels, device)
+    side_rows, side_status, side_n = _decode_side(words, fields, lo, channels, device)
     classes, centres, flags = _side_values(layout, layers, order, fields, side_rows, device)
     deltas, main_status, n = _decode_deltas(words, fields, lo, classes, tq[order], channels, device)
-    report = torch.cat([side_status.reshape(len(order), -1), main_status.reshape(len(order), -1),
-                        flags[:, None], n[:, None]], dim=1).cpu().numpy()
+    report = torch.cat([side_status, side_n[:, None], main_status, flags[:, None], n[:, None]], dim=1).cpu().numpy()
     _report(report, fields, lo, order, errors)
     errors.raise_first()
     _dequantize(layout, layers, runs, fields.steps, centres, deltas, kv, dtype)
@@ -258,8 +257,10 @@ def _raw_tokens(buf, h: Header, offs, block, kv: torch.Tensor, dtype, errors: _E
     Checked and moved as integers on the host (a torch operation on the CPU would wake its
     thread pool, which then competes with the CRC threads); converted on the device.
     """
+    from kvcodec.codec.api import _TORCH_DTYPES  # api imports this module
+
     width = container.DTYPE_BYTES[h.dtype]
-    stored = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[h.dtype]
+    stored = _TORCH_DTYPES[h.dtype]
     n_layers = kv.shape[1]
     exponent = _EXPONENT[h.dtype]
     for b in range(h.blocks_per_tensor):
@@ -277,7 +278,7 @@ def _raw_tokens(buf, h: Header, offs, block, kv: torch.Tensor, dtype, errors: _E
 
 
 def _decode_side(words: torch.Tensor, f: _Fields, lo: int, channels: int, device):
-    """One launch: every substream's two side rows, int32 ``[N, 2, C]``, and the status."""
+    """One launch: every substream's two side rows, int32 ``[N, 2, C]``; status; symbols."""
     size = len(f.steps)
     t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in (
         ("begin", (f.side_words - lo) // 2), ("count", f.side_word_count), ("esc", (f.side_esc - lo) // 2),
@@ -290,8 +291,7 @@ def _decode_side(words: torch.Tensor, f: _Fields, lo: int, channels: int, device
                               rans_triton.lanes_of(n), tokens, cls.reshape(-1), row.reshape(-1), 2 * step,
                               2 * channels * step)
     rows = torch.zeros(size * 2 * channels + 1, dtype=torch.int32, device=device)
-    status = rans_triton.launch(batch, rows)
-    return (rows[:-1].reshape(size, 2, channels), torch.cat([status, n[:, None]], dim=1))
+    return rows[:-1].reshape(size, 2, channels), rans_triton.launch(batch, rows), n
 
 
 def _side_values(layout: Layout, layers, order, f: _Fields, rows: torch.Tensor, device):
@@ -338,15 +338,13 @@ def _report(report: np.ndarray, f: _Fields, lo: int, order, errors: _Errors) -> 
     s = rans_triton.STATUS
     side, side_n = report[:, :s], report[:, s]
     main, flags, n = report[:, s + 1 : 2 * s + 1], report[:, 2 * s + 1], report[:, 2 * s + 2]
-    side_code = rans_triton.status_codes(side, (f.side_words - lo) // 2 + f.side_word_count, f.side_esc_count)
-    side_code[side_n == 0] = np.where(f.side_word_count + f.side_esc_count > 0, 2, 0)[side_n == 0]
+    side_code = rans_triton.status_codes(side, (f.side_words - lo) // 2 + f.side_word_count, f.side_esc_count,
+                                         side_n, f.side_word_count + f.side_esc_count)
     errors.add(side_code > 0, order,
                lambda i: f"side information: entropy payload: {rans._ERRORS[int(side_code[i])]}")
     errors.add(flags == 1, order, lambda i: f"classes: decoded class outside 0..{NUM_CLASSES}")
     errors.add(flags == 2, order, lambda i: "centres: decoded centre outside int16")
-    n_words = (f.stop - f.words) // 2
-    code = rans_triton.status_codes(main, (f.stop - lo) // 2, f.esc_count)
-    code[n == 0] = np.where(n_words + f.esc_count > 0, 2, 0)[n == 0]
+    code = rans_triton.status_codes(main, (f.stop - lo) // 2, f.esc_count, n, (f.stop - f.words) // 2 + f.esc_count)
     errors.add(code > 0, order, lambda i: f"entropy payload: {rans._ERRORS[int(code[i])]}")
 
 
@@ -361,13 +359,13 @@ def _dequantize(layout: Layout, layers, runs: list[_Run], steps: np.ndarray, cen
         nb, tq = len(run.blocks), run.tokens
         count = n_layers * 2 * nb
         d = deltas[pos : pos + count * channels * tq].view(n_layers, 2, nb, channels, tq)
-        c = centres[row : row + count].view(n_layers, 2, nb, channels, 1)
+        c = centres[row : row + count]  # [L * 2 * nb, C]
         st = steps[row : row + count].reshape(n_layers, 2, nb, heads)
         start = run.blocks[0] * h.token_block + run.n_raw
         if h.transformed:
-            _transform_run(layout, layers, run, d, c, st, kv, start, dtype)
+            _transform_run(layout, layers, run, d, c.view(n_layers, 2, nb, channels, 1), st, kv, start, dtype)
         else:  # one fused pass straight into kv
-            _fused_dequantize(d, centres[row : row + count], st, kv, start, torch.finfo(dtype))
+            _fused_dequantize(d, c, st, kv, start, torch.finfo(dtype))
         row += count
         pos += count * channels * tq
 

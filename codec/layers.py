@@ -53,20 +53,11 @@ def resolve_backend(name: str, device, coder: int) -> str:
     if coder != container.CODER_RANS:
         return "numba"
     if name == "auto":
-        return "triton" if _triton_on_cuda(device) else "numba"
+        return "triton" if rans_triton.runs_on_cuda(device) else "numba"
     if name == "triton":
         rans_triton.check_usable(device)
     return name
 
-
-def _triton_on_cuda(device) -> bool:
-    if device is None or torch.device(device).type != "cuda" or not rans_triton.available():
-        return False
-    try:
-        rans_triton.check_usable(device)
-    except InvalidInput:  # triton imported in interpreter mode in this process
-        return False
-    return True
 
 
 def decode_layers(

@@ -76,6 +76,18 @@ NUM_WARPS = 1  # one program holds one substream's 32 lanes: one warp
 STATUS = 5  # status words per program: final word position, overrun, escapes read, bad states, short
 
 
+def runs_on_cuda(device) -> bool:
+    """Whether ``device`` is a CUDA device the compiled kernel can run on (what ``backend="auto"``
+    picks triton for): triton is installed and was not imported in interpreter mode."""
+    if device is None or torch.device(device).type != "cuda" or not available():
+        return False
+    try:
+        check_usable(device)
+    except InvalidInput:
+        return False
+    return True
+
+
 def _constexprs() -> dict[str, int]:
     return {"PROB_BITS": rans.PROB_BITS, "LANES": rans.LANES, "STATE_LOW": rans.STATE_LOW, "STATUS": STATUS}
 
@@ -204,13 +216,17 @@ def launch(batch: Batch, out: torch.Tensor) -> torch.Tensor:
     return status
 
 
-def status_codes(status: np.ndarray, word_end: np.ndarray, esc_count: np.ndarray) -> np.ndarray:
-    """The numba decoder's error code (``rans._ERRORS``; 0: fine) of every program, from its status row."""
+def status_codes(status: np.ndarray, word_end: np.ndarray, esc_count: np.ndarray, n: np.ndarray,
+                 leftover: np.ndarray) -> np.ndarray:
+    """The numba decoder's error code (``rans._ERRORS``; 0: fine) of every program, from its status
+    row; ``n``: its symbols; ``leftover``: its words plus escapes (a program with no symbols to
+    decode may have none)."""
     ptr, overrun, n_esc, bad_states, short = (status[:, i] for i in range(STATUS))
     code = np.zeros(len(status), dtype=np.int64)
     for value, failed in ((3, bad_states != 0), (5, n_esc < esc_count), (4, n_esc > esc_count),
                           (2, ptr != word_end), (1, overrun != 0), (6, short != 0)):  # the last set wins
         code[failed] = value
+    code[n == 0] = np.where(leftover[n == 0] > 0, 2, 0)
     return code
 
 
@@ -253,13 +269,12 @@ def decode_symbols(subs: list[Substream], device=None) -> list[torch.Tensor]:
     cls, row, coded = coded_rows(dev["classes"])
     n = coded * dev["tokens"]
     word_end = dev["begin"] + dev["sizes"][:, 0]
-    batch = Batch(dev["buf"], dev["begin"], word_end, word_end, dev["sizes"][:, 1].contiguous(), n, lanes_of(n), dev["tokens"], cls.reshape(-1), row.reshape(-1),
+    batch = Batch(dev["buf"], dev["begin"], word_end, word_end, dev["sizes"][:, 1].contiguous(), n, lanes_of(n),
+                  dev["tokens"], cls.reshape(-1), row.reshape(-1),
                   torch.arange(len(subs), device=device, dtype=torch.int64) * width, dev["out_off"])
     out = torch.zeros(int(out_off[-1]) + 1, dtype=torch.int32, device=device)
     status = launch(batch, out).cpu().numpy()
-    n_host = n.cpu().numpy()
-    code = status_codes(status, begin + sizes[:, 0], sizes[:, 1])
-    code[n_host == 0] = np.where(sizes[n_host == 0].sum(axis=1) > 0, 2, 0)  # nothing to decode: nothing may be left
+    code = status_codes(status, begin + sizes[:, 0], sizes[:, 1], n.cpu().numpy(), sizes.sum(axis=1))
     bad = np.nonzero(code)[0]
     if len(bad):
         raise CorruptStream(f"batch item {bad[0]}: entropy payload: {rans._ERRORS[int(code[bad[0]])]}")
@@ -267,4 +282,4 @@ def decode_symbols(subs: list[Substream], device=None) -> list[torch.Tensor]:
 
 
 __all__ = ["NUM_WARPS", "STATUS", "Batch", "available", "check_usable", "coded_rows", "compile_for", "decode_symbols",
-           "lanes_of", "launch", "status_codes"]
+           "lanes_of", "launch", "runs_on_cuda", "status_codes"]
