@@ -145,7 +145,7 @@ def render(rows: list[dict]) -> str:
         out.append([
             r["text"], r["method"], f"{r['bits_per_element']:.3f}", f"{r['ratio_vs_fp16']:.2f}",
             f"{r['ppl_change_pct']:+.2f}%", f"{r['agree_pct']:.1f}%",
-            f"{r['side_info_pct']:.1f}%" if "side_info_pct" in r else "",
+            f"{r['side_info_pct']:.2f}%" if "side_info_pct" in r else "",
             f"{r['encode_mb_s']:.0f}" if "encode_mb_s" in r else "",
             f"{r['decode_mb_s']:.0f}" if "decode_mb_s" in r else "",
         ])

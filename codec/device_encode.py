@@ -41,7 +41,7 @@ from kvcodec.codec import entropy, substream
 from kvcodec.codec.container import Header
 from kvcodec.codec.quantize import block_rms, segment_sum
 from kvcodec.codec.rans_encode import encode_flat_batch
-from kvcodec.codec.sideprior import SidePrior
+from kvcodec.codec.sideprior import SidePrior, choose_side
 from kvcodec.codec.transform import Transform, snap_scales
 
 # K+V elements coded per group of layers (bounds device memory at ~40 bytes an element)
@@ -129,7 +129,7 @@ def encode_payloads(
         quant = None
         if segments.blocks:
             quant = _quantize(x[..., header.raw_tokens :, :].float(), ids, header, segments, step_rules, transforms,
-                              backend)
+                              backend, priors)
         sides = _sides(header, quant, ids, priors) if quant is not None else None
         for g in range(len(ids)):
             for kind in (0, 1):
@@ -163,7 +163,7 @@ def _host_ints(x: torch.Tensor) -> np.ndarray:
     return x.contiguous().view(_INT_VIEW[x.dtype]).cpu().numpy()
 
 
-def _quantize(xq, ids, header, segments, step_rules, transforms, backend) -> _Quantized:
+def _quantize(xq, ids, header, segments, step_rules, transforms, backend, priors=None) -> _Quantized:
     """Steps, symbols, centres, classes and the entropy-coded words of a group's quantized region."""
     trs = [[transforms(layer, bool(kind)) for kind in (0, 1)] for layer in ids]
     first = header.first_position + header.raw_tokens
@@ -180,8 +180,32 @@ def _quantize(xq, ids, header, segments, step_rules, transforms, backend) -> _Qu
     centers, deltas, kmax, abs_sums = segment_channel_deltas(q, segments)
     n = np.array(segments.counts, dtype=np.int64)
     classes = entropy.scale_classes(abs_sums, kmax, n[None, None, :, None])
+    if priors is not None and header.packed_side:
+        centers, classes = _choose_sides(deltas, centers, classes, steps, ids, priors, segments)
     coded = _entropy_code(deltas, classes, segments, backend)
     return _Quantized(steps, centers, classes, coded)
+
+
+def _choose_sides(deltas: torch.Tensor, centers, classes, steps, ids, priors, segments: _Segments):
+    """:func:`kvcodec.codec.sideprior.choose_side` for every substream with a prior, as
+    ``encode_quantized`` makes it; shifts the device ``deltas`` to the chosen centres in place.
+    Returns the chosen ``(centers, classes)``."""
+    g, kinds, heads, tq, dim = deltas.shape
+    centers, classes = centers.copy(), classes.copy()
+    shifts = np.zeros(centers.shape, dtype=np.int64)  # [G, 2, S, C]
+    for i, layer in enumerate(ids):
+        for k in (0, 1):
+            prior = priors(layer, bool(k))
+            if prior is None:
+                continue
+            rows = deltas[i, k].permute(0, 2, 1).reshape(heads * dim, tq).cpu().numpy()  # channel h * D + d
+            for s, (start, n) in enumerate(zip(segments.starts, segments.counts)):
+                centers[i, k, s], classes[i, k, s], shifts[i, k, s] = choose_side(
+                    rows[:, start : start + n], centers[i, k, s], classes[i, k, s], prior.predict(steps[i, k, s]))
+    if shifts.any():
+        by_token = torch.from_numpy(shifts).to(deltas.device).reshape(g, kinds, -1, heads, dim)[:, :, segments.seg]
+        deltas -= by_token.permute(0, 1, 3, 2, 4)  # [G, 2, Tq, H, D] -> [G, 2, H, Tq, D]
+    return centers, classes
 
 
 def _symbols(xq: torch.Tensor, steps: np.ndarray, trs, segments: _Segments) -> torch.Tensor:

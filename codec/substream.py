@@ -30,7 +30,7 @@ import zstandard
 from kvcodec.codec import entropy, rans
 from kvcodec.codec.errors import CorruptStream
 from kvcodec.codec.quantize import dequantize_block, quantize_block
-from kvcodec.codec.sideprior import SidePrior
+from kvcodec.codec.sideprior import SidePrior, choose_side
 from kvcodec.codec.transform import Transform
 
 ZSTD_LEVEL = 10
@@ -237,6 +237,9 @@ def encode_quantized(
         q = torch.round(rest / torch.from_numpy(steps).to(rest.device)[:, None, None]).to(torch.int32).cpu().numpy()
     centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
     classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
+    if packed and prior is not None:
+        centers, classes, shifts = choose_side(deltas, centers, classes, prior.predict(steps))
+        deltas = deltas - shifts[:, None].astype(deltas.dtype)
     words, escapes = rans.encode_deltas(deltas, classes)
     return b"".join((
         raw, pack_side(steps, centers, classes, packed, prior), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),

@@ -14,7 +14,8 @@ from kvcodec.codec import container, decode, decode_layer, decode_layers, encode
 from kvcodec.codec.entropy import NUM_CLASSES
 from kvcodec.codec.errors import InvalidInput, UnsupportedFormat
 from kvcodec.codec.profile import profile_from_json
-from kvcodec.codec.sideprior import SidePrior, fit_prior, quarter_octaves
+from kvcodec.codec.entropy import scale_classes
+from kvcodec.codec.sideprior import SidePrior, choose_side, fit_prior, quarter_octaves
 from kvcodec.client.calibrate import fit_side_priors
 from test_codec_transform import _kv, _profile
 
@@ -95,12 +96,67 @@ def test_a_wrong_prior_costs_bytes_not_correctness(profiles):
     assert torch.equal(out.keys, ref.keys) and torch.equal(out.values, ref.values)
 
 
-def test_device_encoder_writes_the_same_bytes(profiles):
+@pytest.mark.parametrize("token_block, sinks", [(256, 4), (16, 1), (7, 0)])
+def test_device_encoder_writes_the_same_bytes(profiles, token_block, sinks):
     _, fitted = profiles
     keys, values = _kv(3)
-    host = encode(keys, values, level="compact", model="tiny", profile=fitted)
-    device = encode(keys, values, level="compact", model="tiny", profile=fitted, backend="torch")
+    kw = dict(level="compact", model="tiny", profile=fitted, token_block=token_block, sink_tokens=sinks)
+    host = encode(keys, values, **kw)
+    device = encode(keys, values, backend="torch", **kw)
     assert device == host
+
+
+def _measured_side(deltas, centers, classes, predicted):
+    return np.asarray(centers, np.int64), np.asarray(classes, np.uint8), np.zeros(len(centers), np.int64)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_side_chosen_against_the_prior_shrinks_the_stream_and_changes_no_tensor(profiles, level, monkeypatch):
+    import kvcodec.codec.substream as substream
+
+    _, fitted = profiles
+    keys, values = _kv(4)
+    calls = []
+
+    def spy(deltas, centers, classes, predicted):
+        out = choose_side(deltas, centers, classes, predicted)
+        calls.append((np.array_equal(out[0], centers), np.array_equal(out[1], classes)))
+        return out
+
+    monkeypatch.setattr(substream, "choose_side", spy)
+    chosen = encode(keys, values, level=level, model="tiny", profile=fitted)
+    monkeypatch.setattr(substream, "choose_side", _measured_side)
+    measured = encode(keys, values, level=level, model="tiny", profile=fitted)
+    assert not all(same_cen for same_cen, _ in calls) and not all(same_cls for _, same_cls in calls)
+    ic, im = inspect(chosen), inspect(measured)
+    assert ic.side_info_bytes < im.side_info_bytes
+    # the choice minimises ideal code lengths; the coder rounds each substream to u16 words
+    assert ic.total_bytes <= im.total_bytes + 2 * container.parse(chosen).header.n_substreams
+    a, b = decode(chosen, profile=fitted), decode(measured, profile=fitted)
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_choose_side_weighs_symbol_bits_against_side_bits():
+    rng = np.random.default_rng(3)
+    few = rng.laplace(0, 3, (1, 8)).round().astype(np.int64)  # 8 symbols: the side symbol dominates
+    many = rng.laplace(0, 3, (1, 4096)).round().astype(np.int64)  # 4096: the symbols dominate
+    for deltas, expect_prior in ((few, True), (many, False)):
+        mean = np.abs(deltas).sum(axis=1)
+        measured = scale_classes(mean, np.abs(deltas).max(axis=1), deltas.shape[1]).astype(np.int64)
+        pred_cls, pred_cen = measured + 2, np.array([1])
+        cen, cls, shift = choose_side(deltas, np.array([0]), measured, (pred_cls, pred_cen))
+        assert cen[0] - shift[0] == 0  # the new centre minus the shift is the measured one: every value is kept
+        assert (cls[0] == pred_cls[0]) == expect_prior, cls
+    # symbols that sit as well on either centre take the predicted one (a side symbol of 0)
+    halfway = np.tile([0, 1], 8)[None].astype(np.int64)
+    measured = scale_classes(np.array([8]), np.array([1]), 16).astype(np.int64)
+    cen, cls, shift = choose_side(halfway, np.array([0]), measured, (measured, np.array([1])))
+    assert cen.tolist() == [1] and shift.tolist() == [1] and cls.tolist() == measured.tolist()
+    # a channel already at the prediction is left alone; class 0 only codes all-zero channels
+    zeros = np.zeros((2, 16), np.int64)
+    zeros[1, 3] = 5
+    cen, cls, shift = choose_side(zeros, np.array([0, 0]), np.array([0, 30]), (np.array([0, 0]), np.array([0, 0])))
+    assert cls.tolist()[0] == 0 and cls[1] > 0 and shift.tolist() == [0, 0]
 
 
 def test_priors_survive_the_file_and_bad_ones_are_named(profiles, tmp_path):
