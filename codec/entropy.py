@@ -45,14 +45,13 @@ RHO_Q20 = (
 )
 NUM_CLASSES = len(RHO_Q20)  # classes 1..NUM_CLASSES; 0 = all zero
 # Class boundaries: mean |d| between 2**((c-40)/4 - 1/8) and 2**((c-40)/4 + 1/8) -> class c.
-_BOUNDS = [2.0 ** ((c - 40) / 4 + 0.125) for c in range(1, NUM_CLASSES)]
-_BOUNDS_NP = np.array(_BOUNDS, dtype=np.float64)
+BOUNDS = np.array([2.0 ** ((c - 40) / 4 + 0.125) for c in range(1, NUM_CLASSES)], dtype=np.float64)
 
 
 def scale_classes(abs_sums: np.ndarray, kmax: np.ndarray, count: int) -> np.ndarray:
     """Pick each channel's scale class from its sum of ``|delta|`` over ``count`` symbols."""
     means = np.asarray(abs_sums, dtype=np.float64) / count  # the same float division as s / count
-    cls = 1 + np.searchsorted(_BOUNDS_NP, means, side="left")  # == bisect.bisect_left
+    cls = 1 + np.searchsorted(BOUNDS, means, side="left")  # == bisect.bisect_left
     return np.where(np.asarray(kmax) > 0, cls, 0).astype(np.uint8)
 
 

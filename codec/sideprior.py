@@ -150,32 +150,43 @@ def _row_cost(values, counts, shift, cls, esc, cost, limit):
 
 
 @njit(nogil=True, cache=True)
-def _histograms(deltas):
-    """Each channel's distinct symbols and their counts: ``(values [C, T], counts [C, T], n [C])``;
-    a channel too spread for a dense count keeps every symbol on its own."""
-    channels, tokens = deltas.shape
-    values = np.empty((channels, tokens), dtype=np.int64)
-    counts = np.empty((channels, tokens), dtype=np.int64)
-    sizes = np.empty(channels, dtype=np.int64)
-    for c in range(channels):
-        row = deltas[c]
+def _histograms(deltas, todo):
+    """The distinct symbols of each listed channel and their counts, flat:
+    ``(values, counts, starts)``, channel ``todo[i]``'s in ``starts[i]:starts[i + 1]``. A channel
+    with a symbol beyond ``±tokens`` keeps every symbol on its own (the costs are sums, so the
+    grouping changes no result)."""
+    tokens = deltas.shape[1]
+    # room for 32 distinct symbols a channel (a real channel has ~10), grown on demand
+    values = np.empty(len(todo) * 32 + tokens, dtype=np.int64)
+    counts = np.empty(len(values), dtype=np.int64)
+    starts = np.zeros(len(todo) + 1, dtype=np.int64)
+    # symbol x counts at [*, x + tokens], in four interleaved copies: increments of one bin
+    # in a row would each wait for the last (deltas are mostly a few values around 0)
+    dense = np.zeros((4, 2 * tokens + 1), dtype=np.int64)
+    for i in range(len(todo)):
+        row, at = deltas[todo[i]], starts[i]
+        if at + tokens > len(values):
+            values = np.concatenate((values, np.empty(len(values), dtype=np.int64)))
+            counts = np.concatenate((counts, np.empty(len(counts), dtype=np.int64)))
         lo, hi = row.min(), row.max()
-        if hi - lo >= tokens:
-            values[c] = row
-            counts[c] = 1
-            sizes[c] = tokens
+        if lo < -tokens or hi > tokens:
+            for t in range(tokens):
+                values[at + t] = row[t]
+                counts[at + t] = 1
+            starts[i + 1] = at + tokens
             continue
-        dense = np.zeros(hi - lo + 1, dtype=np.int64)
-        for x in row:
-            dense[x - lo] += 1
-        n = 0
-        for i in range(len(dense)):
-            if dense[i]:
-                values[c, n] = lo + i
-                counts[c, n] = dense[i]
+        for t in range(tokens):
+            dense[t & 3, row[t] + tokens] += 1
+        n = at
+        for x in range(lo + tokens, hi + tokens + 1):
+            k = dense[0, x] + dense[1, x] + dense[2, x] + dense[3, x]
+            if k:
+                values[n] = x - tokens
+                counts[n] = k
+                dense[0, x] = dense[1, x] = dense[2, x] = dense[3, x] = 0
                 n += 1
-        sizes[c] = n
-    return values, counts, sizes
+        starts[i + 1] = n
+    return values, counts, starts
 
 
 @njit(nogil=True, cache=True)
@@ -192,43 +203,90 @@ def _side_cost(diff, cls, esc, cost):
 
 
 @njit(nogil=True, cache=True)
-def _choose(values, counts, sizes, moved, centers, classes, pred_cls, pred_cen, side_cls, esc, cost, limit, tries):
-    """One pass: per channel the (class, centre) of least symbol + side cost, from the current
-    ``centers`` / ``classes`` (the channel's symbols are ``values - moved``); returns
-    ``(centres, classes, shifts)``."""
-    channels = len(centers)
-    out_cen = centers.copy()
-    out_cls = classes.copy()
+def _side_classes(cls, cen, pred_cls, pred_cen, bounds):
+    """:func:`kvcodec.codec.entropy.scale_classes` of the two side rows (class and centre
+    differences from the prediction): the same float division and ``bisect_left``."""
+    out = np.zeros(2, dtype=np.int64)
+    for r in range(2):
+        total = 0
+        peak = 0
+        for c in range(len(cls)):
+            d = abs(cls[c] - pred_cls[c]) if r == 0 else abs(cen[c] - pred_cen[c])
+            total += d
+            peak = max(peak, d)
+        if peak > 0:
+            out[r] = 1 + np.searchsorted(bounds, total / len(cls))
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _choose(deltas, centers, classes, pred_cls, pred_cen, bounds, esc, cost, limit, tries, passes):
+    """:func:`choose_side`'s passes: per channel the (class, centre) of least symbol + side cost.
+    Only channels whose class or centre differs from the prediction are looked at (a channel
+    that matches already costs no side bits and never moves)."""
+    channels = deltas.shape[0]
+    cen = centers.copy()
+    cls = classes.copy()
     shifts = np.zeros(channels, dtype=np.int64)
+    todo = np.empty(channels, dtype=np.int64)
+    n_todo = 0
     for c in range(channels):
-        if classes[c] == pred_cls[c] and centers[c] == pred_cen[c]:
-            continue  # both side symbols are already 0
-        n = sizes[c]
-        best = -1
-        for s in range(2):
-            shift = 0 if s == 0 else pred_cen[c] - centers[c]
-            if s == 1 and (shift == 0 or shift > 1 or shift < -1):
-                continue
-            side_cen = _side_cost(centers[c] + shift - pred_cen[c], side_cls[1], esc, cost)
-            for j in range(len(tries) + 2):
-                if j == 0:
-                    k = classes[c]
-                elif j == 1:
-                    k = pred_cls[c]
-                else:
-                    k = classes[c] + tries[j - 2]
-                if k < 0 or k > len(esc) - 1 or (j > 0 and k == classes[c]) or (j > 1 and k == pred_cls[c]):
+        if cls[c] != pred_cls[c] or cen[c] != pred_cen[c]:
+            todo[n_todo] = c
+            n_todo += 1
+    todo = todo[:n_todo]
+    values, counts, starts = _histograms(deltas, todo)
+    new_cen = cen.copy()
+    new_cls = cls.copy()
+    step = np.zeros(channels, dtype=np.int64)
+    # symbol costs of each channel's candidates (-1: cannot code), kept while the channel stays put
+    sym = np.empty((n_todo, 2, len(tries) + 2), dtype=np.int64)
+    known = np.zeros(n_todo, dtype=np.bool_)
+    for _ in range(passes):  # each pass prices the side symbols with the rows the last one left
+        side_cls = _side_classes(cls, cen, pred_cls, pred_cen, bounds)
+        changed = False
+        for i in range(n_todo):
+            c = todo[i]
+            new_cen[c], new_cls[c], step[c] = cen[c], cls[c], 0
+            if cls[c] == pred_cls[c] and cen[c] == pred_cen[c]:
+                continue  # both side symbols are already 0
+            best = -1
+            for s in range(2):
+                shift = 0 if s == 0 else pred_cen[c] - cen[c]
+                if s == 1 and (shift == 0 or shift > 1 or shift < -1):
                     continue
-                sym = _row_cost(values[c, :n], counts[c, :n], moved[c] + shift, k, esc, cost, limit)
-                if sym < 0:
-                    continue
-                total = sym + side_cen + _side_cost(k - pred_cls[c], side_cls[0], esc, cost)
-                if best < 0 or total < best:
-                    best = total
-                    out_cls[c] = k
-                    out_cen[c] = centers[c] + shift
-                    shifts[c] = shift
-    return out_cen, out_cls, shifts
+                side_cen = _side_cost(cen[c] + shift - pred_cen[c], side_cls[1], esc, cost)
+                for j in range(len(tries) + 2):
+                    if j == 0:
+                        k = cls[c]
+                    elif j == 1:
+                        k = pred_cls[c]
+                    else:
+                        k = cls[c] + tries[j - 2]
+                    if k < 0 or k > len(esc) - 1 or (j > 0 and k == cls[c]) or (j > 1 and k == pred_cls[c]):
+                        continue
+                    if not known[i]:
+                        a, b = starts[i], starts[i + 1]
+                        sym[i, s, j] = _row_cost(values[a:b], counts[a:b], shifts[c] + shift, k, esc, cost, limit)
+                    if sym[i, s, j] < 0:
+                        continue
+                    total = sym[i, s, j] + side_cen + _side_cost(k - pred_cls[c], side_cls[0], esc, cost)
+                    if best < 0 or total < best:
+                        best = total
+                        new_cls[c] = k
+                        new_cen[c] = cen[c] + shift
+                        step[c] = shift
+            known[i] = True
+            if new_cls[c] != cls[c] or new_cen[c] != cen[c]:
+                changed = True
+        if not changed:
+            break
+        for i in range(n_todo):
+            c = todo[i]
+            if new_cls[c] != cls[c] or new_cen[c] != cen[c]:
+                known[i] = False
+            cen[c], cls[c], shifts[c] = new_cen[c], new_cls[c], shifts[c] + step[c]
+    return cen, cls, shifts
 
 
 def choose_side(
@@ -255,17 +313,7 @@ def choose_side(
         information; the deltas to code are ``deltas - shifts[:, None]``.
     """
     pred_cls, pred_cen = (np.asarray(p, dtype=np.int64) for p in predicted)
-    cen = np.asarray(centers, dtype=np.int64)
-    cls = np.asarray(classes, dtype=np.int64)
-    values, counts, sizes = _histograms(np.ascontiguousarray(deltas, dtype=np.int64))
-    shifts = np.zeros(len(cen), dtype=np.int64)
-    for _ in range(_PASSES):  # each pass prices the side symbols with the rows the last one left
-        rows = np.abs(np.stack([cls - pred_cls, cen - pred_cen]))
-        side_cls = entropy.scale_classes(rows.sum(axis=1), rows.max(axis=1, initial=0), rows.shape[1])
-        new_cen, new_cls, step = _choose(values, counts, sizes, shifts, cen, cls, pred_cls, pred_cen,
-                                         side_cls.astype(np.int64), _ESC, COST, rans.MAX_ESCAPE_MAGNITUDE,
-                                         _CLASS_SHIFTS)
-        if np.array_equal(new_cen, cen) and np.array_equal(new_cls, cls):
-            break
-        cen, cls, shifts = new_cen, new_cls, shifts + step
+    cen, cls, shifts = _choose(np.ascontiguousarray(deltas), np.asarray(centers, dtype=np.int64),
+                               np.asarray(classes, dtype=np.int64), pred_cls, pred_cen, entropy.BOUNDS,
+                               _ESC, COST, rans.MAX_ESCAPE_MAGNITUDE, _CLASS_SHIFTS, _PASSES)
     return cen, cls.astype(np.uint8), shifts

@@ -15,7 +15,7 @@ from kvcodec.codec.entropy import NUM_CLASSES
 from kvcodec.codec.errors import InvalidInput, UnsupportedFormat
 from kvcodec.codec.profile import profile_from_json
 from kvcodec.codec.entropy import scale_classes
-from kvcodec.codec.sideprior import SidePrior, choose_side, fit_prior, quarter_octaves
+from kvcodec.codec.sideprior import SidePrior, _histograms, choose_side, fit_prior, quarter_octaves
 from kvcodec.client.calibrate import fit_side_priors
 from test_codec_transform import _kv, _profile
 
@@ -157,6 +157,22 @@ def test_choose_side_weighs_symbol_bits_against_side_bits():
     zeros[1, 3] = 5
     cen, cls, shift = choose_side(zeros, np.array([0, 0]), np.array([0, 30]), (np.array([0, 0]), np.array([0, 0])))
     assert cls.tolist()[0] == 0 and cls[1] > 0 and shift.tolist() == [0, 0]
+
+
+def test_choose_side_histograms_keep_every_symbol():
+    """The per-channel histograms choose_side prices candidates on: narrow channels, channels
+    with symbols beyond ±tokens (kept one by one), and enough distinct symbols to grow the buffer."""
+    rng = np.random.default_rng(5)
+    tokens = 64
+    deltas = rng.laplace(0, 1, (40, tokens)).round().astype(np.int32)
+    deltas[3, 7] = tokens + 1  # wide: kept symbol by symbol
+    deltas[4, 0] = -tokens - 9
+    deltas[5:25] = rng.integers(-tokens, tokens + 1, (20, tokens))  # ~50 distinct symbols each
+    todo = np.array([0, 3, 4, *range(5, 25), 39], dtype=np.int64)
+    values, counts, starts = _histograms(deltas, todo)
+    for i, c in enumerate(todo):
+        v, n = values[starts[i]:starts[i + 1]], counts[starts[i]:starts[i + 1]]
+        assert sorted(np.repeat(v, n).tolist()) == sorted(deltas[c].tolist()), c
 
 
 def test_priors_survive_the_file_and_bad_ones_are_named(profiles, tmp_path):
