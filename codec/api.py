@@ -27,7 +27,7 @@ from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, Mis
 from kvcodec.codec.kvfile import check_kv
 from kvcodec.codec.levels import DEFAULT_LEVEL, MODE_LOSSLESS, Level, get_level, level_by_id
 from kvcodec.codec.profile import Profile, builtin_profile, builtin_profile_by_digest, load_profile
-from kvcodec.codec.quantize import finalize_steps, head_rms
+from kvcodec.codec.quantize import all_finite, finalize_steps, head_rms
 from kvcodec.codec.rans_encode import entropy_encoder
 from kvcodec.codec.substream import StepRule
 
@@ -265,7 +265,7 @@ def _check_finite(keys: torch.Tensor, values: torch.Tensor, threads: int) -> Non
     """Refuse NaN/Inf for the lossy levels; layers are checked on ``threads`` threads."""
     for name, t in (("keys", keys), ("values", values)):
         with ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
-            finite = all(pool.map(lambda layer: bool(torch.isfinite(layer).all()), t))
+            finite = all(pool.map(all_finite, t))
         if not finite:  # all() is 3x cheaper than counting; count only to report
             bad = int((~torch.isfinite(t)).sum())
             raise InvalidInput(f"{name}: {bad} non-finite values (NaN/Inf); only level lossless keeps them")

@@ -21,6 +21,7 @@ from kvcodec.codec import container
 from kvcodec.codec.api import decode, decode_layer, encode
 from kvcodec.codec.errors import InvalidInput
 from kvcodec.codec.levels import LEVELS
+from kvcodec.codec.quantize import all_finite, block_rms, head_rms
 
 LOSSY = [lv for lv in LEVELS if lv != "lossless"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -212,6 +213,35 @@ def test_lossy_refuses_non_finite_naming_the_tensor(level, bad, which):
     keys, values = (spoilt, good) if which == "keys" else (good, spoilt)
     with pytest.raises(InvalidInput, match=rf"^{which}: 1 non-finite"):
         encode(keys, values, level=level)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_reads_the_bits_as_isfinite_does(dtype):
+    info = torch.finfo(dtype)
+    edge = torch.tensor([0.0, -0.0, info.max, -info.max, info.tiny, info.tiny / 4, -1.5], dtype=dtype)
+    assert all_finite(edge) and all_finite(edge[::2])  # subnormals and the largest values are finite
+    for bad in (float("nan"), float("inf"), float("-inf"), -float("nan")):
+        for at in (0, 6):
+            spoilt = edge.clone()
+            spoilt[at] = bad
+            assert not all_finite(spoilt), (bad, at)
+            assert not all_finite(spoilt.reshape(7, 1).t()) and all_finite(spoilt[1:6])
+    x = torch.randn(3, 9, 5).to(dtype)
+    assert all_finite(x.permute(2, 0, 1)) == bool(torch.isfinite(x).all())
+
+
+def test_head_rms_on_the_cpu_matches_the_device_statistics():
+    """head_rms's one-pass numba kernel gives block_rms's numbers (the device encoder's) exactly."""
+    g = torch.Generator().manual_seed(1)
+    wild = torch.randn(4, 256, 128, generator=g) * torch.logspace(-3, 3, 128)
+    wild[1] = 0  # an all-zero head: grid 1
+    wild[2, 17, 5] = 3e4  # one outlier sets the grid
+    cases = [wild, torch.randn(3, 255, 64, generator=g) * 1e-40, torch.randn(2, 7, 3, generator=g) * 1e30]
+    for x in cases:
+        seg = torch.zeros(x.shape[1], dtype=torch.int64)
+        rms, absmax = block_rms(x, seg, [x.shape[1]])
+        got = head_rms(x)
+        assert np.array_equal(got[0], rms[0]) and np.array_equal(got[1], absmax[0])
 
 
 @pytest.mark.parametrize(
