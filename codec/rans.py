@@ -200,21 +200,33 @@ def _encode(deltas, classes, esc, freq, cum, inv):
 
 
 @njit(nogil=True, cache=True)
-def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
-    """Decode a substream; returns (int32 deltas [channels, tokens], status)."""
+def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym, deltas, values, centers, steps, lo, hi):
+    """Decode a substream; returns its status (0: good).
+
+    With an empty ``values`` the symbols land in ``deltas`` (int32 ``[channels, tokens]``,
+    zeros in); otherwise ``deltas`` is unused and each symbol is dequantized straight into
+    ``values`` (float32 ``[heads, tokens, head_dim]``) as ``clamp((delta + centre) * step,
+    lo, hi)`` in float32, the arithmetic of :func:`kvcodec.codec.quantize.dequantize_block`
+    (channel ``c`` is head ``c // head_dim``, dim ``c % head_dim``). The channel-major symbol
+    order fills ``values`` 16 dims at a time per token row, so its writes stay in cache."""
+    dequantize = values.shape[0] > 0
     channels = classes.shape[0]
-    out = np.zeros((channels, tokens), dtype=np.int32)
+    dim = channels // max(1, values.shape[0])
     coded = 0
     for c in range(channels):
         if classes[c] != 0:
             coded += 1
+        elif dequantize:  # an all-zero channel is its centre
+            v = min(max(np.float32(centers[c]) * steps[c // dim], lo), hi)
+            for t in range(tokens):
+                values[c // dim, t, c % dim] = v
     n = coded * tokens
     nw = words.shape[0]
     if n == 0:
-        return out, (2 if nw or escapes.shape[0] else 0)
+        return 2 if nw or escapes.shape[0] else 0
     lanes = min(32, max(1, n // 64))
     if nw < 2 * lanes:
-        return out, 6
+        return 6
     state = np.empty(lanes, dtype=np.int64)
     for lane in range(lanes):
         state[lane] = np.int64(words[2 * lane]) | (np.int64(words[2 * lane + 1]) << 16)
@@ -229,6 +241,9 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
         if k == 0:
             continue
         e = esc[k]
+        head, at = c // dim, c % dim
+        centre = np.int32(centers[c]) if dequantize else np.int32(0)
+        step = steps[head] if dequantize else np.float32(0)
         for t in range(tokens):
             x = state[lane]
             slot = x & 0x3FFF
@@ -244,24 +259,27 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym):
             d = np.int32(s) - e
             if d > e:
                 if ei >= n_esc:
-                    return out, 4
+                    return 4
                 m = np.int32(escapes[ei]) + e + 1
                 ei += 1
                 d = m if d == e + 2 else -m
-            out[c, t] = d
+            if dequantize:
+                values[head, t, at] = min(max(np.float32(d + centre) * step, lo), hi)
+            else:
+                deltas[c, t] = d
             lane += 1
             if lane == lanes:
                 lane = 0
     if overrun:
-        return out, 1
+        return 1
     if pos != nw:
-        return out, 2
+        return 2
     if ei != n_esc:
-        return out, 5
+        return 5
     for lane in range(lanes):
         if state[lane] != (1 << 16):
-            return out, 3
-    return out, 0
+            return 3
+    return 0
 
 
 @njit(nogil=True, cache=True)
@@ -347,10 +365,40 @@ def decode_deltas(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, t
             the expected symbols (every read is bounds-checked).
     """
     check_classes(classes)
-    out, status = _decode(words, escapes, classes, tokens, ESC, FREQ, CUM, SLOT2SYM)
+    deltas = np.zeros((classes.shape[0], tokens), dtype=np.int32)
+    _check(_decode(words, escapes, classes, tokens, ESC, FREQ, CUM, SLOT2SYM, deltas, *_NO_VALUES))
+    return deltas
+
+
+_NO_VALUES = (np.empty((0, 0, 0), np.float32), np.empty(0, np.int32), np.empty(0, np.float32), np.float32(0), np.float32(0))
+
+
+def decode_dequantized(
+    words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, steps: np.ndarray,
+    out: np.ndarray, lo: float, hi: float,
+) -> None:
+    """:func:`decode_deltas` and the dequantizer in one pass, on the CPU.
+
+    Writes ``clamp((delta + centre) * step, lo, hi)`` (float32, as
+    :func:`kvcodec.codec.quantize.dequantize_block`) of every symbol into ``out``
+    (float32 ``[heads, tokens, head_dim]``); ``centers`` int ``[channels]``, ``steps``
+    float32 ``[heads]``.
+
+    Raises:
+        CorruptStream: as :func:`decode_deltas`.
+    """
+    check_classes(classes)
+    heads, tokens, dim = out.shape
+    if heads * dim != classes.shape[0]:
+        raise ValueError(f"decode_dequantized: {classes.shape[0]} channels for an output of {heads} x {dim}")
+    unused = np.empty((0, 0), np.int32)
+    _check(_decode(words, escapes, classes, tokens, ESC, FREQ, CUM, SLOT2SYM, unused, out,
+                   np.asarray(centers, dtype=np.int32), np.asarray(steps, dtype=np.float32), np.float32(lo), np.float32(hi)))
+
+
+def _check(status: int) -> None:
     if status:
         raise CorruptStream(f"entropy payload: {_ERRORS[status]}")
-    return out
 
 
 def check_classes(classes: np.ndarray) -> None:
@@ -360,4 +408,4 @@ def check_classes(classes: np.ndarray) -> None:
         raise CorruptStream(f"channel {bad[0]}: scale class {classes[bad[0]]} > {NUM_CLASSES}")
 
 
-__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "check_classes", "model_bits"]
+__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "decode_dequantized", "check_classes", "model_bits"]

@@ -19,7 +19,9 @@ Two payload layouts, chosen by the header's mode (FORMAT.md, "Substreams"):
 
 from __future__ import annotations
 
+import math
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -350,11 +352,16 @@ def decode_quantized(
         return raw.to(dtype).to(device)
     if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim, packed, prior)
-        steps, centers = p.steps, p.centers
-        deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
+        if transform is None and torch.device(device or "cpu").type == "cpu":
+            quant = torch.from_numpy(_decode_dequantized(p, heads, n_quant, dim, dtype))  # float32, borrowed
+            if out is None:
+                quant = quant.to(dtype, copy=True)
+        else:
+            deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
+            quant = dequantize_block(p.steps, p.centers, deltas, heads, dim, dtype, device, transform, first)
     else:
         steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
-    quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device, transform, first)
+        quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device, transform, first)
     if out is not None:
         if raw is not None:
             out[:, :n_raw] = raw.to(dtype)
@@ -363,6 +370,28 @@ def decode_quantized(
     if raw is None:
         return quant
     return torch.cat([raw.to(dtype).to(device), quant], dim=1)
+
+
+def _decode_dequantized(p: RansPayload, heads: int, tokens: int, dim: int, dtype: torch.dtype) -> np.ndarray:
+    """Coder 3 without a transform, on the CPU: symbols dequantized as they are decoded (one
+    pass, no channel-major intermediate to transpose); the values of dequantize_block, in
+    float32, in this thread's scratch buffer (valid until its next call)."""
+    values = _scratch(heads, tokens, dim)
+    finfo = torch.finfo(dtype)  # a value just under the dtype's max must not round to Inf
+    rans.decode_dequantized(p.words, p.escapes, p.classes, p.centers, p.steps, values, finfo.min, finfo.max)
+    return values
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(*shape: int) -> np.ndarray:
+    """A float32 buffer of ``shape`` owned by this thread, reused from call to call (a fresh
+    megabyte per substream costs page faults, which threads take in turn)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < math.prod(shape):
+        buf = _SCRATCH.buf = np.empty(math.prod(shape), dtype=np.float32)
+    return buf[: math.prod(shape)].reshape(shape)
 
 
 def _decode_ans(payload: memoryview, heads: int, dim: int, n_quant: int):

@@ -51,6 +51,31 @@ def test_round_trip_across_classes(scale):
     assert np.array_equal(rans.decode_deltas(words, escapes, cls, 50), d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_decode_dequantized_gives_dequantize_blocks_values(dtype):
+    """The CPU decoder's one-pass path: every value as dequantize_block computes it, including
+    all-zero channels (their centre), escapes, and values clamped to the dtype's range."""
+    from kvcodec.codec.quantize import dequantize_block
+
+    rng = np.random.default_rng(7)
+    heads, tokens, dim = 3, 40, 8
+    d = np.round(rng.laplace(size=(heads * dim, tokens)) * rng.choice([0.5, 4, 300], (heads * dim, 1))).astype(np.int32)
+    d[5] = 0  # class 0
+    d[6, 3] = 30000  # an escape
+    cls = _classes(d)
+    centers = rng.integers(-50, 50, heads * dim).astype(np.int32)
+    steps = np.array([0.01, 3.5, 9e3 if dtype == torch.float16 else 1e37], dtype=np.float32)  # head 2 overflows
+    words, escapes = rans.encode_deltas(d, cls)
+    out = np.empty((heads, tokens, dim), np.float32)
+    finfo = torch.finfo(dtype)
+    rans.decode_dequantized(words, escapes, cls, centers, steps, out, finfo.min, finfo.max)
+    ref = dequantize_block(steps, centers, d, heads, dim, dtype)
+    assert torch.equal(torch.from_numpy(out).to(dtype), ref)
+    assert torch.isfinite(ref).all() and (ref.abs() == finfo.max).any()
+    with pytest.raises(Exception, match="entropy payload"):
+        rans.decode_dequantized(words[:-1], escapes, cls, centers, steps, out, finfo.min, finfo.max)
+
+
 def test_escapes_cover_rare_outliers_and_the_extremes():
     d = np.zeros((4, 300), dtype=np.int32)
     d[0, ::7] = 1
