@@ -31,7 +31,7 @@ import zstandard
 
 from kvcodec.codec import entropy, rans
 from kvcodec.codec.errors import CorruptStream
-from kvcodec.codec.quantize import dequantize_block, quantize_block
+from kvcodec.codec.quantize import all_finite, dequantize_block, quantize_block
 from kvcodec.codec.sideprior import SidePrior, choose_side
 from kvcodec.codec.transform import Transform
 
@@ -318,7 +318,7 @@ def split_raw(
         raise CorruptStream(f"side information: {len(payload)} bytes, needs {need}")
     raw_len = heads * n_raw * dim * width
     raw = _from_raw(payload[:raw_len], (heads, n_raw, dim), stored) if n_raw else None
-    if raw is not None and not bool(torch.isfinite(raw).all()):  # the encoder refuses NaN/Inf
+    if raw is not None and not all_finite(raw):  # the encoder refuses NaN/Inf
         raise CorruptStream("raw tokens: non-finite value in a quantized stream")
     if n_quant == 0 and len(payload) != raw_len:
         raise CorruptStream(f"raw tokens: {len(payload) - raw_len} stray bytes at the end")
