@@ -199,6 +199,13 @@ def _encode(deltas, classes, esc, freq, cum, inv):
     return out[top:].copy(), escapes[etop:].copy(), 0
 
 
+@njit(inline="always")
+def _dequantized(q, step, lo, hi):
+    """``clamp(q * step, lo, hi)`` in float32 for an integer symbol ``q`` (delta + centre): the
+    arithmetic of :func:`kvcodec.codec.quantize.dequantize_block`."""
+    return min(max(np.float32(q) * step, lo), hi)
+
+
 @njit(nogil=True, cache=True)
 def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym, deltas, values, centers, steps, lo, hi):
     """Decode a substream; returns its status (0: good).
@@ -217,7 +224,7 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym, deltas, v
         if classes[c] != 0:
             coded += 1
         elif dequantize:  # an all-zero channel is its centre
-            v = min(max(np.float32(centers[c]) * steps[c // dim], lo), hi)
+            v = _dequantized(centers[c], steps[c // dim], lo, hi)
             for t in range(tokens):
                 values[c // dim, t, c % dim] = v
     n = coded * tokens
@@ -264,7 +271,7 @@ def _decode(words, escapes, classes, tokens, esc, freq, cum, slot2sym, deltas, v
                 ei += 1
                 d = m if d == e + 2 else -m
             if dequantize:
-                values[head, t, at] = min(max(np.float32(d + centre) * step, lo), hi)
+                values[head, t, at] = _dequantized(d + centre, step, lo, hi)
             else:
                 deltas[c, t] = d
             lane += 1
