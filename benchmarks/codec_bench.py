@@ -100,7 +100,7 @@ def run_text(loaded, path: str, args) -> list[dict]:
         for name, (bits, k, v) in baselines(keys, values):
             add(name, bits, (k, v))
     if args.sweep:
-        for name, bits, kv in sweep_points("balanced", keys, values, args.sweep):
+        for name, bits, kv in sweep_points(args.sweep_level, keys, values, args.sweep):
             add(name, bits, kv, sweep=True)
     return rows
 
@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model path (default: SmolLM2 GGUF)")
     parser.add_argument("--json", action="store_true", help="print rows as JSON")
     parser.add_argument("--sweep", type=float, nargs="*", default=[],
-                        help="extra points for our curve: balanced's lambda times each factor")
+                        help="extra points for our curve: --sweep-level's lambda times each factor")
+    parser.add_argument("--sweep-level", default="balanced", choices=[lv for lv in LEVELS if lv != "lossless"],
+                        help="the level whose lambda --sweep scales (default: balanced)")
     parser.add_argument("--plot", help="write the rate-quality plot (PNG) here")
     args = parser.parse_args(argv)
     texts = args.text or ["/usr/share/common-licenses/GPL-3"]
