@@ -76,6 +76,39 @@ def test_decode_dequantized_gives_dequantize_blocks_values(dtype):
         rans.decode_dequantized(words[:-1], escapes, cls, centers, steps, out, finfo.min, finfo.max)
 
 
+def _corruptions(words: np.ndarray, escapes: np.ndarray):
+    yield "run out before the last symbol", words[:-1], escapes
+    yield "left over after the last symbol", np.concatenate([words, words[-1:]]), escapes
+    yield "fewer words than the lanes' initial states", words[:3], escapes
+    yield "escape list shorter", words, escapes[:-1]
+    yield "escape list longer", words, np.concatenate([escapes, escapes[:1]])
+    flipped = words.copy()
+    flipped[-1] ^= 0x5A5A  # the last renormalisation word: decodes, but a lane ends off its initial state
+    yield None, flipped, escapes
+
+
+@pytest.mark.parametrize("tokens", [50, 255, 256])  # lane runs that wrap mid-channel, and that do not
+def test_corrupt_payloads_are_refused_not_misread(tokens):
+    """Every damaged payload is a CorruptStream (never an out-of-bounds read or a silent result),
+    through both decoder entry points; the kernel checks word bounds once per channel."""
+    from kvcodec.codec.errors import CorruptStream
+
+    rng = np.random.default_rng(tokens)
+    d = np.round(rng.laplace(size=(16, tokens)) * rng.choice([0.5, 3, 40], (16, 1))).astype(np.int32)
+    d[2, 7] = 20000  # escapes
+    d[9, 1] = -15000
+    cls = _classes(d)
+    words, escapes = rans.encode_deltas(d, cls)
+    assert len(escapes) >= 2
+    out = np.empty((2, tokens, 8), np.float32)
+    centers, steps = np.zeros(16, np.int32), np.ones(2, np.float32)
+    for message, w, e in _corruptions(words, escapes):
+        with pytest.raises(CorruptStream, match=message or "entropy payload"):
+            rans.decode_deltas(w, e, cls, tokens)
+        with pytest.raises(CorruptStream, match=message or "entropy payload"):
+            rans.decode_dequantized(w, e, cls, centers, steps, out, -1e9, 1e9)
+
+
 def test_escapes_cover_rare_outliers_and_the_extremes():
     d = np.zeros((4, 300), dtype=np.int32)
     d[0, ::7] = 1
