@@ -419,6 +419,21 @@ def decode_dequantized(
                    np.asarray(centers, dtype=np.int32), np.asarray(steps, dtype=np.float32), np.float32(lo), np.float32(hi)))
 
 
+def decode_symbols(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, tokens: int) -> np.ndarray:
+    """Every symbol (delta + centre) as float64, token-major ``[tokens, channels]``: what a
+    transform's basis multiplies (:meth:`kvcodec.codec.transform.Transform.inverse_tokens`),
+    without an integer intermediate or a transposing copy. Exact: symbols are below 2**24.
+
+    Raises:
+        CorruptStream: as :func:`decode_deltas`.
+    """
+    check_classes(classes)
+    out = np.empty((1, tokens, classes.shape[0]), dtype=np.float64)  # one "head" of every channel
+    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out,
+                   np.asarray(centers, dtype=np.int32), np.ones(1, np.float32), np.float32(-np.inf), np.float32(np.inf)))
+    return out[0]
+
+
 def _padded(words: np.ndarray, tokens: int) -> np.ndarray:
     """``words`` and ``tokens`` zero words after them, as :func:`_decode` reads."""
     padded = np.zeros(len(words) + tokens, dtype=np.uint16)
@@ -438,4 +453,4 @@ def check_classes(classes: np.ndarray) -> None:
         raise CorruptStream(f"channel {bad[0]}: scale class {classes[bad[0]]} > {NUM_CLASSES}")
 
 
-__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "decode_dequantized", "check_classes", "model_bits"]
+__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "decode_dequantized", "decode_symbols", "check_classes", "model_bits"]

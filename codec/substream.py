@@ -352,10 +352,17 @@ def decode_quantized(
         return raw.to(dtype).to(device)
     if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim, packed, prior)
-        if transform is None and torch.device(device or "cpu").type == "cpu":
+        on_cpu = torch.device(device or "cpu").type == "cpu"
+        if transform is None and on_cpu:
             quant = torch.from_numpy(_decode_dequantized(p, heads, n_quant, dim, dtype))  # float32, borrowed
             if out is None:
                 quant = quant.to(dtype, copy=True)
+        elif on_cpu and not transform.identity:  # symbols straight into the basis product's layout
+            v = rans.decode_symbols(p.words, p.escapes, p.classes, p.centers, n_quant)
+            finfo = torch.finfo(dtype)
+            quant = transform.inverse_tokens(torch.from_numpy(v), heads, p.steps, first).clamp_(finfo.min, finfo.max)
+            if out is None:
+                quant = quant.to(dtype)
         else:
             deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
             quant = dequantize_block(p.steps, p.centers, deltas, heads, dim, dtype, device, transform, first)

@@ -220,10 +220,15 @@ class Transform:
             # is what one float32 multiply of the exact operands gives (|q| < 2**24)
             x = q.to(torch.float32) * torch.from_numpy(steps.astype(np.float32)).to(q.device)[:, None, None]
             return rotate(x, self.rope, first) if self.rope is not None else x
-        v = q.to(torch.float64).permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])
-        acc = torch.einsum("tgj,gji->tgi", v, self._basis(q.device))  # exact integer sums
-        acc = acc.reshape(tokens, heads, dim).permute(1, 0, 2)
-        scale = torch.from_numpy(steps.astype(np.float64) * 2.0**-SCALE_BITS).to(q.device)
+        return self.inverse_tokens(q.to(torch.float64).permute(1, 0, 2).reshape(tokens, heads * dim), heads, steps, first)
+
+    def inverse_tokens(self, v: torch.Tensor, heads: int, steps: np.ndarray, first: int) -> torch.Tensor:
+        """:meth:`inverse` of symbols given token-major: float64 ``[T, H * D]`` (integers, as the
+        CPU decoder writes them) -> float32 ``[H, T, D]``. Not for identity bases."""
+        tokens = v.shape[0]
+        acc = torch.einsum("tgj,gji->tgi", v.reshape(tokens, *self.basis.shape[:2]), self._basis(v.device))  # exact
+        acc = acc.reshape(tokens, heads, -1).permute(1, 0, 2)
+        scale = torch.from_numpy(steps.astype(np.float64) * 2.0**-SCALE_BITS).to(v.device)
         x = (acc * scale[:, None, None]).to(torch.float32)
         if self.rope is not None:
             x = rotate(x, self.rope, first)

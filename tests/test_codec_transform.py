@@ -259,3 +259,30 @@ def test_block_diagonal_bases_are_applied_block_by_block_with_the_same_bits():
                     full[0].astype(np.int64)).reshape(TOKENS, HEADS, DIM).transpose(1, 0, 2)
     expect = (acc * (steps.astype(np.float64) * 2.0**-tr.SCALE_BITS)[:, None, None]).astype(np.float32)
     assert np.array_equal(t.inverse(q, steps, 0).numpy(), expect)
+
+
+@pytest.mark.parametrize("group", [DIM, HEADS * DIM])
+def test_cpu_token_major_decode_gives_dequantize_blocks_bits(group):
+    """The CPU decoder writes a transform stream's symbols token-major in float64 straight for the
+    basis product (rans.decode_symbols + Transform.inverse_tokens); the general path (integer
+    deltas, dequantize_block, what a GPU runs) must give the same bits."""
+    from kvcodec.codec import rans
+    from kvcodec.codec.entropy import scale_classes
+    from kvcodec.codec.quantize import dequantize_block
+
+    t = tr.Transform(_profile(group).bases[0, 0], tr.Rope(INV_FREQ))
+    rng = np.random.default_rng(group)
+    tokens = 37
+    d = np.round(rng.laplace(size=(HEADS * DIM, tokens)) * rng.choice([0.4, 5, 60], (HEADS * DIM, 1))).astype(np.int32)
+    d[3] = 0  # class 0: the channel is its centre
+    a = np.abs(d)
+    classes = scale_classes(a.sum(axis=1), a.max(axis=1), tokens)
+    centers = rng.integers(-40, 40, HEADS * DIM).astype(np.int32)
+    steps = np.array([0.021, 0.37], dtype=np.float32)
+    words, escapes = rans.encode_deltas(d, classes)
+    v = rans.decode_symbols(words, escapes, classes, centers, tokens)
+    assert v.dtype == np.float64 and np.array_equal(v, (d + centers[:, None]).T)
+    fast = t.inverse_tokens(torch.from_numpy(v), HEADS, steps, 5).to(torch.float16)
+    general = dequantize_block(steps, centers, rans.decode_deltas(words, escapes, classes, tokens), HEADS, DIM,
+                               torch.float16, transform=t, first=5)
+    assert torch.equal(fast.view(torch.int16), general.view(torch.int16))
