@@ -219,8 +219,10 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, centers, ste
     ``out`` is ``[heads, tokens, head_dim]`` (channel ``c`` is head ``c // head_dim``, dim
     ``c % head_dim``); symbol ``delta`` of channel ``c`` becomes ``clamp((delta + centers[c]) *
     steps[head], lo, hi)`` in float32, the arithmetic of
-    :func:`kvcodec.codec.quantize.dequantize_block`. With unit steps, zero centres and infinite
-    bounds (:func:`decode_deltas`) the values are the deltas themselves, exact in float32.
+    :func:`kvcodec.codec.quantize.dequantize_block`. With unit steps and infinite bounds the
+    values are the integers themselves, exact (below 2**24): :func:`decode_deltas` (zero
+    centres, ``[channels, tokens, 1]``) and :func:`decode_symbols` (``[1, tokens, channels]``
+    float64: token-major, one "head" of every channel) use it so.
 
     ``words`` must be followed by at least ``tokens`` padding words: a channel's symbols read
     at most one word each, so checking ``pos`` once per channel keeps every read in bounds and
