@@ -28,6 +28,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 
 import numpy as np
+import torch
 from numba import njit
 
 from kvcodec.codec.entropy import NUM_CLASSES, RHO_Q20
@@ -212,38 +213,76 @@ def _encode(deltas, classes, esc, freq, cum, inv):
     return out[top:].copy(), escapes[etop:].copy(), 0
 
 
+# output kinds of the decoder: what each dequantized float32 value is stored as
+OUT_FLOAT32, OUT_FLOAT16, OUT_BFLOAT16 = 0, 1, 2
+
+
+@njit(inline="always")
+def _bits(x, kind, box, box_bits):
+    """The bits of float32 ``x`` as the output stores it: float32 bits, or float16 / bfloat16
+    bits rounded to nearest even as torch converts (``x`` finite and within the output dtype's
+    range, which the decoder's clamp guarantees). ``box`` / ``box_bits``: a one-element float32
+    array and its uint32 view (numba has no scalar bit cast and no CPU float16)."""
+    box[0] = x
+    b = np.uint32(box_bits[0])
+    if kind == OUT_FLOAT32:
+        return b
+    if kind == OUT_BFLOAT16:
+        return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    sign = (b >> np.uint32(16)) & np.uint32(0x8000)
+    a = b & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x38800000):  # a normal half (>= 2**-14): re-bias the exponent, round
+        a -= np.uint32(0x38000000)
+        return sign | ((a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+    if a < np.uint32(0x33000000):  # below half the smallest subnormal (2**-25, which ties to 0)
+        return sign
+    mantissa = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)  # a subnormal half
+    shift = np.uint32(126) - (a >> np.uint32(23))
+    r = mantissa >> shift
+    rest = mantissa & ((np.uint32(1) << shift) - np.uint32(1))
+    half = np.uint32(1) << (shift - np.uint32(1))
+    if rest > half or (rest == half and (r & np.uint32(1))):
+        r += np.uint32(1)
+    return sign | r
+
+
 @njit(nogil=True, cache=True)
-def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, centers, steps, lo, hi):
+def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_stride, token_stride, tokens,
+            kind, centers, steps, lo, hi):
     """Decode a substream and dequantize each symbol into ``out``; returns its status (0: good).
 
-    ``out`` is ``[heads, tokens, head_dim]`` (channel ``c`` is head ``c // head_dim``, dim
-    ``c % head_dim``); symbol ``delta`` of channel ``c`` becomes ``clamp((delta + centers[c]) *
-    steps[head], lo, hi)`` in float32, the arithmetic of
-    :func:`kvcodec.codec.quantize.dequantize_block`. With unit steps and infinite bounds the
-    values are the integers themselves, exact (below 2**24): :func:`decode_deltas` (zero
-    centres, ``[channels, tokens, 1]``) and :func:`decode_symbols` (``[1, tokens, channels]``
-    float64: token-major, one "head" of every channel) use it so.
+    Symbol ``delta`` of channel ``c`` (head ``c // dim``, dim ``c % dim``, ``dim = channels /
+    len(steps)``) at token ``t`` becomes ``clamp((delta + centers[c]) * steps[head], lo, hi)``
+    in float32 — the arithmetic of :func:`kvcodec.codec.quantize.dequantize_block` — stored as
+    ``kind`` (:func:`_bits`) at ``out[start + head * head_stride + t * token_stride + dim]``:
+    ``out`` is the flat uint32 (float32) or uint16 (float16, bfloat16) storage of any
+    destination whose last axis is contiguous, e.g. a slice of the caller's output tensor.
+    With unit steps and infinite bounds the values are the integers themselves, exact (below
+    2**24): :func:`decode_deltas` and :func:`decode_symbols` use it so.
 
-    ``words`` must be followed by at least ``tokens`` padding words: a channel's symbols read
-    at most one word each, so checking ``pos`` once per channel keeps every read in bounds and
-    the per-symbol loop free of checks. The lane index walks runs of consecutive lanes (no
-    wrap test per symbol); unsigned indices spare numba's negative-index fix-ups. Together
-    1.46 -> 0.92 ms per 8 x 255 x 128 substream against a loop with a clamped read and a lane
-    wrap per symbol (benchmarks/RESULTS.md, "Codec speed").
+    Each channel's values are converted once per symbol value into a table (on average 45
+    entries for 255 tokens on the 8B-shaped benchmark chunk), so the loop stores table entries
+    and no float32 intermediate is written and copied. ``words`` must be followed by at least
+    ``tokens`` padding words: a channel's symbols read at most one word each, so checking
+    ``pos`` once per channel keeps every read in bounds. The lane index walks runs of
+    consecutive lanes (no wrap test per symbol); unsigned indices spare numba's negative-index
+    fix-ups (benchmarks/RESULTS.md, "Codec speed").
     """
-    heads, tokens, dim = out.shape
-    flat = out.reshape(heads * tokens * dim)
     channels = classes.shape[0]
+    dim = channels // steps.shape[0]
     nw = np.uint64(words.shape[0] - tokens)  # without the padding
+    box = np.empty(1, dtype=np.float32)
+    box_bits = box.view(np.uint32)
+    table = np.empty(2 * E_MAX + 1, dtype=np.uint32)
     coded = 0
     for c in range(channels):
         if classes[c] != 0:
             coded += 1
         else:  # an all-zero channel is its centre
-            v = min(max(np.float32(centers[c]) * steps[c // dim], lo), hi)
-            base = (c // dim) * tokens * dim + c % dim
+            v = _bits(min(max(np.float32(centers[c]) * steps[c // dim], lo), hi), kind, box, box_bits)
+            base = start + (c // dim) * head_stride + c % dim
             for t in range(tokens):
-                flat[base + t * dim] = v
+                out[base + t * token_stride] = v
     n = coded * tokens
     if n == 0:
         return 2 if nw or escapes.shape[0] else 0
@@ -257,7 +296,7 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, centers, ste
     n_esc = escapes.shape[0]
     ei = 0
     lane = np.uint64(0)
-    stride = np.uint64(dim)
+    stride = np.uint64(token_stride)
     symbols = np.uint64(tokens)
     for c in range(channels):
         k = classes[c]
@@ -270,7 +309,9 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, centers, ste
         s2s, fr, cu = slot2sym[k], freq[k], cum[k]
         offset = np.int64(centers[c]) - e  # symbol s is delta s - e
         step = steps[c // dim]
-        at = np.uint64((c // dim) * tokens * dim + c % dim)
+        for s in range(2 * e + 1):
+            table[s] = _bits(min(max(np.float32(s + offset) * step, lo), hi), kind, box, box_bits)
+        at = np.uint64(start + (c // dim) * head_stride + c % dim)
         t = np.uint64(0)
         while t < symbols:
             run = min(lanes - lane, symbols - t)  # symbols before the lane index wraps
@@ -284,14 +325,15 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, centers, ste
                 x = (x << (need << np.uint64(4))) | (np.uint64(words[pos]) & (np.uint64(0) - need))
                 pos += need
                 state[j] = x
-                q = np.int64(s) + offset
                 if s > wide:
                     if ei >= n_esc:
                         return 4
                     m = np.int64(escapes[ei]) + e + 1
                     ei += 1
                     q = (m if s == wide + np.uint64(2) else -m) + offset + e
-                flat[at] = min(max(np.float32(q) * step, lo), hi)
+                    out[at] = _bits(min(max(np.float32(q) * step, lo), hi), kind, box, box_bits)
+                else:
+                    out[at] = table[s]
                 at += stride
             t += run
             lane += run
@@ -393,32 +435,10 @@ def decode_deltas(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, t
     """
     check_classes(classes)
     channels = classes.shape[0]
-    deltas = np.empty((channels, tokens, 1), dtype=np.float32)  # [heads = channels, tokens, dim = 1]
-    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, deltas,
-                   np.zeros(channels, np.int32), np.ones(channels, np.float32), np.float32(-np.inf), np.float32(np.inf)))
-    return deltas[:, :, 0].astype(np.int32)
-
-
-def decode_dequantized(
-    words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, steps: np.ndarray,
-    out: np.ndarray, lo: float, hi: float,
-) -> None:
-    """:func:`decode_deltas` and the dequantizer in one pass, on the CPU.
-
-    Writes ``clamp((delta + centre) * step, lo, hi)`` (float32, as
-    :func:`kvcodec.codec.quantize.dequantize_block`) of every symbol into ``out``
-    (float32 ``[heads, tokens, head_dim]``); ``centers`` int ``[channels]``, ``steps``
-    float32 ``[heads]``.
-
-    Raises:
-        CorruptStream: as :func:`decode_deltas`.
-    """
-    check_classes(classes)
-    heads, tokens, dim = out.shape
-    if heads * dim != classes.shape[0]:
-        raise ValueError(f"decode_dequantized: {classes.shape[0]} channels for an output of {heads} x {dim}")
-    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out,
-                   np.asarray(centers, dtype=np.int32), np.asarray(steps, dtype=np.float32), np.float32(lo), np.float32(hi)))
+    out = np.empty(channels * tokens, dtype=np.uint32)  # float32 [channels, tokens]: one "head" a channel
+    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out, 0, tokens, 1, tokens,
+                   OUT_FLOAT32, np.zeros(channels, np.int32), np.ones(channels, np.float32), _NEG_INF, _POS_INF))
+    return out.view(np.float32).reshape(channels, tokens).astype(np.int32)
 
 
 def decode_symbols(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, tokens: int) -> np.ndarray:
@@ -430,10 +450,48 @@ def decode_symbols(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, 
         CorruptStream: as :func:`decode_deltas`.
     """
     check_classes(classes)
-    out = np.empty((1, tokens, classes.shape[0]), dtype=np.float64)  # one "head" of every channel
-    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out,
-                   np.asarray(centers, dtype=np.int32), np.ones(1, np.float32), np.float32(-np.inf), np.float32(np.inf)))
-    return out[0]
+    channels = classes.shape[0]
+    out = np.empty(tokens * channels, dtype=np.uint32)  # float32 [tokens, channels]: one "head" of every channel
+    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out, 0, 0, channels, tokens,
+                   OUT_FLOAT32, np.asarray(centers, dtype=np.int32), np.ones(1, np.float32), _NEG_INF, _POS_INF))
+    return out.view(np.float32).reshape(tokens, channels).astype(np.float64)
+
+
+_NEG_INF, _POS_INF = np.float32(-np.inf), np.float32(np.inf)
+_KINDS = {torch.float32: (OUT_FLOAT32, torch.int32, np.uint32), torch.float16: (OUT_FLOAT16, torch.int16, np.uint16),
+          torch.bfloat16: (OUT_BFLOAT16, torch.int16, np.uint16)}
+
+
+def decode_dequantized(
+    words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, steps: np.ndarray,
+    out: torch.Tensor,
+) -> None:
+    """:func:`decode_deltas` and the dequantizer in one pass, on the CPU, into ``out``.
+
+    Writes ``clamp((delta + centre) * step)`` — float32 arithmetic as
+    :func:`kvcodec.codec.quantize.dequantize_block`, clamped to ``out``'s finite range and
+    rounded to its dtype as torch rounds — of every symbol into ``out`` (a CPU float32,
+    float16 or bfloat16 tensor ``[heads, tokens, head_dim]`` whose last axis is contiguous,
+    such as a slice of a larger output); ``centers`` int ``[channels]``, ``steps`` float32
+    ``[heads]``.
+
+    Raises:
+        CorruptStream: as :func:`decode_deltas`.
+        ValueError: ``out`` is not such a tensor.
+    """
+    check_classes(classes)
+    heads, tokens, dim = out.shape
+    if heads * dim != classes.shape[0] or len(steps) != heads:
+        raise ValueError(f"decode_dequantized: {classes.shape[0]} channels, {len(steps)} steps for an output of {heads} x {dim}")
+    if out.dtype not in _KINDS or out.device.type != "cpu" or (out.stride(2) != 1 and dim > 1):
+        raise ValueError(f"decode_dequantized: needs a CPU float32/float16/bfloat16 tensor with a contiguous last axis, got {out.dtype} strides {out.stride()}")
+    kind, int_dtype, bits = _KINDS[out.dtype]
+    finfo = torch.finfo(out.dtype)  # a value just under the dtype's max must not round to Inf
+    storage = torch.as_strided(out, (out.untyped_storage().nbytes() // out.element_size(),), (1,), 0)
+    flat = storage.view(int_dtype).numpy().view(bits)  # every element of out's storage, as bits
+    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, flat, out.storage_offset(),
+                   out.stride(0), out.stride(1), tokens, kind, np.asarray(centers, dtype=np.int32),
+                   np.asarray(steps, dtype=np.float32), np.float32(finfo.min), np.float32(finfo.max)))
 
 
 def _padded(words: np.ndarray, tokens: int) -> np.ndarray:

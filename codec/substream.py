@@ -19,9 +19,7 @@ Two payload layouts, chosen by the header's mode (FORMAT.md, "Substreams"):
 
 from __future__ import annotations
 
-import math
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -325,6 +323,9 @@ def split_raw(
     return raw, payload[raw_len:]
 
 
+_DIRECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what rans.decode_dequantized writes
+
+
 def decode_quantized(
     payload: memoryview,
     heads: int,
@@ -353,11 +354,13 @@ def decode_quantized(
     if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim, packed, prior)
         on_cpu = torch.device(device or "cpu").type == "cpu"
-        if transform is None and on_cpu:
-            quant = torch.from_numpy(_decode_dequantized(p, heads, n_quant, dim, dtype))  # float32, borrowed
-            if out is None:
-                quant = quant.to(dtype, copy=True)
-        elif on_cpu and not transform.identity:  # symbols straight into the basis product's layout
+        if transform is None and on_cpu and dtype in _DIRECT_DTYPES:  # decoded straight into the output
+            target = torch.empty((heads, tokens, dim), dtype=dtype) if out is None else out
+            rans.decode_dequantized(p.words, p.escapes, p.classes, p.centers, p.steps, target[:, n_raw:])
+            if raw is not None:
+                target[:, :n_raw] = raw.to(dtype)
+            return target
+        if on_cpu and transform is not None and not transform.identity:  # symbols straight into the basis product's layout
             v = rans.decode_symbols(p.words, p.escapes, p.classes, p.centers, n_quant)
             finfo = torch.finfo(dtype)
             quant = transform.inverse_tokens(torch.from_numpy(v), heads, p.steps, first).clamp_(finfo.min, finfo.max)
@@ -377,29 +380,6 @@ def decode_quantized(
     if raw is None:
         return quant
     return torch.cat([raw.to(dtype).to(device), quant], dim=1)
-
-
-def _decode_dequantized(p: RansPayload, heads: int, tokens: int, dim: int, dtype: torch.dtype) -> np.ndarray:
-    """Coder 3 without a transform, on the CPU: symbols dequantized as they are decoded (one
-    pass, no channel-major intermediate to transpose); the values of dequantize_block, in
-    float32, in this thread's scratch buffer (valid until its next call)."""
-    values = _scratch(heads, tokens, dim)
-    finfo = torch.finfo(dtype)  # a value just under the dtype's max must not round to Inf
-    rans.decode_dequantized(p.words, p.escapes, p.classes, p.centers, p.steps, values, finfo.min, finfo.max)
-    return values
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(*shape: int) -> np.ndarray:
-    """A float32 buffer of ``shape`` owned by this thread, reused from call to call (a fresh
-    megabyte per substream held two decoding threads back here: 347 vs 508 MB/s)."""
-    size = math.prod(shape)
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.size < size:
-        buf = _SCRATCH.buf = np.empty(size, dtype=np.float32)
-    return buf[:size].reshape(shape)
 
 
 def _decode_ans(payload: memoryview, heads: int, dim: int, n_quant: int):

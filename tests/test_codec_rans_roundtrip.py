@@ -66,14 +66,55 @@ def test_decode_dequantized_gives_dequantize_blocks_values(dtype):
     centers = rng.integers(-50, 50, heads * dim).astype(np.int32)
     steps = np.array([0.01, 3.5, 9e3 if dtype == torch.float16 else 1e37], dtype=np.float32)  # head 2 overflows
     words, escapes = rans.encode_deltas(d, cls)
-    out = np.empty((heads, tokens, dim), np.float32)
-    finfo = torch.finfo(dtype)
-    rans.decode_dequantized(words, escapes, cls, centers, steps, out, finfo.min, finfo.max)
     ref = dequantize_block(steps, centers, d, heads, dim, dtype)
-    assert torch.equal(torch.from_numpy(out).to(dtype), ref)
+    finfo = torch.finfo(dtype)
     assert torch.isfinite(ref).all() and (ref.abs() == finfo.max).any()
+    out = torch.empty((heads, tokens, dim), dtype=dtype)
+    rans.decode_dequantized(words, escapes, cls, centers, steps, out)
+    assert torch.equal(out, ref)
+    # into a slice of a larger tensor (heads apart, tokens offset): nothing outside it is touched
+    big = torch.full((2, heads, tokens + 9, dim), 7.0, dtype=dtype)
+    rans.decode_dequantized(words, escapes, cls, centers, steps, big[1, :, 4 : 4 + tokens])
+    assert torch.equal(big[1, :, 4 : 4 + tokens], ref)
+    assert (big[0] == 7).all() and (big[1, :, :4] == 7).all() and (big[1, :, 4 + tokens :] == 7).all()
     with pytest.raises(Exception, match="entropy payload"):
-        rans.decode_dequantized(words[:-1], escapes, cls, centers, steps, out, finfo.min, finfo.max)
+        rans.decode_dequantized(words[:-1], escapes, cls, centers, steps, out)
+
+
+def test_dequantized_values_round_to_half_and_bfloat16_as_torch_does():
+    """The decoder stores float16 / bfloat16 bits it rounds itself (numba has no CPU float16):
+    every half and bfloat16 value, the midpoints between neighbours (ties to even), one float32
+    ulp either side of them, subnormals and random float32 values all convert as torch converts."""
+    halves = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()  # finite, >= 0
+    mids = (halves[:-1].double() + halves[1:].double()) / 2
+    bf = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf_mids = (bf[:-1].double() + bf[1:].double()) / 2
+    rng = np.random.default_rng(0)
+    random = torch.from_numpy(rng.integers(0, 0x7F800000, 200_000, dtype=np.uint32).view(np.float32).copy())
+    base = torch.cat([halves, bf, mids.float(), bf_mids.float(), random])
+    near = torch.cat([base, torch.nextafter(base, torch.tensor(np.inf)), torch.nextafter(base, torch.tensor(0.0))])
+    values = torch.cat([near, -near]).numpy()
+    box = np.empty(1, np.float32)
+    for dtype, kind in ((torch.float16, rans.OUT_FLOAT16), (torch.bfloat16, rans.OUT_BFLOAT16), (torch.float32, rans.OUT_FLOAT32)):
+        finfo = torch.finfo(dtype)
+        x = values[np.abs(values) <= finfo.max]  # the decoder clamps to the finite range first
+        got = _bits_of(x, kind, box)
+        want = torch.from_numpy(x).to(dtype).view(torch.int16 if dtype != torch.float32 else torch.int32).numpy()
+        assert np.array_equal(got.astype(np.uint32), want.astype(np.uint32) & (0xFFFFFFFF if dtype == torch.float32 else 0xFFFF)), dtype
+
+
+def _bits_of(x: np.ndarray, kind: int, box: np.ndarray) -> np.ndarray:
+    from numba import njit
+
+    @njit(cache=False)
+    def convert(x, kind, box):
+        out = np.empty(x.shape[0], np.uint32)
+        bits = box.view(np.uint32)
+        for i in range(x.shape[0]):
+            out[i] = rans._bits(x[i], kind, box, bits)
+        return out
+
+    return convert(x, kind, box)
 
 
 def _corruptions(words: np.ndarray, escapes: np.ndarray):
@@ -100,13 +141,15 @@ def test_corrupt_payloads_are_refused_not_misread(tokens):
     cls = _classes(d)
     words, escapes = rans.encode_deltas(d, cls)
     assert len(escapes) >= 2
-    out = np.empty((2, tokens, 8), np.float32)
+    out = torch.empty((2, tokens, 8), dtype=torch.float16)
     centers, steps = np.zeros(16, np.int32), np.ones(2, np.float32)
     for message, w, e in _corruptions(words, escapes):
         with pytest.raises(CorruptStream, match=message or "entropy payload"):
             rans.decode_deltas(w, e, cls, tokens)
         with pytest.raises(CorruptStream, match=message or "entropy payload"):
-            rans.decode_dequantized(w, e, cls, centers, steps, out, -1e9, 1e9)
+            rans.decode_dequantized(w, e, cls, centers, steps, out)
+        with pytest.raises(CorruptStream, match=message or "entropy payload"):
+            rans.decode_symbols(w, e, cls, centers, tokens)
 
 
 def test_escapes_cover_rare_outliers_and_the_extremes():
