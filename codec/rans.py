@@ -218,32 +218,33 @@ OUT_FLOAT32, OUT_FLOAT16, OUT_BFLOAT16 = 0, 1, 2
 
 
 @njit(inline="always")
-def _bits(x, kind, box, box_bits):
-    """The bits of float32 ``x`` as the output stores it: float32 bits, or float16 / bfloat16
-    bits rounded to nearest even as torch converts (``x`` finite and within the output dtype's
-    range, which the decoder's clamp guarantees). ``box`` / ``box_bits``: a one-element float32
-    array and its uint32 view (numba has no scalar bit cast and no CPU float16)."""
-    box[0] = x
-    b = np.uint32(box_bits[0])
+def _to_bits(first, stop, kind, values, values_bits, scratch, scratch_bits, table):
+    """``table[first:stop]`` = the bits of float32 ``values[first:stop]`` as the output stores them:
+    float32 bits, or float16 / bfloat16 bits rounded to nearest even as torch converts
+    (values finite and within the output dtype's range, which the decoder's clamp guarantees).
+
+    Branch-free, so the loops vectorise (numba has no CPU float16): a normal half re-biases
+    the exponent and rounds the mantissa by integer arithmetic; a subnormal half is what the
+    FPU's own rounding gives when ``|x| + 0.5`` drops the bits below 2**-24 (0.5's exponent
+    puts 2**-24 at its last mantissa bit), minus 0.5's bits. ``*_bits`` are uint32 views of
+    the float32 arrays ``values`` and ``scratch``."""
     if kind == OUT_FLOAT32:
-        return b
-    if kind == OUT_BFLOAT16:
-        return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    sign = (b >> np.uint32(16)) & np.uint32(0x8000)
-    a = b & np.uint32(0x7FFFFFFF)
-    if a >= np.uint32(0x38800000):  # a normal half (>= 2**-14): re-bias the exponent, round
-        a -= np.uint32(0x38000000)
-        return sign | ((a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
-    if a < np.uint32(0x33000000):  # below half the smallest subnormal (2**-25, which ties to 0)
-        return sign
-    mantissa = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)  # a subnormal half
-    shift = np.uint32(126) - (a >> np.uint32(23))
-    r = mantissa >> shift
-    rest = mantissa & ((np.uint32(1) << shift) - np.uint32(1))
-    half = np.uint32(1) << (shift - np.uint32(1))
-    if rest > half or (rest == half and (r & np.uint32(1))):
-        r += np.uint32(1)
-    return sign | r
+        for i in range(first, stop):
+            table[i] = values_bits[i]
+    elif kind == OUT_BFLOAT16:
+        for i in range(first, stop):
+            b = values_bits[i]
+            table[i] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    else:
+        for i in range(first, stop):
+            scratch[i] = abs(values[i]) + np.float32(0.5)
+        for i in range(first, stop):
+            b = values_bits[i]
+            a = b & np.uint32(0x7FFFFFFF)
+            normal = (a - np.uint32(0x38000000) + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+            subnormal = scratch_bits[i] - np.uint32(0x3F000000)
+            half = normal if a >= np.uint32(0x38800000) else subnormal  # 0x38800000: 2**-14, the least normal half
+            table[i] = ((b >> np.uint32(16)) & np.uint32(0x8000)) | half
 
 
 @njit(nogil=True, cache=True)
@@ -271,18 +272,20 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
     channels = classes.shape[0]
     dim = channels // steps.shape[0]
     nw = np.uint64(words.shape[0] - tokens)  # without the padding
-    box = np.empty(1, dtype=np.float32)
-    box_bits = box.view(np.uint32)
-    table = np.empty(2 * E_MAX + 1, dtype=np.uint32)
+    values = np.empty(2 * E_MAX + 2, dtype=np.float32)  # a channel's values, one per symbol, and an escape's
+    scratch = np.empty_like(values)
+    values_bits, scratch_bits = values.view(np.uint32), scratch.view(np.uint32)
+    table = np.empty(2 * E_MAX + 2, dtype=np.uint32)  # ... as the output stores them
     coded = 0
     for c in range(channels):
         if classes[c] != 0:
             coded += 1
         else:  # an all-zero channel is its centre
-            v = _bits(min(max(np.float32(centers[c]) * steps[c // dim], lo), hi), kind, box, box_bits)
+            values[0] = min(max(np.float32(centers[c]) * steps[c // dim], lo), hi)
+            _to_bits(0, 1, kind, values, values_bits, scratch, scratch_bits, table)
             base = start + (c // dim) * head_stride + c % dim
             for t in range(tokens):
-                out[base + t * token_stride] = v
+                out[base + t * token_stride] = table[0]
     n = coded * tokens
     if n == 0:
         return 2 if nw or escapes.shape[0] else 0
@@ -310,7 +313,8 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
         offset = np.int64(centers[c]) - e  # symbol s is delta s - e
         step = steps[c // dim]
         for s in range(2 * e + 1):
-            table[s] = _bits(min(max(np.float32(s + offset) * step, lo), hi), kind, box, box_bits)
+            values[s] = min(max(np.float32(s + offset) * step, lo), hi)
+        _to_bits(0, 2 * e + 1, kind, values, values_bits, scratch, scratch_bits, table)
         at = np.uint64(start + (c // dim) * head_stride + c % dim)
         t = np.uint64(0)
         while t < symbols:
@@ -331,7 +335,9 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
                     m = np.int64(escapes[ei]) + e + 1
                     ei += 1
                     q = (m if s == wide + np.uint64(2) else -m) + offset + e
-                    out[at] = _bits(min(max(np.float32(q) * step, lo), hi), kind, box, box_bits)
+                    values[wide + 1] = min(max(np.float32(q) * step, lo), hi)  # the slot after the table
+                    _to_bits(wide + 1, wide + 2, kind, values, values_bits, scratch, scratch_bits, table)
+                    out[at] = table[wide + 1]
                 else:
                     out[at] = table[s]
                 at += stride

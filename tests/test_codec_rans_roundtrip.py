@@ -94,27 +94,26 @@ def test_dequantized_values_round_to_half_and_bfloat16_as_torch_does():
     base = torch.cat([halves, bf, mids.float(), bf_mids.float(), random])
     near = torch.cat([base, torch.nextafter(base, torch.tensor(np.inf)), torch.nextafter(base, torch.tensor(0.0))])
     values = torch.cat([near, -near]).numpy()
-    box = np.empty(1, np.float32)
     for dtype, kind in ((torch.float16, rans.OUT_FLOAT16), (torch.bfloat16, rans.OUT_BFLOAT16), (torch.float32, rans.OUT_FLOAT32)):
         finfo = torch.finfo(dtype)
         x = values[np.abs(values) <= finfo.max]  # the decoder clamps to the finite range first
-        got = _bits_of(x, kind, box)
+        got = _bits_of(np.ascontiguousarray(x), kind)
         want = torch.from_numpy(x).to(dtype).view(torch.int16 if dtype != torch.float32 else torch.int32).numpy()
         assert np.array_equal(got.astype(np.uint32), want.astype(np.uint32) & (0xFFFFFFFF if dtype == torch.float32 else 0xFFFF)), dtype
 
 
-def _bits_of(x: np.ndarray, kind: int, box: np.ndarray) -> np.ndarray:
+def _bits_of(x: np.ndarray, kind: int) -> np.ndarray:
     from numba import njit
 
     @njit(cache=False)
-    def convert(x, kind, box):
-        out = np.empty(x.shape[0], np.uint32)
-        bits = box.view(np.uint32)
-        for i in range(x.shape[0]):
-            out[i] = rans._bits(x[i], kind, box, bits)
-        return out
+    def convert(x, kind):
+        values = x.copy()
+        scratch = np.empty_like(values)
+        table = np.empty(x.shape[0], np.uint32)
+        rans._to_bits(0, x.shape[0], kind, values, values.view(np.uint32), scratch, scratch.view(np.uint32), table)
+        return table
 
-    return convert(x, kind, box)
+    return convert(x, kind)
 
 
 def _corruptions(words: np.ndarray, escapes: np.ndarray):
