@@ -208,6 +208,27 @@ def head_steps(x: torch.Tensor, fraction: float) -> np.ndarray:
     return finalize_steps(rms * fraction, absmax)
 
 
+def symbols(x: torch.Tensor, steps: np.ndarray) -> np.ndarray:
+    """int32 ``round(x / step)`` per head (half to even) of float32 ``[heads, tokens, head_dim]``:
+    :func:`quantize_block`'s float half, the same integers. On the CPU one GIL-free numba pass
+    (torch's divide, round and cast are three passes with temporaries); elsewhere in torch."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return _round_div(x.contiguous().numpy(), np.asarray(steps, dtype=np.float32))
+    return torch.round(x / torch.from_numpy(steps).to(x.device)[:, None, None]).to(torch.int32).cpu().numpy()
+
+
+@njit(nogil=True, cache=True)
+def _round_div(x, steps):
+    heads, tokens, dim = x.shape
+    q = np.empty((heads, tokens, dim), dtype=np.int32)
+    for h in range(heads):
+        step = steps[h]
+        for t in range(tokens):
+            for d in range(dim):
+                q[h, t, d] = np.int32(np.rint(x[h, t, d] / step))  # IEEE float32 division, as torch's
+    return q
+
+
 def quantize_block(x: torch.Tensor, steps: np.ndarray) -> QuantizedBlock:
     """Quantize ``x`` (float32 ``[heads, tokens, head_dim]``) with per-head steps."""
     heads, tokens, dim = x.shape

@@ -29,7 +29,7 @@ import zstandard
 
 from kvcodec.codec import entropy, rans
 from kvcodec.codec.errors import CorruptStream
-from kvcodec.codec.quantize import all_finite, dequantize_block, quantize_block
+from kvcodec.codec.quantize import all_finite, dequantize_block, quantize_block, symbols
 from kvcodec.codec.sideprior import SidePrior, choose_side
 from kvcodec.codec.transform import Transform
 
@@ -234,7 +234,7 @@ def encode_quantized(
     if transform is not None:
         q = transform.forward(rest, steps).cpu().numpy()
     else:
-        q = torch.round(rest / torch.from_numpy(steps).to(rest.device)[:, None, None]).to(torch.int32).cpu().numpy()
+        q = symbols(rest, steps)
     centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
     classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
     if packed and prior is not None:

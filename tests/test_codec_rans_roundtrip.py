@@ -245,13 +245,16 @@ def test_coder_2_streams_still_decode(name):
 
 @pytest.mark.parametrize("tokens", [1, 2, 33, 255])
 def test_numba_channel_deltas_equal_quantize_block(tokens):
-    from kvcodec.codec.quantize import head_steps, quantize_block
+    from kvcodec.codec.quantize import head_steps, quantize_block, symbols
 
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(3, tokens, 16, generator=g) * torch.rand(1, 1, 16, generator=g) * 5 - 2.5
     steps = head_steps(x, 0.3)
     ref = quantize_block(x, steps)
     q = torch.round(x / torch.from_numpy(steps)[:, None, None]).to(torch.int32).numpy()
+    assert np.array_equal(symbols(x, steps), q)  # the CPU encoder's numba quantizer
+    ties = (torch.arange(-20, 20, dtype=torch.float32) + 0.5)[None, :, None] * torch.from_numpy(steps)[:, None, None]
+    assert np.array_equal(symbols(ties, steps), torch.round(ties / torch.from_numpy(steps)[:, None, None]).to(torch.int32).numpy())
     centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
     for a, b in ((centers, ref.centers), (deltas, ref.deltas), (kmax, ref.kmax), (abs_sums, ref.abs_sums)):
         assert np.array_equal(a, b)
