@@ -218,7 +218,7 @@ OUT_FLOAT32, OUT_FLOAT16, OUT_BFLOAT16 = 0, 1, 2
 
 
 @njit(inline="always")
-def _to_bits(first, stop, kind, values, values_bits, scratch, scratch_bits, table):
+def to_bits(first, stop, kind, values, values_bits, scratch, scratch_bits, table):
     """``table[first:stop]`` = the bits of float32 ``values[first:stop]`` as the output stores them:
     float32 bits, or float16 / bfloat16 bits rounded to nearest even as torch converts
     (values finite and within the output dtype's range, which the decoder's clamp guarantees).
@@ -282,7 +282,7 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
             coded += 1
         else:  # an all-zero channel is its centre
             values[0] = min(max(np.float32(centers[c]) * steps[c // dim], lo), hi)
-            _to_bits(0, 1, kind, values, values_bits, scratch, scratch_bits, table)
+            to_bits(0, 1, kind, values, values_bits, scratch, scratch_bits, table)
             base = start + (c // dim) * head_stride + c % dim
             for t in range(tokens):
                 out[base + t * token_stride] = table[0]
@@ -314,7 +314,7 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
         step = steps[c // dim]
         for s in range(2 * e + 1):
             values[s] = min(max(np.float32(s + offset) * step, lo), hi)
-        _to_bits(0, 2 * e + 1, kind, values, values_bits, scratch, scratch_bits, table)
+        to_bits(0, 2 * e + 1, kind, values, values_bits, scratch, scratch_bits, table)
         at = np.uint64(start + (c // dim) * head_stride + c % dim)
         t = np.uint64(0)
         while t < symbols:
@@ -336,7 +336,7 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
                     ei += 1
                     q = (m if s == wide + np.uint64(2) else -m) + offset + e
                     values[wide + 1] = min(max(np.float32(q) * step, lo), hi)  # the slot after the table
-                    _to_bits(wide + 1, wide + 2, kind, values, values_bits, scratch, scratch_bits, table)
+                    to_bits(wide + 1, wide + 2, kind, values, values_bits, scratch, scratch_bits, table)
                     out[at] = table[wide + 1]
                 else:
                     out[at] = table[s]
@@ -491,13 +491,21 @@ def decode_dequantized(
         raise ValueError(f"decode_dequantized: {classes.shape[0]} channels, {len(steps)} steps for an output of {heads} x {dim}")
     if out.dtype not in _KINDS or out.device.type != "cpu" or (out.stride(2) != 1 and dim > 1):
         raise ValueError(f"decode_dequantized: needs a CPU float32/float16/bfloat16 tensor with a contiguous last axis, got {out.dtype} strides {out.stride()}")
-    kind, int_dtype, bits = _KINDS[out.dtype]
-    finfo = torch.finfo(out.dtype)  # a value just under the dtype's max must not round to Inf
-    storage = torch.as_strided(out, (out.untyped_storage().nbytes() // out.element_size(),), (1,), 0)
-    flat = storage.view(int_dtype).numpy().view(bits)  # every element of out's storage, as bits
+    flat, kind, lo, hi = output_bits(out)
     _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, flat, out.storage_offset(),
                    out.stride(0), out.stride(1), tokens, kind, np.asarray(centers, dtype=np.int32),
-                   np.asarray(steps, dtype=np.float32), np.float32(finfo.min), np.float32(finfo.max)))
+                   np.asarray(steps, dtype=np.float32), lo, hi))
+
+
+def output_bits(out: torch.Tensor) -> tuple[np.ndarray, int, np.float32, np.float32]:
+    """What a numba kernel needs to write ``out`` (CPU, float32/float16/bfloat16): every element
+    of its storage as uint32/uint16 bits (index with ``out.storage_offset()`` and its strides),
+    the output kind for :func:`to_bits`, and the dtype's finite range to clamp to (a value just
+    under the dtype's max must not round to Inf)."""
+    kind, int_dtype, bits = _KINDS[out.dtype]
+    finfo = torch.finfo(out.dtype)
+    storage = torch.as_strided(out, (out.untyped_storage().nbytes() // out.element_size(),), (1,), 0)
+    return storage.view(int_dtype).numpy().view(bits), kind, np.float32(finfo.min), np.float32(finfo.max)
 
 
 def _padded(words: np.ndarray, tokens: int) -> np.ndarray:
@@ -519,4 +527,4 @@ def check_classes(classes: np.ndarray) -> None:
         raise CorruptStream(f"channel {bad[0]}: scale class {classes[bad[0]]} > {NUM_CLASSES}")
 
 
-__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "decode_dequantized", "decode_symbols", "check_classes", "model_bits"]
+__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "decode_dequantized", "decode_symbols", "output_bits", "to_bits", "check_classes", "model_bits"]

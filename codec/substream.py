@@ -323,7 +323,14 @@ def split_raw(
     return raw, payload[raw_len:]
 
 
-_DIRECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what rans.decode_dequantized writes
+_DIRECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CPU kernels write
+
+
+def _writes_directly(device, dtype: torch.dtype, transform: Transform | None) -> bool:
+    """Whether the CPU kernels decode a coder-3 block straight into its output (identity
+    transforms, other devices and dtypes go through integer deltas and dequantize_block)."""
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+    return on_cpu and dtype in _DIRECT_DTYPES and (transform is None or not transform.identity)
 
 
 def decode_quantized(
@@ -353,22 +360,18 @@ def decode_quantized(
         return raw.to(dtype).to(device)
     if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim, packed, prior)
-        on_cpu = torch.device(device or "cpu").type == "cpu"
-        if transform is None and on_cpu and dtype in _DIRECT_DTYPES:  # decoded straight into the output
+        if _writes_directly(device, dtype, transform):
             target = torch.empty((heads, tokens, dim), dtype=dtype) if out is None else out
-            rans.decode_dequantized(p.words, p.escapes, p.classes, p.centers, p.steps, target[:, n_raw:])
+            if transform is None:
+                rans.decode_dequantized(p.words, p.escapes, p.classes, p.centers, p.steps, target[:, n_raw:])
+            else:  # symbols straight into the basis product's layout, its result straight into the output
+                v = rans.decode_symbols(p.words, p.escapes, p.classes, p.centers, n_quant)
+                transform.inverse_into(v, p.steps, first, target[:, n_raw:])
             if raw is not None:
                 target[:, :n_raw] = raw.to(dtype)
             return target
-        if on_cpu and transform is not None and not transform.identity:  # symbols straight into the basis product's layout
-            v = rans.decode_symbols(p.words, p.escapes, p.classes, p.centers, n_quant)
-            finfo = torch.finfo(dtype)
-            quant = transform.inverse_tokens(torch.from_numpy(v), heads, p.steps, first).clamp_(finfo.min, finfo.max)
-            if out is None:
-                quant = quant.to(dtype)
-        else:
-            deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
-            quant = dequantize_block(p.steps, p.centers, deltas, heads, dim, dtype, device, transform, first)
+        deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
+        quant = dequantize_block(p.steps, p.centers, deltas, heads, dim, dtype, device, transform, first)
     else:
         steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
         quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device, transform, first)

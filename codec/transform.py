@@ -33,8 +33,10 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from numba import njit
 
 from kvcodec.codec.errors import InvalidInput
+from kvcodec.codec.rans import output_bits, to_bits
 
 SCALE_BITS = 14  # basis entries are int16 with 2**14 == 1.0
 SUBSTEPS = 64  # input snapping grid: step / 64 (adds 1/4096 of the quantization noise power)
@@ -233,6 +235,53 @@ class Transform:
         if self.rope is not None:
             x = rotate(x, self.rope, first)
         return x
+
+    def inverse_into(self, v: np.ndarray, steps: np.ndarray, first: int, out: torch.Tensor) -> None:
+        """:meth:`inverse_tokens` on the CPU, clamped to ``out``'s finite range and written into
+        ``out`` (float32/float16/bfloat16 ``[H, T, D]``, last axis contiguous, e.g. a slice of the
+        caller's output): the basis product in torch (float64 BLAS), then scaling, RoPE, clamp and
+        rounding to the dtype in one numba pass per (head, token) row — the same IEEE operations
+        in the same order as the torch path (no fused multiply-adds), so the same bits (tests).
+        Not for identity bases."""
+        tokens = v.shape[0]
+        acc = torch.einsum("tgj,gji->tgi", torch.from_numpy(v).reshape(tokens, *self.basis.shape[:2]), self._basis("cpu"))
+        flat, kind, lo, hi = output_bits(out)
+        if self.rope is not None:
+            cos, sin = _tables(self.rope.inv_freq.astype(np.float32).tobytes(), int(first), int(tokens))
+        else:
+            cos = sin = np.ones((tokens, 0), dtype=np.float32)
+        _finish(acc.reshape(tokens, -1).numpy(), steps.astype(np.float64) * 2.0**-SCALE_BITS, cos, sin, flat,
+                out.storage_offset(), out.stride(0), out.stride(1), out.shape[2], kind, lo, hi)
+
+
+@njit(nogil=True, cache=True)
+def _finish(acc, scale, cos, sin, out, start, head_stride, token_stride, dim, kind, lo, hi):
+    """``out[h, t, :]`` = bits of ``clamp(rope(float32(acc[t, h * dim + :] * scale[h])), lo, hi)``:
+    :meth:`Transform.inverse_tokens` + clamp + dtype rounding, one row at a time (``cos`` /
+    ``sin`` float32 ``[T, half]``, ``half`` = 0 without RoPE)."""
+    tokens = acc.shape[0]
+    heads = acc.shape[1] // dim
+    half = cos.shape[1]
+    x = np.empty(dim, dtype=np.float32)
+    y = np.empty(dim, dtype=np.float32)
+    scratch = np.empty(dim, dtype=np.float32)
+    row = np.empty(dim, dtype=np.uint32)
+    for h in range(heads):
+        s = scale[h]
+        for t in range(tokens):
+            for d in range(dim):
+                x[d] = np.float32(acc[t, h * dim + d] * s)  # float64 product, rounded once to float32
+            for d in range(half):  # x1 cos - x2 sin, x2 cos + x1 sin: separate float32 roundings
+                y[d] = x[d] * cos[t, d] - x[d + half] * sin[t, d]
+                y[d + half] = x[d + half] * cos[t, d] + x[d] * sin[t, d]
+            for d in range(2 * half, dim):
+                y[d] = x[d]
+            for d in range(dim):
+                y[d] = min(max(y[d], lo), hi)
+            to_bits(0, dim, kind, y, y.view(np.uint32), scratch, scratch.view(np.uint32), row)
+            base = start + h * head_stride + t * token_stride
+            for d in range(dim):
+                out[base + d] = row[d]
 
 
 def split_block_diagonal(basis: np.ndarray) -> np.ndarray:

@@ -110,7 +110,7 @@ def _bits_of(x: np.ndarray, kind: int) -> np.ndarray:
         values = x.copy()
         scratch = np.empty_like(values)
         table = np.empty(x.shape[0], np.uint32)
-        rans._to_bits(0, x.shape[0], kind, values, values.view(np.uint32), scratch, scratch.view(np.uint32), table)
+        rans.to_bits(0, x.shape[0], kind, values, values.view(np.uint32), scratch, scratch.view(np.uint32), table)
         return table
 
     return convert(x, kind)
