@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,12 @@ __all__ = ["CacheClient", "AsyncCacheClient", "ModelLayout", "CacheContext", "Fe
 
 
 # ------------------------------------------------------------ clients
+def _warm_up() -> None:
+    from kvcodec.codec import warm_up
+
+    warm_up()
+
+
 class _Base:
     def __init__(self, address: str, *, token: str | None = None, tenant: str | None = None,
                  root_certificates: bytes | None = None, tls: bool = False,
@@ -58,6 +65,8 @@ class _Base:
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.client_id = client_id or f"py-{random.getrandbits(48):012x}"
         self.measured = ClientMeasurements()
+        # compile the codec's kernels while the first request travels (decoding waits for it)
+        threading.Thread(target=_warm_up, name="kvcodec-warm-up", daemon=True).start()
         md = [("x-kvcodec-client", self.client_id)]
         if token:
             md.append(("authorization", f"Bearer {token}"))

@@ -210,9 +210,10 @@ class Reassembler:
 
 
 def _decode(chunk: FetchedChunk, m: ClientMeasurements, device: Any) -> FetchedChunk:
-    from kvcodec.codec import decode
+    from kvcodec.codec import decode, warm_up
 
     if chunk.blob is not None:
+        warm_up()  # the decode speed measured below must not be numba compiling its kernels
         t0 = time.perf_counter()
         chunk.kv = decode(chunk.blob, device=device) if device is not None else decode(chunk.blob)
         k = chunk.kv.keys

@@ -26,6 +26,7 @@ from kvcodec.codec.api import (
     encode,
     inspect,
     verify,
+    warm_up,
 )
 from kvcodec.codec.container import DecodeLimits
 from kvcodec.codec.errors import KVCodecError
@@ -39,6 +40,7 @@ __all__ = [
     "decode_layers",
     "inspect",
     "verify",
+    "warm_up",
     "KVPair",
     "StreamInfo",
     "DecodeLimits",

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -581,3 +582,36 @@ def verify(
         for _ in pool.map(check, sids):  # re-raises the first failure, in substream order
             pass
     return info
+
+
+_WARM_LOCK = threading.Lock()
+_warm = False
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) the CPU codec's kernels, once per process.
+
+    numba compiles each kernel on its first call — seconds on a machine whose cache is empty —
+    so a caller that times its first decode (the client's decode-speed measurement, which the
+    server's controller plans with) would time the compiler. This encodes and decodes a tiny
+    stream for every CPU path: no profile into float16, bfloat16 and float32, and, when a
+    shipped profile carries a transform, its basis path. Thread-safe; later calls return at once.
+    """
+    global _warm
+    if _warm:
+        return
+    with _WARM_LOCK:
+        if _warm:
+            return
+        from kvcodec.codec.profile import builtin_profiles
+
+        gen = torch.Generator().manual_seed(0)
+        kv = torch.randn(2, 1, 2, 96, 8, generator=gen).half()
+        blob = encode(kv[0], kv[1], level=DEFAULT_LEVEL, profile=None)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            decode(blob, dtype=dtype)
+        profile = next((p for _, p in builtin_profiles() if p.has_transform), None)
+        if profile is not None:
+            kv = torch.randn(2, profile.layers, profile.kv_heads, 8, profile.head_dim, generator=gen).half()
+            decode(encode(kv[0], kv[1], level=DEFAULT_LEVEL, profile=profile), profile=profile)
+        _warm = True
