@@ -448,8 +448,8 @@ def decode_deltas(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, t
 
 
 def decode_symbols(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, tokens: int) -> np.ndarray:
-    """Every symbol (delta + centre) as float64, token-major ``[tokens, channels]``: what a
-    transform's basis multiplies (:meth:`kvcodec.codec.transform.Transform.inverse_tokens`),
+    """Every symbol (delta + centre) as float32, token-major ``[tokens, channels]``: what a
+    transform's basis multiplies (:meth:`kvcodec.codec.transform.Transform.inverse_into`),
     without an integer intermediate or a transposing copy. Exact: symbols are below 2**24.
 
     Raises:
@@ -460,7 +460,7 @@ def decode_symbols(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, 
     out = np.empty(tokens * channels, dtype=np.uint32)  # float32 [tokens, channels]: one "head" of every channel
     _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out, 0, 0, channels, tokens,
                    OUT_FLOAT32, np.asarray(centers, dtype=np.int32), np.ones(1, np.float32), _NEG_INF, _POS_INF))
-    return out.view(np.float32).reshape(tokens, channels).astype(np.float64)
+    return out.view(np.float32).reshape(tokens, channels)
 
 
 _NEG_INF, _POS_INF = np.float32(-np.inf), np.float32(np.inf)

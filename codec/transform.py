@@ -16,7 +16,9 @@ whose header has the transform flag was quantized in that basis:
 Exactness: every product and partial sum of both matrix products is an integer
 below ``2**53`` (bounds checked by :func:`Transform.step_floor_factor` and
 :data:`SUBSTEPS`), so float64 matrix products are exact in any summation order —
-the symbols and the decoded tensors are identical on every device and BLAS. The
+the symbols and the decoded tensors are identical on every device and BLAS. (The CPU
+decoder multiplies in float32 when the symbols are small enough for every partial sum to
+stay below ``2**24``: exact too, at half the work.) The
 RoPE tables are float32 values of cos/sin correctly rounded from exact angles
 (:func:`rope_tables`), and the rotations are separate IEEE multiplies and adds.
 
@@ -164,6 +166,9 @@ class Transform:
         # matrix product; the elementwise shortcuts below give the same bits
         eye = np.eye(self.basis.shape[1], dtype=np.int64) << SCALE_BITS
         self.identity = bool(np.all(self.basis.astype(np.int64) == eye))
+        # symbols up to this magnitude keep every partial sum of the basis product an integer
+        # below 2**24 (the largest L1 norm of a column bounds them), exact in float32 in any order
+        self.float32_exact_below = (2**24 - 1) // max(1, int(np.abs(self.basis.astype(np.int64)).sum(axis=1).max()))
 
     @property
     def channels(self) -> int:
@@ -178,10 +183,10 @@ class Transform:
         l1 = np.abs(self.basis.astype(np.int64)).sum(axis=2).max()
         return float(l1) / (1 << SCALE_BITS) * (1 + 2**-10) + 2.0 / 32767
 
-    def _basis(self, device) -> torch.Tensor:
-        key = str(device)
+    def _basis(self, device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        key = f"{device}/{dtype}"
         if key not in self._device_basis:
-            self._device_basis[key] = torch.from_numpy(self.basis.astype(np.float64)).to(device)
+            self._device_basis[key] = torch.from_numpy(self.basis.astype(np.float64)).to(device=device, dtype=dtype)
         return self._device_basis[key]
 
     def prepare(self, x: torch.Tensor, first: int) -> torch.Tensor:
@@ -239,12 +244,21 @@ class Transform:
     def inverse_into(self, v: np.ndarray, steps: np.ndarray, first: int, out: torch.Tensor) -> None:
         """:meth:`inverse_tokens` on the CPU, clamped to ``out``'s finite range and written into
         ``out`` (float32/float16/bfloat16 ``[H, T, D]``, last axis contiguous, e.g. a slice of the
-        caller's output): the basis product in torch (float64 BLAS), then scaling, RoPE, clamp and
+        caller's output), for symbols ``v`` token-major ``[T, H * D]`` (integers in float32 or
+        float64, as :func:`kvcodec.codec.rans.decode_symbols` gives them): the basis product in
+        torch (BLAS; float32 when :attr:`float32_exact_below` bounds the symbols, else float64 —
+        exact either way), then scaling, RoPE, clamp and
         rounding to the dtype in one numba pass per (head, token) row — the same IEEE operations
         in the same order as the torch path (no fused multiply-adds), so the same bits (tests).
         Not for identity bases."""
         tokens = v.shape[0]
-        acc = torch.einsum("tgj,gji->tgi", torch.from_numpy(v).reshape(tokens, *self.basis.shape[:2]), self._basis("cpu"))
+        if np.abs(v).max(initial=0) <= self.float32_exact_below:  # half the work, the same integers
+            basis = self._basis("cpu", torch.float32)
+            v = v.astype(np.float32, copy=False)
+        else:
+            basis = self._basis("cpu")
+            v = v.astype(np.float64, copy=False)
+        acc = torch.einsum("tgj,gji->tgi", torch.from_numpy(v).reshape(tokens, *self.basis.shape[:2]), basis)
         flat, kind, lo, hi = output_bits(out)
         if self.rope is not None:
             cos, sin = _tables(self.rope.inv_freq.astype(np.float32).tobytes(), int(first), int(tokens))

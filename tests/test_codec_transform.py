@@ -281,19 +281,23 @@ def test_cpu_token_major_decode_gives_dequantize_blocks_bits(group):
     steps = np.array([0.021, 0.37], dtype=np.float32)
     words, escapes = rans.encode_deltas(d, classes)
     v = rans.decode_symbols(words, escapes, classes, centers, tokens)
-    assert v.dtype == np.float64 and np.array_equal(v, (d + centers[:, None]).T)
+    assert v.dtype == np.float32 and np.array_equal(v, (d + centers[:, None]).T)
     deltas = rans.decode_deltas(words, escapes, classes, tokens)
-    fast = t.inverse_tokens(torch.from_numpy(v), HEADS, steps, 5).to(torch.float16)
+    fast = t.inverse_tokens(torch.from_numpy(v.astype(np.float64)), HEADS, steps, 5).to(torch.float16)
     general = dequantize_block(steps, centers, deltas, HEADS, DIM, torch.float16, transform=t, first=5)
     assert torch.equal(fast.view(torch.int16), general.view(torch.int16))
     # the fused CPU finish (scale, RoPE, clamp, rounding in numba) into a slice of a larger output;
     # head 1's huge step overflows float16 and is clamped as dequantize_block clamps
     big_steps = np.array([0.021, 3e3], dtype=np.float32)
+    assert 0 < np.abs(v).max() <= t.float32_exact_below  # this data takes the float32 product ...
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for s in (steps, big_steps):
             want = dequantize_block(s, centers, deltas, HEADS, DIM, dtype, transform=t, first=5)
-            big = torch.full((2, HEADS, tokens + 3, DIM), 9.0, dtype=dtype)
-            t.inverse_into(v, s, 5, big[1, :, 2 : 2 + tokens])
-            assert torch.equal(big[1, :, 2 : 2 + tokens], want), (dtype, s)
-            assert (big[0] == 9).all() and (big[1, :, :2] == 9).all() and (big[1, :, 2 + tokens :] == 9).all()
+            for symbols in (v, v * 97):  # ... symbols 97x larger the float64 one
+                scaled = dequantize_block(s, centers * 97, deltas * 97, HEADS, DIM, dtype, transform=t, first=5)
+                big = torch.full((2, HEADS, tokens + 3, DIM), 9.0, dtype=dtype)
+                t.inverse_into(symbols, s, 5, big[1, :, 2 : 2 + tokens])
+                assert torch.equal(big[1, :, 2 : 2 + tokens], want if symbols is v else scaled), (dtype, s)
+                assert (big[0] == 9).all() and (big[1, :, :2] == 9).all() and (big[1, :, 2 + tokens :] == 9).all()
+    assert np.abs(v * 97).max() > t.float32_exact_below
     assert (dequantize_block(big_steps, centers, deltas, HEADS, DIM, torch.float16, transform=t, first=5).abs() == 65504).any()
