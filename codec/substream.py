@@ -326,11 +326,13 @@ def split_raw(
 _DIRECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CPU kernels write
 
 
-def _writes_directly(device, dtype: torch.dtype, transform: Transform | None) -> bool:
+def _writes_directly(device, dtype: torch.dtype, transform: Transform | None, out: torch.Tensor | None) -> bool:
     """Whether the CPU kernels decode a coder-3 block straight into its output (identity
-    transforms, other devices and dtypes go through integer deltas and dequantize_block)."""
+    transforms, other devices and dtypes, outputs whose last axis is strided go through integer
+    deltas and dequantize_block)."""
     on_cpu = torch.device(device or "cpu").type == "cpu"
-    return on_cpu and dtype in _DIRECT_DTYPES and (transform is None or not transform.identity)
+    return (on_cpu and dtype in _DIRECT_DTYPES and (transform is None or not transform.identity)
+            and (out is None or (out.dtype == dtype and out.device.type == "cpu" and out.stride(2) == 1)))
 
 
 def decode_quantized(
@@ -360,7 +362,7 @@ def decode_quantized(
         return raw.to(dtype).to(device)
     if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim, packed, prior)
-        if _writes_directly(device, dtype, transform):
+        if _writes_directly(device, dtype, transform, out):
             target = torch.empty((heads, tokens, dim), dtype=dtype) if out is None else out
             if transform is None:
                 rans.decode_dequantized(p.words, p.escapes, p.classes, p.centers, p.steps, target[:, n_raw:])
