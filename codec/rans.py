@@ -19,7 +19,9 @@ FORMAT.md ("Mode 1, coder 3") is normative. Summary:
 
 The encoder and decoder are numba functions compiled with ``nogil=True`` so
 substreams code in parallel on Python threads; ``rans_torch`` decodes the same
-words with torch (CPU or CUDA) to identical symbols.
+words with torch (CPU or CUDA) to identical symbols. The CPU decoder dequantizes as
+it decodes and writes the caller's output dtype itself (:func:`decode_dequantized`),
+or hands a transform its symbols token-major (:func:`decode_symbols`).
 """
 
 from __future__ import annotations
