@@ -227,22 +227,17 @@ class Transform:
             # is what one float32 multiply of the exact operands gives (|q| < 2**24)
             x = q.to(torch.float32) * torch.from_numpy(steps.astype(np.float32)).to(q.device)[:, None, None]
             return rotate(x, self.rope, first) if self.rope is not None else x
-        return self.inverse_tokens(q.to(torch.float64).permute(1, 0, 2).reshape(tokens, heads * dim), heads, steps, first)
-
-    def inverse_tokens(self, v: torch.Tensor, heads: int, steps: np.ndarray, first: int) -> torch.Tensor:
-        """:meth:`inverse` of symbols given token-major: float64 ``[T, H * D]`` (integers, as the
-        CPU decoder writes them) -> float32 ``[H, T, D]``. Not for identity bases."""
-        tokens = v.shape[0]
-        acc = torch.einsum("tgj,gji->tgi", v.reshape(tokens, *self.basis.shape[:2]), self._basis(v.device))  # exact
-        acc = acc.reshape(tokens, heads, -1).permute(1, 0, 2)
-        scale = torch.from_numpy(steps.astype(np.float64) * 2.0**-SCALE_BITS).to(v.device)
+        v = q.to(torch.float64).permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])
+        acc = torch.einsum("tgj,gji->tgi", v, self._basis(q.device))  # exact integer sums
+        acc = acc.reshape(tokens, heads, dim).permute(1, 0, 2)
+        scale = torch.from_numpy(steps.astype(np.float64) * 2.0**-SCALE_BITS).to(q.device)
         x = (acc * scale[:, None, None]).to(torch.float32)
         if self.rope is not None:
             x = rotate(x, self.rope, first)
         return x
 
     def inverse_into(self, v: np.ndarray, steps: np.ndarray, first: int, out: torch.Tensor) -> None:
-        """:meth:`inverse_tokens` on the CPU, clamped to ``out``'s finite range and written into
+        """:meth:`inverse` on the CPU, clamped to ``out``'s finite range and written into
         ``out`` (float32/float16/bfloat16 ``[H, T, D]``, last axis contiguous, e.g. a slice of the
         caller's output), for symbols ``v`` token-major ``[T, H * D]`` (integers in float32 or
         float64, as :func:`kvcodec.codec.rans.decode_symbols` gives them): the basis product in
@@ -261,7 +256,7 @@ class Transform:
         acc = torch.einsum("tgj,gji->tgi", torch.from_numpy(v).reshape(tokens, *self.basis.shape[:2]), basis)
         flat, kind, lo, hi = output_bits(out)
         if self.rope is not None:
-            cos, sin = _tables(self.rope.inv_freq.astype(np.float32).tobytes(), int(first), int(tokens))
+            cos, sin = (table.numpy() for table in rope_tables(self.rope, first, tokens))
         else:
             cos = sin = np.ones((tokens, 0), dtype=np.float32)
         _finish(acc.reshape(tokens, -1).numpy(), steps.astype(np.float64) * 2.0**-SCALE_BITS, cos, sin, flat,
@@ -271,7 +266,7 @@ class Transform:
 @njit(nogil=True, cache=True)
 def _finish(acc, scale, cos, sin, out, start, head_stride, token_stride, dim, kind, lo, hi):
     """``out[h, t, :]`` = bits of ``clamp(rope(float32(acc[t, h * dim + :] * scale[h])), lo, hi)``:
-    :meth:`Transform.inverse_tokens` + clamp + dtype rounding, one row at a time (``cos`` /
+    :meth:`Transform.inverse` + clamp + dtype rounding, one row at a time (``cos`` /
     ``sin`` float32 ``[T, half]``, ``half`` = 0 without RoPE)."""
     tokens = acc.shape[0]
     heads = acc.shape[1] // dim

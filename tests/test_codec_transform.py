@@ -264,7 +264,7 @@ def test_block_diagonal_bases_are_applied_block_by_block_with_the_same_bits():
 @pytest.mark.parametrize("group", [DIM, HEADS * DIM])
 def test_cpu_token_major_decode_gives_dequantize_blocks_bits(group):
     """The CPU decoder writes a transform stream's symbols token-major in float64 straight for the
-    basis product (rans.decode_symbols + Transform.inverse_tokens); the general path (integer
+    basis product (rans.decode_symbols + Transform.inverse_into); the general path (integer
     deltas, dequantize_block, what a GPU runs) must give the same bits."""
     from kvcodec.codec import rans
     from kvcodec.codec.entropy import scale_classes
@@ -283,7 +283,8 @@ def test_cpu_token_major_decode_gives_dequantize_blocks_bits(group):
     v = rans.decode_symbols(words, escapes, classes, centers, tokens)
     assert v.dtype == np.float32 and np.array_equal(v, (d + centers[:, None]).T)
     deltas = rans.decode_deltas(words, escapes, classes, tokens)
-    fast = t.inverse_tokens(torch.from_numpy(v.astype(np.float64)), HEADS, steps, 5).to(torch.float16)
+    token_major = torch.from_numpy(v.T.copy()).reshape(HEADS, DIM, tokens).permute(0, 2, 1)  # as [H, T, D]
+    fast = t.inverse(token_major.to(torch.int64), steps, 5).to(torch.float16)
     general = dequantize_block(steps, centers, deltas, HEADS, DIM, torch.float16, transform=t, first=5)
     assert torch.equal(fast.view(torch.int16), general.view(torch.int16))
     # the fused CPU finish (scale, RoPE, clamp, rounding in numba) into a slice of a larger output;
