@@ -19,9 +19,9 @@ FORMAT.md ("Mode 1, coder 3") is normative. Summary:
 
 The encoder and decoder are numba functions compiled with ``nogil=True`` so
 substreams code in parallel on Python threads; ``rans_torch`` decodes the same
-words with torch (CPU or CUDA) to identical symbols. The CPU decoder dequantizes as
-it decodes and writes the caller's output dtype itself (:func:`decode_dequantized`),
-or hands a transform its symbols token-major (:func:`decode_symbols`).
+words with torch (CPU or CUDA) to identical symbols. The CPU decoder (``_decode``, driven
+by :func:`kvcodec.codec.fields.decode_into`) dequantizes as it decodes and writes the
+caller's output dtype itself, or hands a transform its symbols token-major.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
     ``out`` is the flat uint32 (float32) or uint16 (float16, bfloat16) storage of any
     destination whose last axis is contiguous, e.g. a slice of the caller's output tensor.
     With unit steps and infinite bounds the values are the integers themselves, exact (below
-    2**24): :func:`decode_deltas` and :func:`decode_symbols` use it so.
+    2**24): :func:`decode_deltas` and a transform's symbols (:mod:`kvcodec.codec.fields`) use it so.
 
     Each channel's values are converted once per symbol value into a table (on average 45
     entries for 255 tokens on the 8B-shaped benchmark chunk), so the loop stores table entries
@@ -443,6 +443,9 @@ def encode_deltas_host(deltas: np.ndarray, classes: np.ndarray) -> tuple[np.ndar
     return words, escapes
 
 
+NEG_INF, POS_INF = np.float32(-np.inf), np.float32(np.inf)  # no clamp: the decoder's integer outputs
+
+
 def decode_deltas(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, tokens: int) -> np.ndarray:
     """Inverse of :func:`encode_deltas`.
 
@@ -454,58 +457,11 @@ def decode_deltas(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, t
     channels = classes.shape[0]
     out = np.empty(channels * tokens, dtype=np.uint32)  # float32 [channels, tokens]: one "head" a channel
     _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out, 0, tokens, 1, tokens,
-                   OUT_FLOAT32, np.zeros(channels, np.int32), np.ones(channels, np.float32), _NEG_INF, _POS_INF))
+                   OUT_FLOAT32, np.zeros(channels, np.int32), np.ones(channels, np.float32), NEG_INF, POS_INF))
     return out.view(np.float32).reshape(channels, tokens).astype(np.int32)
 
-
-def decode_symbols(words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, tokens: int) -> np.ndarray:
-    """Every symbol (delta + centre) as float32, token-major ``[tokens, channels]``: what a
-    transform's basis multiplies (:meth:`kvcodec.codec.transform.Transform.inverse_into`),
-    without an integer intermediate or a transposing copy. Exact: symbols are below 2**24.
-
-    Raises:
-        CorruptStream: as :func:`decode_deltas`.
-    """
-    check_classes(classes)
-    channels = classes.shape[0]
-    out = np.empty(tokens * channels, dtype=np.uint32)  # float32 [tokens, channels]: one "head" of every channel
-    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, out, 0, 0, channels, tokens,
-                   OUT_FLOAT32, np.asarray(centers, dtype=np.int32), np.ones(1, np.float32), _NEG_INF, _POS_INF))
-    return out.view(np.float32).reshape(tokens, channels)
-
-
-_NEG_INF, _POS_INF = np.float32(-np.inf), np.float32(np.inf)
 _KINDS = {torch.float32: (OUT_FLOAT32, torch.int32, np.uint32), torch.float16: (OUT_FLOAT16, torch.int16, np.uint16),
           torch.bfloat16: (OUT_BFLOAT16, torch.int16, np.uint16)}
-
-
-def decode_dequantized(
-    words: np.ndarray, escapes: np.ndarray, classes: np.ndarray, centers: np.ndarray, steps: np.ndarray,
-    out: torch.Tensor,
-) -> None:
-    """:func:`decode_deltas` and the dequantizer in one pass, on the CPU, into ``out``.
-
-    Writes ``clamp((delta + centre) * step)`` — float32 arithmetic as
-    :func:`kvcodec.codec.quantize.dequantize_block`, clamped to ``out``'s finite range and
-    rounded to its dtype as torch rounds — of every symbol into ``out`` (a CPU float32,
-    float16 or bfloat16 tensor ``[heads, tokens, head_dim]`` whose last axis is contiguous,
-    such as a slice of a larger output); ``centers`` int ``[channels]``, ``steps`` float32
-    ``[heads]``.
-
-    Raises:
-        CorruptStream: as :func:`decode_deltas`.
-        ValueError: ``out`` is not such a tensor.
-    """
-    check_classes(classes)
-    heads, tokens, dim = out.shape
-    if heads * dim != classes.shape[0] or len(steps) != heads:
-        raise ValueError(f"decode_dequantized: {classes.shape[0]} channels, {len(steps)} steps for an output of {heads} x {dim}")
-    if out.dtype not in _KINDS or out.device.type != "cpu" or (out.stride(2) != 1 and dim > 1):
-        raise ValueError(f"decode_dequantized: needs a CPU float32/float16/bfloat16 tensor with a contiguous last axis, got {out.dtype} strides {out.stride()}")
-    flat, kind, lo, hi = output_bits(out)
-    _check(_decode(_padded(words, tokens), escapes, classes, ESC, FREQ, CUM, SLOT2SYM, flat, out.storage_offset(),
-                   out.stride(0), out.stride(1), tokens, kind, np.asarray(centers, dtype=np.int32),
-                   np.asarray(steps, dtype=np.float32), lo, hi))
 
 
 def output_bits(out: torch.Tensor) -> tuple[np.ndarray, int, np.float32, np.float32]:
@@ -538,4 +494,4 @@ def check_classes(classes: np.ndarray) -> None:
         raise CorruptStream(f"channel {bad[0]}: scale class {classes[bad[0]]} > {NUM_CLASSES}")
 
 
-__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "decode_dequantized", "decode_symbols", "output_bits", "to_bits", "check_classes", "model_bits"]
+__all__ = ["channel_deltas", "PROB_BITS", "LANES", "E_MAX", "ESC", "FREQ", "CUM", "SLOT2SYM", "encode_deltas", "decode_deltas", "output_bits", "to_bits", "check_classes", "model_bits"]

@@ -20,6 +20,7 @@ Two payload layouts, chosen by the header's mode (FORMAT.md, "Substreams"):
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import zstandard
 
-from kvcodec.codec import entropy, rans
+from kvcodec.codec import entropy, fields, rans
 from kvcodec.codec.errors import CorruptStream
 from kvcodec.codec.quantize import all_finite, dequantize_block, quantize_block, symbols
 from kvcodec.codec.sideprior import SidePrior, choose_side
@@ -137,36 +138,6 @@ def _side_rows(steps: np.ndarray, centers: np.ndarray, classes: np.ndarray, prio
     return np.stack([classes - pred_classes, centers - pred_centers])
 
 
-def _parse_packed_side(
-    payload: memoryview, pos: int, channels: int, steps: np.ndarray, prior: SidePrior | None
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Decode packed side information at ``pos``; returns ``(centres, classes, next pos)``."""
-    side_classes = np.frombuffer(payload, dtype=np.uint8, count=2, offset=pos).copy()
-    rans.check_classes(side_classes)
-    n_esc, n_words = _U32x2.unpack_from(payload, pos + 2)
-    pos += 10
-    end = pos + 2 * (n_esc + n_words)
-    if end + 4 > len(payload):
-        raise CorruptStream(f"side information: {n_esc} escapes and {n_words} words do not fit the "
-                            f"{len(payload)}-byte substream")
-    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=pos).astype(np.uint16)
-    words = np.frombuffer(payload, dtype="<u2", count=n_words, offset=pos + 2 * n_esc).astype(np.uint16)
-    try:
-        rows = rans.decode_deltas(words, escapes, side_classes, channels)
-    except CorruptStream as exc:
-        raise CorruptStream(f"side information: {exc}") from None
-    if prior is None:
-        classes, centers = np.cumsum(rows[0].astype(np.int64)), rows[1].astype(np.int64)
-    else:
-        pred_classes, pred_centers = prior.predict(steps)
-        classes, centers = rows[0] + pred_classes, rows[1] + pred_centers
-    if classes.size and (classes.min() < 0 or classes.max() > entropy.NUM_CLASSES):
-        raise CorruptStream(f"classes: decoded class outside 0..{entropy.NUM_CLASSES}")
-    if centers.size and (centers.min() < -32768 or centers.max() > 32767):
-        raise CorruptStream("centres: decoded centre outside int16")
-    return centers.astype(np.int32), classes.astype(np.uint8), end
-
-
 @dataclass
 class RansPayload:
     """The parsed quantized part of a coder-3 substream (before entropy decoding).
@@ -257,40 +228,37 @@ def parse_rans(
         CorruptStream: a field is invalid or does not fit the substream.
     """
     channels = heads * dim
+    p, steps, pred = _fields_input(payload, heads, dim, packed, prior)
+    centers, classes = np.empty(channels, dtype=np.int32), np.empty(channels, dtype=np.uint8)
+    status, a, b, esc_at, n_esc, words_at = fields.parse(p, 4 * heads, channels, packed, *pred, centers, classes,
+                                                         rans.ESC, rans.FREQ, rans.CUM, rans.SLOT2SYM)
+    if status:
+        raise CorruptStream(fields.message(status, a, b, len(p)))
+    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=esc_at).astype(np.uint16)
+    words = np.frombuffer(payload, dtype="<u2", offset=words_at).astype(np.uint16)
+    return RansPayload(steps, centers, classes, escapes, words)
+
+
+_NO_PRIOR = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+
+
+def _fields_input(payload: memoryview, heads: int, dim: int, packed: bool, prior: SidePrior | None):
+    """What :mod:`kvcodec.codec.fields` takes: the quantized part as read-only uint8 (one
+    numba signature whatever the buffer), its steps, and the prior's prediction at them.
+
+    Raises:
+        CorruptStream: the part is shorter than its fixed fields, or a step is invalid.
+    """
     fixed = quantized_side_bytes(heads, dim, CODER_RANS, packed)
     if len(payload) < fixed:
         raise CorruptStream(f"side information: {len(payload)} bytes, needs {fixed}")
+    p = np.frombuffer(payload, dtype=np.uint8)
+    p.flags.writeable = False
     steps = _read_steps(payload, heads)
-    pos = 4 * heads
-    if packed:
-        centers, classes, pos = _parse_packed_side(payload, pos, channels, steps, prior)
-        return _parse_words(payload, pos, steps, centers, classes)
-    width = payload[pos]
-    if width not in (1, 2):
-        raise CorruptStream(f"centre width: {width} (must be 1 or 2)")
-    pos += 1
-    if len(payload) < fixed + (width - 1) * channels:
-        raise CorruptStream(f"side information: {len(payload)} bytes, needs {fixed + (width - 1) * channels}")
-    centers = np.frombuffer(payload, dtype=f"<i{width}", count=channels, offset=pos).astype(np.int32)
-    pos += width * channels
-    classes = np.frombuffer(payload, dtype=np.uint8, count=channels, offset=pos).copy()
-    rans.check_classes(classes)
-    pos += channels
-    return _parse_words(payload, pos, steps, centers, classes)
-
-
-def _parse_words(payload: memoryview, pos: int, steps, centers, classes) -> RansPayload:
-    """``n_escapes | escapes | words`` from ``pos`` to the end of the substream."""
-    n_esc = _U32.unpack_from(payload, pos)[0]
-    pos += 4
-    if pos + 2 * n_esc > len(payload):
-        raise CorruptStream(f"escape list: {n_esc} escapes do not fit the {len(payload)}-byte substream")
-    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=pos).astype(np.uint16)
-    pos += 2 * n_esc
-    if (len(payload) - pos) % 2:
-        raise CorruptStream(f"rANS words: {len(payload) - pos} bytes is not a whole number of u16 words")
-    words = np.frombuffer(payload, dtype="<u2", offset=pos).astype(np.uint16)
-    return RansPayload(steps, centers, classes, escapes, words)
+    if not packed or prior is None:
+        return p, steps, _NO_PRIOR
+    pred_classes, pred_centers = prior.predict(steps)
+    return p, steps, (np.asarray(pred_classes, dtype=np.int64), np.asarray(pred_centers, dtype=np.int64))
 
 
 def _read_steps(payload: memoryview, heads: int) -> np.ndarray:
@@ -360,18 +328,14 @@ def decode_quantized(
     n_quant = tokens - n_raw
     if n_quant == 0:
         return raw.to(dtype).to(device)
+    if coder == CODER_RANS and _writes_directly(device, dtype, transform, out):
+        target = torch.empty((heads, tokens, dim), dtype=dtype) if out is None else out
+        _decode_direct(payload, heads, dim, n_quant, packed, prior, transform, first, target[:, n_raw:])
+        if raw is not None:
+            target[:, :n_raw] = raw.to(dtype)
+        return target
     if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim, packed, prior)
-        if _writes_directly(device, dtype, transform, out):
-            target = torch.empty((heads, tokens, dim), dtype=dtype) if out is None else out
-            if transform is None:
-                rans.decode_dequantized(p.words, p.escapes, p.classes, p.centers, p.steps, target[:, n_raw:])
-            else:  # symbols straight into the basis product's layout, its result straight into the output
-                v = rans.decode_symbols(p.words, p.escapes, p.classes, p.centers, n_quant)
-                transform.inverse_into(v, p.steps, first, target[:, n_raw:])
-            if raw is not None:
-                target[:, :n_raw] = raw.to(dtype)
-            return target
         deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
         quant = dequantize_block(p.steps, p.centers, deltas, heads, dim, dtype, device, transform, first)
     else:
@@ -385,6 +349,56 @@ def decode_quantized(
     if raw is None:
         return quant
     return torch.cat([raw.to(dtype).to(device), quant], dim=1)
+
+
+_UNIT_STEP = np.ones(1, dtype=np.float32)
+_scratch = threading.local()
+
+
+def _decode_direct(
+    payload: memoryview, heads: int, dim: int, tokens: int, packed: bool, prior: SidePrior | None,
+    transform: Transform | None, first: int, dest: torch.Tensor,
+) -> None:
+    """Decode a coder-3 quantized part into ``dest`` (CPU float32, float16 or bfloat16
+    ``[heads, tokens, dim]``, last axis contiguous) with as little as possible under the GIL:
+    the fields parsed in numba, the words copied once (by numpy: numba's element-wise copy is
+    20x slower) into this thread's buffer (a fresh 150 KB array costs its page faults again
+    each time), then the rANS kernel, which dequantizes as it decodes — or, with a transform,
+    writes the symbols in the layout its basis multiplies (float32 token-major
+    ``[tokens, channels]``, exact) for :meth:`Transform.inverse_into`.
+
+    Raises:
+        CorruptStream: as :func:`parse_rans`, or the words do not decode.
+    """
+    channels = heads * dim
+    p, steps, pred = _fields_input(payload, heads, dim, packed, prior)
+    centers, classes = np.empty(channels, dtype=np.int32), np.empty(channels, dtype=np.uint8)
+    status, a, b, esc_at, n_esc, words_at = fields.parse(p, 4 * heads, channels, packed, *pred, centers, classes,
+                                                         rans.ESC, rans.FREQ, rans.CUM, rans.SLOT2SYM)
+    if status:
+        raise CorruptStream(fields.message(status, a, b, len(p)))
+    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=esc_at).astype(np.uint16)
+    n_words = (len(p) - words_at) // 2
+    words = _word_buffer(n_words + tokens)
+    words[:n_words] = np.frombuffer(payload, dtype="<u2", count=n_words, offset=words_at)
+    words[n_words:] = 0  # the kernel's padding
+    if transform is None:
+        flat, kind, lo, hi = rans.output_bits(dest)
+        target = (flat, dest.storage_offset(), dest.stride(0), dest.stride(1), tokens, kind, centers, steps, lo, hi)
+    else:  # one "head" of every channel, unit step: the symbols themselves
+        symbols = np.empty(tokens * channels, dtype=np.uint32)
+        target = (symbols, 0, 0, channels, tokens, rans.OUT_FLOAT32, centers, _UNIT_STEP, rans.NEG_INF, rans.POS_INF)
+    rans._check(rans._decode(words, escapes, classes, rans.ESC, rans.FREQ, rans.CUM, rans.SLOT2SYM, *target))
+    if transform is not None:
+        transform.inverse_into(symbols.view(np.float32).reshape(tokens, channels), steps, first, dest)
+
+
+def _word_buffer(n: int) -> np.ndarray:
+    """This thread's uint16 scratch for ``n`` words (grown when needed, kept between substreams)."""
+    buf = getattr(_scratch, "words", None)
+    if buf is None or len(buf) < n:
+        buf = _scratch.words = np.empty(max(n, 1 << 16), dtype=np.uint16)
+    return buf[:n]
 
 
 def _decode_ans(payload: memoryview, heads: int, dim: int, n_quant: int):

@@ -12,8 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcodec.codec import container, decode, encode, entropy, inspect, rans
+from kvcodec.codec import container, decode, encode, entropy, inspect, rans, substream
 from kvcodec.codec.layers import decode_layers
+
+from _codec_fixtures import plain_part
 
 LEGACY = Path(__file__).parent / "golden_coder2"
 
@@ -69,16 +71,16 @@ def test_decode_dequantized_gives_dequantize_blocks_values(dtype):
     ref = dequantize_block(steps, centers, d, heads, dim, dtype)
     finfo = torch.finfo(dtype)
     assert torch.isfinite(ref).all() and (ref.abs() == finfo.max).any()
-    out = torch.empty((heads, tokens, dim), dtype=dtype)
-    rans.decode_dequantized(words, escapes, cls, centers, steps, out)
-    assert torch.equal(out, ref)
+    part = plain_part(steps, centers, cls, words, escapes)
+    assert torch.equal(substream.decode_quantized(part, heads, tokens, dim, torch.float32, dtype), ref)
     # into a slice of a larger tensor (heads apart, tokens offset): nothing outside it is touched
     big = torch.full((2, heads, tokens + 9, dim), 7.0, dtype=dtype)
-    rans.decode_dequantized(words, escapes, cls, centers, steps, big[1, :, 4 : 4 + tokens])
+    substream.decode_quantized(part, heads, tokens, dim, torch.float32, dtype, out=big[1, :, 4 : 4 + tokens])
     assert torch.equal(big[1, :, 4 : 4 + tokens], ref)
     assert (big[0] == 7).all() and (big[1, :, :4] == 7).all() and (big[1, :, 4 + tokens :] == 7).all()
     with pytest.raises(Exception, match="entropy payload"):
-        rans.decode_dequantized(words[:-1], escapes, cls, centers, steps, out)
+        substream.decode_quantized(plain_part(steps, centers, cls, words[:-1], escapes), heads, tokens, dim,
+                                   torch.float32, dtype)
 
 
 def test_dequantized_values_round_to_half_and_bfloat16_as_torch_does():
@@ -130,7 +132,8 @@ def _corruptions(words: np.ndarray, escapes: np.ndarray):
 @pytest.mark.parametrize("tokens", [50, 255, 256])  # lane runs that wrap mid-channel, and that do not
 def test_corrupt_payloads_are_refused_not_misread(tokens):
     """Every damaged payload is a CorruptStream (never an out-of-bounds read or a silent result),
-    through both decoder entry points; the kernel checks word bounds once per channel."""
+    through the word-level decoder and a whole substream; the kernel checks word bounds once per
+    channel."""
     from kvcodec.codec.errors import CorruptStream
 
     rng = np.random.default_rng(tokens)
@@ -146,9 +149,8 @@ def test_corrupt_payloads_are_refused_not_misread(tokens):
         with pytest.raises(CorruptStream, match=message or "entropy payload"):
             rans.decode_deltas(w, e, cls, tokens)
         with pytest.raises(CorruptStream, match=message or "entropy payload"):
-            rans.decode_dequantized(w, e, cls, centers, steps, out)
-        with pytest.raises(CorruptStream, match=message or "entropy payload"):
-            rans.decode_symbols(w, e, cls, centers, tokens)
+            substream.decode_quantized(plain_part(steps, centers, cls, w, e), 2, tokens, 8, torch.float16,
+                                       torch.float16, out=out)
 
 
 def test_escapes_cover_rare_outliers_and_the_extremes():

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from kvcodec.codec import decode, decode_layer, decode_layers, encode, inspect, verify
+from kvcodec.codec import decode, decode_layer, decode_layers, encode, inspect, substream, verify
 from kvcodec.codec import transform as tr
 from kvcodec.codec.errors import InvalidInput, MissingProfile, UnsupportedFormat
 from kvcodec.codec.profile import Profile, load_profile, profile_from_json
+
+from _codec_fixtures import plain_part
 
 LAYERS, HEADS, TOKENS, DIM = 2, 2, 300, 8
 INV_FREQ = (1.0 / 10000 ** (np.arange(0, DIM, 2) / DIM)).astype(np.float32)
@@ -263,9 +265,9 @@ def test_block_diagonal_bases_are_applied_block_by_block_with_the_same_bits():
 
 @pytest.mark.parametrize("group", [DIM, HEADS * DIM])
 def test_cpu_token_major_decode_gives_dequantize_blocks_bits(group):
-    """The CPU decoder writes a transform stream's symbols token-major in float64 straight for the
-    basis product (rans.decode_symbols + Transform.inverse_into); the general path (integer
-    deltas, dequantize_block, what a GPU runs) must give the same bits."""
+    """The CPU decoder writes a transform stream's symbols token-major in float32 straight for the
+    basis product (substream.decode_quantized -> Transform.inverse_into); the general path
+    (integer deltas, dequantize_block, what a GPU runs) must give the same bits."""
     from kvcodec.codec import rans
     from kvcodec.codec.entropy import scale_classes
     from kvcodec.codec.quantize import dequantize_block
@@ -280,9 +282,13 @@ def test_cpu_token_major_decode_gives_dequantize_blocks_bits(group):
     centers = rng.integers(-40, 40, HEADS * DIM).astype(np.int32)
     steps = np.array([0.021, 0.37], dtype=np.float32)
     words, escapes = rans.encode_deltas(d, classes)
-    v = rans.decode_symbols(words, escapes, classes, centers, tokens)
-    assert v.dtype == np.float32 and np.array_equal(v, (d + centers[:, None]).T)
+    v = (d + centers[:, None]).T.astype(np.float32)  # what the CPU decoder hands inverse_into
     deltas = rans.decode_deltas(words, escapes, classes, tokens)
+    part = plain_part(steps, centers, classes, words, escapes)
+    for dtype in (torch.float16, torch.float32):  # the whole CPU path
+        decoded = substream.decode_quantized(part, HEADS, tokens, DIM, torch.float32, dtype, transform=t, first=5)
+        want = dequantize_block(steps, centers, deltas, HEADS, DIM, dtype, transform=t, first=5)
+        assert torch.equal(decoded, want), dtype
     token_major = torch.from_numpy(v.T.copy()).reshape(HEADS, DIM, tokens).permute(0, 2, 1)  # as [H, T, D]
     fast = t.inverse(token_major.to(torch.int64), steps, 5).to(torch.float16)
     general = dequantize_block(steps, centers, deltas, HEADS, DIM, torch.float16, transform=t, first=5)
