@@ -19,6 +19,7 @@ Two payload layouts, chosen by the header's mode (FORMAT.md, "Substreams"):
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 from collections.abc import Callable
@@ -161,7 +162,7 @@ def _raw_bytes(x: torch.Tensor) -> bytes:
 
 
 def _from_raw(buf: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    width = torch.empty(0, dtype=dtype).element_size()
+    width = dtype.itemsize
     ints = np.frombuffer(buf, dtype=f"<i{width}").astype(f"=i{width}").reshape(shape)
     return torch.from_numpy(ints).view(dtype)
 
@@ -262,10 +263,10 @@ def _fields_input(payload: memoryview, heads: int, dim: int, packed: bool, prior
 
 
 def _read_steps(payload: memoryview, heads: int) -> np.ndarray:
-    steps = np.frombuffer(payload, dtype="<f4", count=heads).astype(np.float32)
-    if not np.all(np.isfinite(steps)) or np.any(steps <= 0):
-        raise CorruptStream(f"step sizes: invalid value in {steps.tolist()}")
-    return steps
+    steps = struct.unpack_from(f"<{heads}f", payload)  # a handful: cheaper in Python than in numpy
+    if not all(0 < s < math.inf for s in steps):  # NaN fails too
+        raise CorruptStream(f"step sizes: invalid value in {list(steps)}")
+    return np.array(steps, dtype=np.float32)
 
 
 def split_raw(
@@ -277,7 +278,7 @@ def split_raw(
     Raises:
         CorruptStream: the substream is too short, or has stray bytes after raw-only content.
     """
-    width = torch.empty(0, dtype=stored).element_size()
+    width = stored.itemsize
     n_quant = tokens - n_raw
     need = quantized_min_bytes(heads, dim, width, n_raw, n_quant, coder, packed)
     if len(payload) < need:
