@@ -340,8 +340,8 @@ def speed(device: str, tokens_list: list[int], kv_path: str | None, repeats: int
         blob = encode(kd, vd, level="balanced")
         bits = 8 * len(blob) / (2 * k.numel())
         if tokens <= numba_tokens:
-            # one thread more than the cores: a worker waiting for the GIL (each substream's Python
-            # parsing holds it) leaves its core to the spare one (benchmarks/RESULTS.md, "Codec speed")
+            # and one thread more than the cores: faster only while a worker waiting for the GIL
+            # leaves a core idle (benchmarks/RESULTS.md, "Codec speed", sixth session)
             for threads in sorted({1, 2, (os.cpu_count() or 1) + 1}):
                 s = timed(lambda: encode(kd, vd, level="balanced", threads=threads), device, repeats)
                 rows.append(_row("encode", tokens, "numba", threads, nbytes, s, bits))
