@@ -11,6 +11,9 @@ every read is bounds-checked, and a malformed field yields a status and its valu
 Before :func:`parse` each substream's parsing was a few dozen small numpy calls, about a
 fifth of a one-thread decode, all holding the GIL, so two decoder threads queued for it
 (benchmarks/RESULTS.md, "Codec speed").
+
+:func:`parse` compiles ``rans._decode`` into itself, and numba's on-disk cache only watches
+this file: after editing the rANS decoder, touch this file too (or clear ``__pycache__``).
 """
 
 from __future__ import annotations
