@@ -228,14 +228,7 @@ def parse_rans(
     Raises:
         CorruptStream: a field is invalid or does not fit the substream.
     """
-    channels = heads * dim
-    p, steps, pred = _fields_input(payload, heads, dim, packed, prior)
-    centers, classes = np.empty(channels, dtype=np.int32), np.empty(channels, dtype=np.uint8)
-    status, a, b, esc_at, n_esc, words_at = fields.parse(p, 4 * heads, channels, packed, *pred, centers, classes,
-                                                         rans.ESC, rans.FREQ, rans.CUM, rans.SLOT2SYM)
-    if status:
-        raise CorruptStream(fields.message(status, a, b, len(p)))
-    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=esc_at).astype(np.uint16)
+    steps, centers, classes, escapes, words_at = _parse(payload, heads, dim, packed, prior)
     words = np.frombuffer(payload, dtype="<u2", offset=words_at).astype(np.uint16)
     return RansPayload(steps, centers, classes, escapes, words)
 
@@ -243,23 +236,32 @@ def parse_rans(
 _NO_PRIOR = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
 
 
-def _fields_input(payload: memoryview, heads: int, dim: int, packed: bool, prior: SidePrior | None):
-    """What :mod:`kvcodec.codec.fields` takes: the quantized part as read-only uint8 (one
-    numba signature whatever the buffer), its steps, and the prior's prediction at them.
+def _parse(payload: memoryview, heads: int, dim: int, packed: bool, prior: SidePrior | None):
+    """Every field of a coder-3 quantized part but the words: ``(steps, centres, classes,
+    escapes, words_at)``, the words starting at byte ``words_at``. The steps are read here (a
+    prior's prediction depends on them), the rest by :func:`kvcodec.codec.fields.parse`, which
+    takes the part as read-only uint8 (one numba signature whatever the buffer).
 
     Raises:
-        CorruptStream: the part is shorter than its fixed fields, or a step is invalid.
+        CorruptStream: a field is invalid or does not fit the substream.
     """
+    channels = heads * dim
     fixed = quantized_side_bytes(heads, dim, CODER_RANS, packed)
     if len(payload) < fixed:
         raise CorruptStream(f"side information: {len(payload)} bytes, needs {fixed}")
     p = np.frombuffer(payload, dtype=np.uint8)
     p.flags.writeable = False
     steps = _read_steps(payload, heads)
-    if not packed or prior is None:
-        return p, steps, _NO_PRIOR
-    pred_classes, pred_centers = prior.predict(steps)
-    return p, steps, (np.asarray(pred_classes, dtype=np.int64), np.asarray(pred_centers, dtype=np.int64))
+    pred = _NO_PRIOR
+    if packed and prior is not None:
+        pred = tuple(np.asarray(x, dtype=np.int64) for x in prior.predict(steps))
+    centers, classes = np.empty(channels, dtype=np.int32), np.empty(channels, dtype=np.uint8)
+    status, a, b, esc_at, n_esc, words_at = fields.parse(p, 4 * heads, channels, packed, *pred, centers, classes,
+                                                         rans.ESC, rans.FREQ, rans.CUM, rans.SLOT2SYM)
+    if status:
+        raise CorruptStream(fields.message(status, a, b, len(p)))
+    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=esc_at).astype(np.uint16)
+    return steps, centers, classes, escapes, words_at
 
 
 def _read_steps(payload: memoryview, heads: int) -> np.ndarray:
@@ -372,14 +374,8 @@ def _decode_direct(
         CorruptStream: as :func:`parse_rans`, or the words do not decode.
     """
     channels = heads * dim
-    p, steps, pred = _fields_input(payload, heads, dim, packed, prior)
-    centers, classes = np.empty(channels, dtype=np.int32), np.empty(channels, dtype=np.uint8)
-    status, a, b, esc_at, n_esc, words_at = fields.parse(p, 4 * heads, channels, packed, *pred, centers, classes,
-                                                         rans.ESC, rans.FREQ, rans.CUM, rans.SLOT2SYM)
-    if status:
-        raise CorruptStream(fields.message(status, a, b, len(p)))
-    escapes = np.frombuffer(payload, dtype="<u2", count=n_esc, offset=esc_at).astype(np.uint16)
-    n_words = (len(p) - words_at) // 2
+    steps, centers, classes, escapes, words_at = _parse(payload, heads, dim, packed, prior)
+    n_words = (len(payload) - words_at) // 2
     words = _word_buffer(n_words + tokens)
     words[:n_words] = np.frombuffer(payload, dtype="<u2", count=n_words, offset=words_at)
     words[n_words:] = 0  # the kernel's padding
