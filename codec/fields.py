@@ -28,27 +28,24 @@ from kvcodec.codec.entropy import NUM_CLASSES
 OK, SIDE_CLASS, SIDE_FIT, SIDE_PAYLOAD, CLASS_RANGE, CENTRE_RANGE, WIDTH, PLAIN_FIT, CLASS, ESCAPE_FIT, ODD_WORDS = range(11)
 
 
+_MESSAGES = {
+    SIDE_CLASS: "channel {a}: scale class {b} > {classes}",
+    SIDE_FIT: "side information: {a} escapes and {b} words do not fit the {size}-byte substream",
+    SIDE_PAYLOAD: "side information: entropy payload: {rans}",
+    CLASS_RANGE: "classes: decoded class outside 0..{classes}",
+    CENTRE_RANGE: "centres: decoded centre outside int16",
+    WIDTH: "centre width: {a} (must be 1 or 2)",
+    PLAIN_FIT: "side information: {size} bytes, needs {a}",
+    CLASS: "channel {a}: scale class {b} > {classes}",
+    ESCAPE_FIT: "escape list: {a} escapes do not fit the {size}-byte substream",
+    ODD_WORDS: "rANS words: {a} bytes is not a whole number of u16 words",
+}
+
+
 def message(status: int, a: int, b: int, size: int) -> str:
     """The words for a failed :func:`parse` of a ``size``-byte quantized part."""
-    if status in (SIDE_CLASS, CLASS):
-        return f"channel {a}: scale class {b} > {NUM_CLASSES}"
-    if status == SIDE_FIT:
-        return f"side information: {a} escapes and {b} words do not fit the {size}-byte substream"
-    if status == SIDE_PAYLOAD:
-        return f"side information: entropy payload: {rans._ERRORS[a]}"
-    if status == CLASS_RANGE:
-        return f"classes: decoded class outside 0..{NUM_CLASSES}"
-    if status == CENTRE_RANGE:
-        return "centres: decoded centre outside int16"
-    if status == WIDTH:
-        return f"centre width: {a} (must be 1 or 2)"
-    if status == PLAIN_FIT:
-        return f"side information: {size} bytes, needs {a}"
-    if status == ESCAPE_FIT:
-        return f"escape list: {a} escapes do not fit the {size}-byte substream"
-    if status == ODD_WORDS:
-        return f"rANS words: {a} bytes is not a whole number of u16 words"
-    raise ValueError(f"status {status}")
+    detail = rans._ERRORS[a] if status == SIDE_PAYLOAD else ""
+    return _MESSAGES[status].format(a=a, b=b, size=size, classes=NUM_CLASSES, rans=detail)
 
 
 @njit(inline="always")
