@@ -60,6 +60,16 @@ class Coded:
         self.k, self.v = flat(keys, True), flat(values, False)
         self.kh, self.vh = flat(kv.keys, True), flat(kv.values, False)
 
+    @classmethod
+    def joined(cls, parts: list[Coded]) -> Coded:
+        """Several texts' tensors as one (tokens after tokens): what the maps are fitted on."""
+        if len(parts) == 1:
+            return parts[0]
+        out = cls.__new__(cls)
+        for name in ("k", "v", "kh", "vh"):
+            setattr(out, name, torch.cat([getattr(p, name) for p in parts], dim=1))
+        return out
+
     def bits(self) -> float:
         return 8 * len(self.blob) / (2 * self.decoded.keys.numel())
 
@@ -70,8 +80,11 @@ class Coded:
 
 
 class Predictor:
-    """``y ~ mean + (x - x_mean) @ A``, fitted by ridge regression; ``x`` None: the mean alone.
-    ``basis``: the PCA basis of the fit's residual."""
+    """``y ~ mean + (x - x_mean) @ A``, fitted by ridge regression (reduced to rank
+    :attr:`rank` if set: ``A`` projected on the top right singular vectors of the fitted
+    predictions); ``x`` None: the mean alone. ``basis``: the PCA basis of the fit's residual."""
+
+    rank: int | None = None
 
     def __init__(self, y: torch.Tensor, x: torch.Tensor | None) -> None:
         self.y_mean = y.mean(0)
@@ -82,6 +95,9 @@ class Predictor:
             xc = x - self.x_mean
             ridge = 1e-3 * xc.pow(2).sum() / xc.shape[1]
             self.a = torch.linalg.solve(xc.T @ xc + ridge * torch.eye(xc.shape[1], dtype=xc.dtype), xc.T @ resid)
+            if self.rank is not None and self.rank < min(self.a.shape):
+                top = torch.linalg.svd(xc @ self.a, full_matrices=False)[2][: self.rank]  # [rank, C_y]
+                self.a = self.a @ top.T @ top
             resid = resid - xc @ self.a
         self.basis = torch.linalg.eigh(resid.T @ resid)[1]
 
@@ -156,24 +172,27 @@ def ideal_rates(fit: Coded, test: Coded) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fit", default="/usr/share/common-licenses/GPL-3", help="text the maps are fitted on")
+    parser.add_argument("--fit", action="append", help="text the maps are fitted on (repeatable; default GPL-3)")
+    parser.add_argument("--rank", type=int, help="reduced-rank maps of this rank (default: full)")
     parser.add_argument("--text", action="append", help="text to measure (repeatable)")
     parser.add_argument("--prefix", type=int, default=1536)
     parser.add_argument("--eval", type=int, default=512)
     args = parser.parse_args(argv)
     texts = args.text or ["/usr/share/common-licenses/Apache-2.0"]
+    fit_texts = args.fit or ["/usr/share/common-licenses/GPL-3"]
 
     from kvcodec.client.model import load_model
     from kvcodec.client.quality import QualityProbe
 
     loaded = load_model(None)
-    fit_kv = QualityProbe.from_text(loaded, args.fit, args.prefix, args.eval).exact_kv
-    layers, heads, _, dim = fit_kv[0].shape
+    fit_kvs = [QualityProbe.from_text(loaded, path, args.prefix, args.eval).exact_kv for path in fit_texts]
+    layers, heads, _, dim = fit_kvs[0][0].shape
     profile = builtin_profile(MODEL, layers, heads, dim)
     if profile is None or not profile.has_transform:
         sys.exit(f"no shipped profile with a transform for {MODEL} {layers} x {heads} x {dim}")
     rope = profile.transform(0, False).rope
-    fits = {level: Coded(*fit_kv, level, rope) for level in LEVELS}
+    fits = {level: Coded.joined([Coded(*kv, level, rope) for kv in fit_kvs]) for level in LEVELS}
+    Predictor.rank = args.rank
     e2e, ideal = [], []
     for path in texts:
         probe = QualityProbe.from_text(loaded, path, args.prefix, args.eval)
@@ -194,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 bits.append(b)
             e2e.append(row + [f"{100 * (1 - bits[1] / bits[0]):.1f}%"])
             ideal.append([name, level] + [f"{r:.3f}" for r in ideal_rates(fits[level], test)])
-    print(f"Machine: {machine()}; model {loaded.name}; maps fitted on {Path(args.fit).name}; prefix {args.prefix} "
+    fitted = " + ".join(Path(p).name for p in fit_texts)
+    rank = f"rank {args.rank}" if args.rank else "full rank"
+    print(f"Machine: {machine()}; model {loaded.name}; maps ({rank}) fitted on {fitted}; prefix {args.prefix} "
           f"tokens, scored on the next {args.eval}\n")
     print(markdown_table(["text", "level", "codec stream (bits, ppl, agree)", "values coded directly (bits/value el, ppl, agree)",
                           "values from decoded keys", "value bits saved"], e2e))
