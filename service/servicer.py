@@ -107,6 +107,9 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             code = grpc.StatusCode.CANCELLED if context.is_active() is False else \
                 grpc.StatusCode.DEADLINE_EXCEEDED
             self.metrics.cancelled.labels(method).inc()
+            # end the call with that status: a handler that returned nothing would answer INTERNAL
+            # ("Failed to serialize response"), which can reach a client before its own deadline fires
+            context.abort(code, "call cancelled" if code == grpc.StatusCode.CANCELLED else "deadline passed")
         except GeneratorExit:  # gRPC dropped a streaming handler: the client cancelled
             code = grpc.StatusCode.CANCELLED
             self.metrics.cancelled.labels(method).inc()

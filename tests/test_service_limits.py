@@ -141,3 +141,22 @@ def test_put_verification_in_worker_processes(start_server):
         other = toy_context(tokens=64, chunk_tokens=32, seed=16)
         with pytest.raises(RequestRejected, match="chunk 1: stream rejected"):
             client.put_chunks(other, [(1, "high", bytes(bad))])
+
+
+def test_calls_past_their_deadline_end_deadline_exceeded_never_internal(start_server):
+    """A handler that finds its deadline passed ends the call with DEADLINE_EXCEEDED: returning
+    nothing made gRPC answer INTERNAL ("Failed to serialize response"), which sometimes reached
+    the client before its own deadline fired."""
+    server = start_server("memory")
+    ctx = toy_context()
+    errors = set()
+    with CacheClient(server.address, retries=0) as client:
+        for i in range(300):
+            try:
+                client.lookup(ctx, timeout_s=(i % 30 + 1) * 1e-4)  # 0.1 .. 3 ms: some reach the handler
+            except DeadlineExceeded:
+                errors.add("deadline")
+            except Exception as exc:  # noqa: BLE001 - anything else is the bug
+                errors.add(f"{type(exc).__name__}: {exc}")
+        assert client.health() == "SERVING"
+    assert errors <= {"deadline"}, errors
