@@ -25,18 +25,17 @@ from kvcodec.codec import rans
 from kvcodec.codec.entropy import NUM_CLASSES
 
 # statuses of parse(): (status, a, b) -> message()
-OK, SIDE_CLASS, SIDE_FIT, SIDE_PAYLOAD, CLASS_RANGE, CENTRE_RANGE, WIDTH, PLAIN_FIT, CLASS, ESCAPE_FIT, ODD_WORDS = range(11)
+OK, CLASS, SIDE_FIT, SIDE_PAYLOAD, CLASS_RANGE, CENTRE_RANGE, WIDTH, PLAIN_FIT, ESCAPE_FIT, ODD_WORDS = range(10)
 
 
 _MESSAGES = {
-    SIDE_CLASS: "channel {a}: scale class {b} > {classes}",
+    CLASS: "channel {a}: scale class {b} > {classes}",  # a side row's class, or a channel's (plain)
     SIDE_FIT: "side information: {a} escapes and {b} words do not fit the {size}-byte substream",
     SIDE_PAYLOAD: "side information: entropy payload: {rans}",
     CLASS_RANGE: "classes: decoded class outside 0..{classes}",
     CENTRE_RANGE: "centres: decoded centre outside int16",
     WIDTH: "centre width: {a} (must be 1 or 2)",
     PLAIN_FIT: "side information: {size} bytes, needs {a}",
-    CLASS: "channel {a}: scale class {b} > {classes}",
     ESCAPE_FIT: "escape list: {a} escapes do not fit the {size}-byte substream",
     ODD_WORDS: "rANS words: {a} bytes is not a whole number of u16 words",
 }
@@ -86,7 +85,7 @@ def parse(p, pos, channels, packed, pred_classes, pred_centers, centers, classes
         for r in range(2):
             side_classes[r] = p[pos + r]
             if side_classes[r] > NUM_CLASSES:
-                return SIDE_CLASS, r, np.int64(side_classes[r]), 0, 0, 0
+                return CLASS, r, np.int64(side_classes[r]), 0, 0, 0
         n_esc, n_words = _u32(p, pos + 2), _u32(p, pos + 6)
         pos += 10
         end = pos + 2 * (n_esc + n_words)

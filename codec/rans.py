@@ -20,7 +20,7 @@ FORMAT.md ("Mode 1, coder 3") is normative. Summary:
 The encoder and decoder are numba functions compiled with ``nogil=True`` so
 substreams code in parallel on Python threads; ``rans_torch`` decodes the same
 words with torch (CPU or CUDA) to identical symbols. The CPU decoder (``_decode``, driven
-by :func:`kvcodec.codec.fields.decode_into`) dequantizes as it decodes and writes the
+by ``kvcodec.codec.substream._decode_direct``) dequantizes as it decodes and writes the
 caller's output dtype itself, or hands a transform its symbols token-major.
 """
 
@@ -261,7 +261,7 @@ def _decode(words, escapes, classes, esc, freq, cum, slot2sym, out, start, head_
     ``out`` is the flat uint32 (float32) or uint16 (float16, bfloat16) storage of any
     destination whose last axis is contiguous, e.g. a slice of the caller's output tensor.
     With unit steps and infinite bounds the values are the integers themselves, exact (below
-    2**24): :func:`decode_deltas` and a transform's symbols (:mod:`kvcodec.codec.fields`) use it so.
+    2**24): :func:`decode_deltas` and a transform's symbols (``substream._decode_direct``) use it so.
 
     Each channel's values are converted once per symbol value into a table (on average 45
     entries for 255 tokens on the 8B-shaped benchmark chunk), so the loop stores table entries

@@ -430,7 +430,7 @@ def decode_lossless(
     payload: memoryview, heads: int, tokens: int, dim: int, dtype: torch.dtype, device=None
 ) -> torch.Tensor:
     """Inverse of :func:`encode_lossless`."""
-    width = torch.empty(0, dtype=dtype).element_size()
+    width = dtype.itemsize
     count = heads * tokens * dim
     dctx = zstandard.ZstdDecompressor()
     planes = np.empty((width, count), dtype=np.uint8)

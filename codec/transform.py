@@ -240,7 +240,7 @@ class Transform:
         """:meth:`inverse` on the CPU, clamped to ``out``'s finite range and written into
         ``out`` (float32/float16/bfloat16 ``[H, T, D]``, last axis contiguous, e.g. a slice of the
         caller's output), for symbols ``v`` token-major ``[T, H * D]`` (integers in float32 or
-        float64, as :func:`kvcodec.codec.fields.decode_into` gives them): the basis product in
+        float64, as ``kvcodec.codec.substream._decode_direct`` gives them): the basis product in
         torch (BLAS; float32 when :attr:`float32_exact_below` bounds the symbols, else float64 —
         exact either way), then scaling, RoPE, clamp and
         rounding to the dtype in one numba pass per (head, token) row — the same IEEE operations
