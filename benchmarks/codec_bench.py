@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="write the rate-quality plot (PNG) here")
     args = parser.parse_args(argv)
     texts = args.text or ["/usr/share/common-licenses/GPL-3"]
+    for path in texts:
+        if not Path(path).is_file():
+            parser.error(f"--text: {path}: no such file")
 
     from kvcodec.client.model import load_model
 

@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     texts = args.text or ["/usr/share/common-licenses/Apache-2.0"]
     fit_texts = args.fit or ["/usr/share/common-licenses/GPL-3"]
+    for flag, paths in (("--fit", fit_texts), ("--text", texts)):
+        for path in paths:
+            if not Path(path).is_file():
+                parser.error(f"{flag}: {path}: no such file")
+    if args.rank is not None and args.rank < 1:
+        parser.error(f"--rank: must be at least 1, got {args.rank}")
 
     from kvcodec.client.model import load_model
     from kvcodec.client.quality import QualityProbe
