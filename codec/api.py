@@ -211,6 +211,7 @@ def _encode(
     prof = None if lossless else _resolve_profile(profile, model, layers, heads, dim)
     use_transform = prof is not None and prof.has_transform and lv.name in prof.levels
     use_prior = use_transform and lv.name in prof.side_priors
+    use_prediction = use_transform and prof.predicts_values(lv.name)
     if use_transform and not 0 <= first_position <= container.MAX_ROPE_POSITION - tokens:
         raise InvalidInput(f"first_position: {first_position} is outside 0..{container.MAX_ROPE_POSITION - tokens}"
                            " (the profile's transform codes keys before RoPE)")
@@ -222,7 +223,8 @@ def _encode(
         raw_tokens=0 if lossless else max(0, min(tokens, sink_tokens - first_position)),
         profile=prof.digest if prof else container.NO_PROFILE,
         flags=(container.FLAG_TRANSFORM if use_transform else 0) | (0 if lossless else container.FLAG_PACKED_SIDE)
-        | (container.FLAG_PREDICTED_SIDE if use_prior else 0),
+        | (container.FLAG_PREDICTED_SIDE if use_prior else 0)
+        | (container.FLAG_PREDICTED_VALUES if use_prediction else 0),
     )
 
     def prior(layer: int, is_value: bool):
@@ -232,25 +234,30 @@ def _encode(
         payloads = device_encode.encode_payloads(
             keys, values, header, lambda layer, is_value: _stats_step_rule(lv, prof, layer, is_value),
             lambda layer, is_value: prof.transform(layer, is_value) if use_transform else None, backend, progress,
-            priors=prior,
+            priors=prior, predictors=(lambda layer: prof.value_predictor(lv.name, layer)) if use_prediction else None,
         )
         return container.pack(header, payloads)
     jobs = [
-        (layer, is_value, b, block)
+        (layer, is_value, b, block, key_block)
         for layer in range(layers)
         for is_value, tensor in ((False, keys), (True, values))
-        for b, block in _blocks(tensor[layer], header)
+        for (b, block), (_, key_block) in zip(_blocks(tensor[layer], header), _blocks(keys[layer], header))
     ]
 
     def run(job) -> bytes:
-        layer, is_value, b, block = job
+        layer, is_value, b, block, key_block = job
         if lossless:
             return substream.encode_lossless(block)
         rule = _step_rule(lv, prof, layer, is_value)
         tr = prof.transform(layer, is_value) if use_transform else None
+        n_raw, first = header.block_raw_tokens(b), header.block_quantized_position(b)
+        offset = None
+        if use_prediction and is_value and block.shape[1] > n_raw:  # the key symbols, quantized again here
+            _, qk = substream.transform_symbols(key_block, _step_rule(lv, prof, layer, False), n_raw,
+                                                prof.transform(layer, False), first)
+            offset = prof.value_predictor(lv.name, layer).offsets_hdt(torch.from_numpy(qk)).numpy()
         return substream.encode_quantized(
-            block, rule, header.block_raw_tokens(b), header.coder, tr, header.block_quantized_position(b),
-            header.packed_side, prior(layer, is_value),
+            block, rule, n_raw, header.coder, tr, first, header.packed_side, prior(layer, is_value), offset,
         )
 
     payloads: list[bytes] = []
@@ -286,7 +293,10 @@ class _Serial:
         return map(fn, items)
 
 
-def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor | None = None) -> torch.Tensor:
+def _decode_sub(
+    data, layout: Layout, sid: int, dtype, device, out: torch.Tensor | None = None, capture: list | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
     h = layout.header
     block = sid % h.blocks_per_tensor
     tokens = h.block_tokens(block)
@@ -300,6 +310,7 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor
         return substream.decode_quantized(
             view, h.kv_heads, tokens, h.head_dim, stored, dtype, device, h.block_raw_tokens(block), h.coder, out,
             block_transform(layout, sid), h.block_quantized_position(block), h.packed_side, block_prior(layout, sid),
+            capture, offset,
         )
     except container.ChecksumMismatch:
         raise
@@ -307,6 +318,25 @@ def _decode_sub(data, layout: Layout, sid: int, dtype, device, out: torch.Tensor
         if isinstance(exc, substream.CorruptStream):
             raise substream.CorruptStream(f"{h.describe(sid)}: {exc}") from None
         raise
+
+
+def _decode_into(data, layout: Layout, sid: int, dtype, device, part: torch.Tensor, capture=None, offset=None) -> None:
+    """Decode substream ``sid`` into ``part`` (its slice of the output)."""
+    result = _decode_sub(data, layout, sid, dtype, device, part, capture, offset)  # quantized: written in place
+    if result is not part:
+        part.copy_(result)
+
+
+def decode_block_pair(
+    data, layout: Layout, layer: int, block: int, dtype, device, keys: torch.Tensor, values: torch.Tensor
+) -> None:
+    """Decode one block's keys into ``keys``, then its values into ``values`` with the
+    prediction from the keys' symbols (streams with header flag 8, see :mod:`kvcodec.codec.predict`)."""
+    h = layout.header
+    captured: list = []
+    _decode_into(data, layout, h.substream_id(layer, False, block), dtype, device, keys, captured)
+    offset = layout.profile.value_predictor(_level_name(h.level), layer).offsets(captured[0]) if captured else None
+    _decode_into(data, layout, h.substream_id(layer, True, block), dtype, device, values, offset=offset)
 
 
 def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) -> Layout:
@@ -336,6 +366,9 @@ def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) 
         raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no transform for this stream's layout")
     if h.predicted_side and _level_name(h.level) not in profile.side_priors:
         raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no side-information prior for level "
+                             f"{_level_name(h.level)!r}, which the stream's flags say it was coded with")
+    if h.predicted_values and not profile.predicts_values(_level_name(h.level)):
+        raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no value prediction for level "
                              f"{_level_name(h.level)!r}, which the stream's flags say it was coded with")
     layout.profile = profile
     return layout
@@ -395,21 +428,18 @@ def _decode_layers(
         values = torch.empty(shape, dtype=out_dtype, device=device)
     except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
         raise LimitExceeded(f"output: cannot allocate 2 x {list(shape)} {out_dtype} ({type(exc).__name__})") from None
-    jobs = []
-    for i, layer in enumerate(layers):
-        for is_value, target in ((False, keys), (True, values)):
-            for b in range(h.blocks_per_tensor):
-                jobs.append((i, layer, is_value, target, b))
+    # (i, layer, block, keys/values); None: both, the values predicted from the keys (header flag 8)
+    kinds = (None,) if h.predicted_values else (False, True)
+    jobs = [(i, layer, b, kind) for i, layer in enumerate(layers) for kind in kinds for b in range(h.blocks_per_tensor)]
 
     def run(job) -> None:
-        i, layer, is_value, target, b = job
+        i, layer, b, is_value = job
         start = b * h.token_block
-        n = h.block_tokens(b)
-        sid = h.substream_id(layer, is_value, b)
-        part = target[i, :, start : start + n]
-        result = _decode_sub(data, layout, sid, out_dtype, device, part)  # quantized: written in place
-        if result is not part:
-            part.copy_(result)
+        parts = (keys[i, :, start : start + h.block_tokens(b)], values[i, :, start : start + h.block_tokens(b)])
+        if is_value is None:
+            decode_block_pair(data, layout, layer, b, out_dtype, device, *parts)
+        else:
+            _decode_into(data, layout, h.substream_id(layer, is_value, b), out_dtype, device, parts[is_value])
 
     done = 0
     if threads > 1:
@@ -575,9 +605,17 @@ def verify(
             container.substream(data, layout, sid)
         return info
 
+    h = layout.header
+
     def check(sid: int) -> None:
         _decode_sub(data, layout, sid, torch.float32, None)
 
+    def check_pair(at: tuple[int, int]) -> None:
+        shape = (h.kv_heads, h.block_tokens(at[1]), h.head_dim)
+        decode_block_pair(data, layout, *at, torch.float32, None, torch.empty(shape), torch.empty(shape))
+
+    if h.predicted_values:  # every (layer, block): keys, then values
+        check, sids = check_pair, [(layer, b) for layer in range(h.layers) for b in range(h.blocks_per_tensor)]
     with _cpu_threads(None), ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
         for _ in pool.map(check, sids):  # re-raises the first failure, in substream order
             pass

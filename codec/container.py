@@ -45,7 +45,8 @@ NO_PROFILE = bytes(32)
 FLAG_TRANSFORM = 0x0001  # quantized in the profile's transform domain (FORMAT.md, "Transform")
 FLAG_PACKED_SIDE = 0x0002  # coder 3's side information is entropy-coded (FORMAT.md, "Packed side information")
 FLAG_PREDICTED_SIDE = 0x0004  # packed side information coded against the profile's prior (FORMAT.md)
-KNOWN_FLAGS = FLAG_TRANSFORM | FLAG_PACKED_SIDE | FLAG_PREDICTED_SIDE
+FLAG_PREDICTED_VALUES = 0x0008  # value symbols coded as differences from the keys' prediction (FORMAT.md)
+KNOWN_FLAGS = FLAG_TRANSFORM | FLAG_PACKED_SIDE | FLAG_PREDICTED_SIDE | FLAG_PREDICTED_VALUES
 MAX_ROPE_POSITION = 1 << 28  # RoPE angles stay exact float64 products below this
 
 # magic, version, flags, mode, level, dtype, coder, layers, kv_heads, tokens,
@@ -136,6 +137,10 @@ class Header:
     @property
     def predicted_side(self) -> bool:
         return bool(self.flags & FLAG_PREDICTED_SIDE)
+
+    @property
+    def predicted_values(self) -> bool:
+        return bool(self.flags & FLAG_PREDICTED_VALUES)
 
     def block_quantized_position(self, block: int) -> int:
         """Absolute position of the first quantized (not raw) token of ``block``."""
@@ -255,6 +260,8 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
         raise UnsupportedFormat("flags: packed side information needs coder 3")
     if flags & FLAG_PREDICTED_SIDE and not (flags & FLAG_PACKED_SIDE and flags & FLAG_TRANSFORM):
         raise UnsupportedFormat("flags: predicted side information needs the packed-side and transform flags")
+    if flags & FLAG_PREDICTED_VALUES and not flags & FLAG_TRANSFORM:
+        raise UnsupportedFormat("flags: predicted values need the transform flag")
     if flags & FLAG_TRANSFORM and not 0 <= first_position <= MAX_ROPE_POSITION - tokens:
         raise UnsupportedFormat(f"first_position: {first_position} with {tokens} tokens is outside the "
                                 f"transform's position range 0..{MAX_ROPE_POSITION}")

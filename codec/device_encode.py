@@ -39,6 +39,7 @@ import torch
 
 from kvcodec.codec import entropy, substream
 from kvcodec.codec.container import Header
+from kvcodec.codec.predict import VALUE_FLOOR_FACTOR, Predictor
 from kvcodec.codec.quantize import block_rms, segment_sum
 from kvcodec.codec.rans_encode import encode_flat_batch
 from kvcodec.codec.sideprior import SidePrior, choose_side
@@ -98,6 +99,7 @@ def encode_payloads(
     progress: Callable[[int, int], None] | None = None,
     max_elements: int | None = None,
     priors: Callable[[int, bool], SidePrior | None] | None = None,
+    predictors: Callable[[int], Predictor] | None = None,
 ) -> list[bytes]:
     """Every substream payload of a quantized (coder 3) stream, in substream order.
 
@@ -111,6 +113,9 @@ def encode_payloads(
         max_elements: K+V elements per group of layers, one entropy batch per group
             (default :data:`MAX_GROUP_ELEMENTS`).
         priors: ``(layer, is_value) -> SidePrior`` or None (streams with header flag 4).
+        predictors: ``layer -> Predictor`` of the values from the keys, or None (streams with
+            header flag 8): the values' step floor is raised and their symbols coded as
+            differences from the prediction, as ``encode_quantized`` does.
 
     Returns:
         The payloads, byte-identical to :func:`kvcodec.codec.substream.encode_quantized`'s.
@@ -129,7 +134,7 @@ def encode_payloads(
         quant = None
         if segments.blocks:
             quant = _quantize(x[..., header.raw_tokens :, :].float(), ids, header, segments, step_rules, transforms,
-                              backend, priors)
+                              backend, priors, predictors)
         sides = _sides(header, quant, ids, priors) if quant is not None else None
         for g in range(len(ids)):
             for kind in (0, 1):
@@ -163,7 +168,7 @@ def _host_ints(x: torch.Tensor) -> np.ndarray:
     return x.contiguous().view(_INT_VIEW[x.dtype]).cpu().numpy()
 
 
-def _quantize(xq, ids, header, segments, step_rules, transforms, backend, priors=None) -> _Quantized:
+def _quantize(xq, ids, header, segments, step_rules, transforms, backend, priors=None, predictors=None) -> _Quantized:
     """Steps, symbols, centres, classes and the entropy-coded words of a group's quantized region."""
     trs = [[transforms(layer, bool(kind)) for kind in (0, 1)] for layer in ids]
     first = header.first_position + header.raw_tokens
@@ -175,8 +180,13 @@ def _quantize(xq, ids, header, segments, step_rules, transforms, backend, priors
     for g, layer in enumerate(ids):
         for k in (0, 1):
             factor = trs[g][k].step_floor_factor() if trs[g][k] is not None else 1.0
+            if predictors is not None and k:
+                factor *= VALUE_FLOOR_FACTOR
             steps[g, k] = step_rules(layer, bool(k))(rms[g, k], absmax[g, k], factor)
     q = _symbols(xq, steps, trs, segments)
+    if predictors is not None:  # the prediction is per token: every block of a layer at once
+        for g, layer in enumerate(ids):
+            q[g, 1] -= predictors(layer).offsets_hdt(q[g, 0])
     centers, deltas, kmax, abs_sums = segment_channel_deltas(q, segments)
     n = np.array(segments.counts, dtype=np.int64)
     classes = entropy.scale_classes(abs_sums, kmax, n[None, None, :, None])

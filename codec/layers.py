@@ -135,19 +135,25 @@ def _numba_layers(data, layout: Layout, dtype, device, threads: int):
     shape = (h.kv_heads, h.tokens, h.head_dim)
     blocks = h.blocks_per_tensor
 
+    def part(target: torch.Tensor, block: int) -> torch.Tensor:
+        start = block * h.token_block
+        return target[:, start : start + h.block_tokens(block)]
+
     def run(sid: int, target: torch.Tensor) -> None:
-        start = (sid % blocks) * h.token_block
-        part = target[:, start : start + h.block_tokens(sid % blocks)]
-        result = api._decode_sub(data, layout, sid, dtype, device, part)  # quantized: in place
-        if result is not part:
-            part.copy_(result)
+        api._decode_into(data, layout, sid, dtype, device, part(target, sid % blocks))
+
+    def run_pair(layer: int, block: int, kv) -> None:  # header flag 8: keys, then values from them
+        api.decode_block_pair(data, layout, layer, block, dtype, device, part(kv[0], block), part(kv[1], block))
 
     with api._cpu_threads(device), ThreadPoolExecutor(threads) as pool:
         outputs, futures = [], []
         for layer in range(h.layers):
             kv = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             outputs.append(kv)
-            futures.append([pool.submit(run, sid, kv[i // blocks]) for i, sid in enumerate(_layer_sids(h, layer))])
+            if h.predicted_values:
+                futures.append([pool.submit(run_pair, layer, b, kv) for b in range(blocks)])
+            else:
+                futures.append([pool.submit(run, sid, kv[i // blocks]) for i, sid in enumerate(_layer_sids(h, layer))])
         try:
             for layer, fs in enumerate(futures):
                 for f in fs:
@@ -209,12 +215,21 @@ def _decode_batch(data, layout: Layout, sids: list[int], dtype, device, backend:
     except CorruptStream as exc:
         raise CorruptStream(f"{h.describe(sids[0])} and the rest of its batch: {exc}") from None
     out = []
+    key_symbols = {}  # header flag 8: (layer, block) -> the keys' symbols, which predict the values
+    level = api._level_name(h.level)
     for sid, raw, p in zip(sids, raws, payloads):
         parts = [] if raw is None else [raw.to(device=device).to(dtype)]
         if p is not None:
-            first = h.block_quantized_position(sid % h.blocks_per_tensor)
+            block = sid % h.blocks_per_tensor
+            layer, is_value = divmod(sid // h.blocks_per_tensor, 2)
+            capture, offset = None, None
+            if h.predicted_values and not is_value:
+                capture = key_symbols.setdefault((layer, block), [])
+            elif h.predicted_values:  # a layer's keys come before its values in every batch
+                offset = layout.profile.value_predictor(level, layer).offsets(key_symbols.pop((layer, block))[0])
             parts.append(dequantize_block(p.steps, p.centers, next(deltas), h.kv_heads, h.head_dim, dtype, device,
-                                          api.block_transform(layout, sid), first))
+                                          api.block_transform(layout, sid), h.block_quantized_position(block),
+                                          capture, offset))
         out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return out
 

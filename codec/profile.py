@@ -29,6 +29,8 @@ File format (JSON, UTF-8)::
      "allocation": {level: [[m_keys, m_values] per layer]},  # optional, see below
      "side_priors": {level: {"steps": b64 f32 [L, 2, H], "classes": b64 u8 [L, 2, H*D],
                              "centres": b64 i16 [L, 2, H*D]}},   # optional, needs a transform
+     "value_prediction": {"fitted_at": level, "shifts": [int per layer],   # optional, needs a transform
+                          "maps": base64 of int16 LE [layers, H*D, H*D]},
      "calibration": {...free-form provenance...},
      "transform": {                  # optional
         "group": B,                  # channels per basis block (head_dim or kv_heads * head_dim)
@@ -49,6 +51,10 @@ With a transform a profile may carry **side priors** (:mod:`kvcodec.codec.sidepr
 per level, the scale classes and centres its calibration texts produced, so that
 streams code their side information as differences from them (header flag 4).
 
+With a transform a profile may also carry **value prediction** (:mod:`kvcodec.codec.predict`):
+per layer an int16 map from the keys' symbols to the values' (with a power-of-two shift), so
+that streams code each value symbol as its difference from the prediction (header flag 8).
+
 Example::
 
     profile = load_profile("smollm2.json")
@@ -68,6 +74,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvcodec.codec import predict as _predict
 from kvcodec.codec import transform as _transform
 from kvcodec.codec.entropy import NUM_CLASSES
 from kvcodec.codec.errors import InvalidInput
@@ -96,6 +103,9 @@ class Profile:
     allocation: dict[str, np.ndarray] = field(default_factory=dict)  # level -> float64 [layers, 2] step multipliers
     # level -> {"steps": float32 [layers, 2, H], "classes": uint8 / "centres": int16 [layers, 2, H * D]}
     side_priors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    value_maps: np.ndarray | None = None  # int16 [layers, C, C]: values predicted from keys, if any
+    value_shifts: np.ndarray | None = None  # int64 [layers]: the maps' power-of-two scale
+    value_fit_level: str = ""  # the level whose symbol units the maps were fitted in
 
     @property
     def has_transform(self) -> bool:
@@ -121,12 +131,31 @@ class Profile:
         return SidePrior(table["steps"][at], table["classes"][at].astype(np.int64),
                          table["centres"][at].astype(np.int64))
 
+    def predicts_values(self, level: str) -> bool:
+        """Whether streams of ``level`` predict values from keys (header flag 8)."""
+        return self.value_maps is not None and self.bases is not None and level in self.levels
+
+    def value_predictor(self, level: str, layer: int) -> _predict.Predictor:
+        """The prediction of one layer's value symbols from its key symbols at ``level``: the
+        map times the level's key/value step ratio over the fitting level's (1 without an
+        allocation), see :mod:`kvcodec.codec.predict`."""
+        cache = self._derived()["predictors"]
+        if (level, layer) not in cache:
+            def ratio(name: str) -> float:
+                alloc = self.allocation.get(name)
+                return 1.0 if alloc is None else float(alloc[layer, 0]) / float(alloc[layer, 1])
+
+            scale = _predict.level_scale(ratio(level) / ratio(self.value_fit_level), int(self.value_shifts[layer]))
+            cache[(level, layer)] = _predict.Predictor(self.value_maps[layer], scale)
+        return cache[(level, layer)]
+
     def _derived(self) -> dict:
-        """What is derived from ``bases`` (transforms, the digest), kept while ``bases`` is the
-        same array object: treat a profile's bases as read-only and assign a new array to change them."""
+        """What is derived from ``bases`` and ``value_maps`` (transforms, predictors, the digest),
+        kept while they are the same array objects: treat them as read-only and assign new arrays
+        to change them (other fields may change: predictors are rebuilt when the digest is)."""
         cache = self.__dict__.get("_derived_cache")
-        if cache is None or cache["bases"] is not self.bases:
-            cache = {"bases": self.bases, "transforms": {}, "digest": None}
+        if cache is None or cache["bases"] is not self.bases or cache["maps"] is not self.value_maps:
+            cache = {"bases": self.bases, "maps": self.value_maps, "transforms": {}, "predictors": {}, "digest": None}
             self.__dict__["_derived_cache"] = cache
         return cache
 
@@ -148,6 +177,12 @@ class Profile:
                         for name, dt in _PRIOR_FIELDS.items()}
                 for level, table in sorted(self.side_priors.items())
             }
+        if self.value_maps is not None:  # likewise
+            body["value_prediction"] = {"fitted_at": self.value_fit_level,
+                                        "shifts": [int(x) for x in self.value_shifts]}
+            if with_bases:
+                body["value_prediction"]["maps"] = base64.b64encode(self.value_maps.astype("<i2").tobytes()).decode(
+                    "ascii")
         if self.bases is not None:
             body["transform"] = {
                 "group": int(self.bases.shape[-1]), "scale_bits": _transform.SCALE_BITS,
@@ -173,6 +208,7 @@ class Profile:
         light = json.dumps(self._body(with_bases=False), sort_keys=True)
         if cache["digest"] is None or cache["digest"][0] != light:
             cache["digest"] = (light, bytes.fromhex(self.to_json()["sha256"]))
+            cache["predictors"].clear()  # the allocation may have changed
         return cache["digest"][1]
 
     def matches(self, layers: int, kv_heads: int, head_dim: int) -> bool:
@@ -224,9 +260,37 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
     priors = _read_side_priors(body.get("side_priors", {}), layers, heads, dim, source)
     if priors and bases is None:
         raise InvalidInput(f"{source}: side_priors need a transform (only transform streams use them)")
+    maps, shifts, fit_level = _read_value_prediction(body.get("value_prediction"), layers, heads * dim, levels, source)
+    if maps is not None and bases is None:
+        raise InvalidInput(f"{source}: value_prediction needs a transform (only transform streams use it)")
     return Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
                    int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
-                   dict(body.get("calibration", {})), bases, inv_freq, allocation, priors)
+                   dict(body.get("calibration", {})), bases, inv_freq, allocation, priors, maps, shifts, fit_level)
+
+
+def _read_value_prediction(spec, layers: int, channels: int, levels: dict, source: str):
+    """The value-prediction fields of a profile: ``(maps, shifts, fitted_at)``; None, None, ""
+    without them."""
+    if spec is None:
+        return None, None, ""
+    where = f"{source}: value_prediction"
+    try:
+        level = spec["fitted_at"]
+        shifts = np.asarray(spec["shifts"], dtype=np.int64)
+        raw = base64.b64decode(spec["maps"], validate=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: bad or missing field ({exc})") from None
+    if level not in levels:
+        raise InvalidInput(f"{where}: fitted_at {level!r} is not one of the profile's levels")
+    if shifts.shape != (layers,) or shifts.min(initial=0) < 0 or shifts.max(initial=0) > _predict.MAX_SHIFT:
+        raise InvalidInput(f"{where}: shifts must be {layers} integers in 0..{_predict.MAX_SHIFT}")
+    shape = (layers, channels, channels)
+    if len(raw) != 2 * int(np.prod(shape)):
+        raise InvalidInput(f"{where}: maps hold {len(raw)} bytes, shape {shape} needs {2 * np.prod(shape)}")
+    maps = np.frombuffer(raw, dtype="<i2").astype(np.int16).reshape(shape)
+    if maps.min(initial=0) < -32767:
+        raise InvalidInput(f"{where}: maps must be within -32767..32767")
+    return maps, shifts, str(level)
 
 
 def _read_side_priors(spec, layers: int, heads: int, dim: int, source: str) -> dict[str, dict[str, np.ndarray]]:

@@ -259,17 +259,24 @@ def dequantize_block(
     device: torch.device | str | None = None,
     transform=None,
     first: int = 0,
+    capture: list | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rebuild ``[heads, tokens, head_dim]`` from the symbols and side information.
 
     With a :class:`~kvcodec.codec.transform.Transform` the symbols are transform
-    coefficients and ``first`` the absolute position of the first token.
+    coefficients and ``first`` the absolute position of the first token; ``capture`` and
+    ``offset`` are :func:`kvcodec.codec.substream.decode_quantized`'s.
     """
     tokens = deltas.shape[1]
     d = torch.as_tensor(deltas).to(device)  # numpy from the numba decoder, a tensor from the torch one
     c = torch.as_tensor(centers).to(device)
     if transform is not None:
         q = (d.to(torch.int64) + c[:, None]).reshape(heads, dim, tokens).permute(0, 2, 1)
+        if offset is not None:
+            q = q + offset.to(device=q.device, dtype=torch.int64).reshape(tokens, heads, dim).permute(1, 0, 2)
+        if capture is not None:
+            capture.append(q.permute(1, 0, 2).reshape(tokens, heads * dim))
         out = transform.inverse(q, steps, first)
     else:
         q = (d + c[:, None]).to(torch.float32)

@@ -31,6 +31,7 @@ import zstandard
 
 from kvcodec.codec import entropy, fields, rans
 from kvcodec.codec.errors import CorruptStream
+from kvcodec.codec.predict import VALUE_FLOOR_FACTOR
 from kvcodec.codec.quantize import all_finite, dequantize_block, quantize_block, symbols
 from kvcodec.codec.sideprior import SidePrior, choose_side
 from kvcodec.codec.transform import Transform
@@ -176,6 +177,7 @@ def encode_quantized(
     first: int = 0,
     packed: bool = False,
     prior: SidePrior | None = None,
+    offset: np.ndarray | None = None,
 ) -> bytes:
     """Encode ``x`` (``[H, T, D]`` in its stored dtype, any device).
 
@@ -185,36 +187,52 @@ def encode_quantized(
     ``transform`` (coder 3 only) the rest is quantized in its domain;
     ``first`` is the absolute position of the first quantized token; ``packed``
     entropy-codes coder 3's side information (header flag 2), against ``prior`` if given
-    (header flag 4).
+    (header flag 4). With an ``offset`` (the values of a header-flag-8 stream: int32
+    ``[H, T, D]`` predictions of the symbols from the same block's key symbols, see
+    :mod:`kvcodec.codec.predict`) the symbols are coded as differences from it.
     """
     raw = _raw_bytes(x[:, :n_raw]) if n_raw else b""
-    rest = x[:, n_raw:].float()
-    if rest.shape[1] == 0:
+    if x.shape[1] == n_raw:
         return raw
     if transform is not None:
-        rest = transform.prepare(rest, first)
-        steps = step_rule(rest, transform.step_floor_factor())
-    else:
-        steps = step_rule(rest)
+        steps, q = transform_symbols(x, step_rule, n_raw, transform, first, offset is not None)
+        if offset is not None:
+            q = q - offset
+        return raw + _code_rans(q, steps, packed, prior)
+    rest = x[:, n_raw:].float()
+    steps = step_rule(rest)
     if coder == CODER_ANS:
         block = quantize_block(rest, steps)
         classes = entropy.scale_classes(block.abs_sums, block.kmax, rest.shape[1])
         head = steps.astype("<f4").tobytes() + block.centers.astype("<i2").tobytes()
         words = entropy.encode_symbols(block.deltas, block.kmax, classes)
         return raw + head + block.kmax.astype("<u2").tobytes() + classes.tobytes() + words
-    # quantize_block's float half in torch (on the tensor's device), its integer half in numba
-    if transform is not None:
-        q = transform.forward(rest, steps).cpu().numpy()
-    else:
-        q = symbols(rest, steps)
+    # quantize_block's float half in numba (CPU) or torch, its integer half in numba
+    return raw + _code_rans(symbols(rest, steps), steps, packed, prior)
+
+
+def transform_symbols(
+    x: torch.Tensor, step_rule: StepRule, n_raw: int, transform: Transform, first: int, predicted: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The steps and int32 symbols ``[H, T - n_raw, D]`` (host) of ``x``'s quantized tokens in
+    ``transform``'s domain, as :func:`encode_quantized` codes them (``predicted``: the values of
+    a flag-8 stream, whose step floor is :data:`kvcodec.codec.predict.VALUE_FLOOR_FACTOR` times
+    higher)."""
+    rest = transform.prepare(x[:, n_raw:].float(), first)
+    steps = step_rule(rest, transform.step_floor_factor() * (VALUE_FLOOR_FACTOR if predicted else 1.0))
+    return steps, transform.forward(rest, steps).cpu().numpy()
+
+
+def _code_rans(q: np.ndarray, steps: np.ndarray, packed: bool, prior: SidePrior | None) -> bytes:
+    """Coder 3's quantized part of int32 symbols ``q`` ``[H, T, D]``: side information and words."""
     centers, deltas, kmax, abs_sums = rans.channel_deltas(q)
-    classes = entropy.scale_classes(abs_sums, kmax, rest.shape[1])
+    classes = entropy.scale_classes(abs_sums, kmax, q.shape[1])
     if packed and prior is not None:
         centers, classes, shifts = choose_side(deltas, centers, classes, prior.predict(steps))
         deltas = deltas - shifts[:, None].astype(deltas.dtype)
     words, escapes = rans.encode_deltas(deltas, classes)
     return b"".join((
-        raw, pack_side(steps, centers, classes, packed, prior), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
+        pack_side(steps, centers, classes, packed, prior), _U32.pack(len(escapes)), escapes.astype("<u2").tobytes(),
         words.astype("<u2").tobytes(),
     ))
 
@@ -321,11 +339,16 @@ def decode_quantized(
     first: int = 0,
     packed: bool = False,
     prior: SidePrior | None = None,
+    capture: list | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`encode_quantized`; raises :class:`CorruptStream` on bad content.
 
     With ``out`` (``[heads, tokens, dim]`` of ``dtype`` on ``device``, e.g. a slice of
-    the caller's output) the block is written there and ``out`` is returned.
+    the caller's output) the block is written there and ``out`` is returned. For streams with
+    a transform: ``capture`` (a list) receives the quantized tokens' symbols, token-major
+    ``[T - n_raw, H * D]`` (integers, numpy or torch); ``offset`` (float64 ``[T - n_raw, H * D]``
+    integers: a flag-8 stream's prediction of its values) is added to the symbols decoded.
     """
     raw, payload = split_raw(payload, heads, tokens, dim, stored, n_raw, coder, packed)
     n_quant = tokens - n_raw
@@ -333,14 +356,16 @@ def decode_quantized(
         return raw.to(dtype).to(device)
     if coder == CODER_RANS and _writes_directly(device, dtype, transform, out):
         target = torch.empty((heads, tokens, dim), dtype=dtype) if out is None else out
-        _decode_direct(payload, heads, dim, n_quant, packed, prior, transform, first, target[:, n_raw:])
+        _decode_direct(payload, heads, dim, n_quant, packed, prior, transform, first, target[:, n_raw:], capture,
+                       offset)
         if raw is not None:
             target[:, :n_raw] = raw.to(dtype)
         return target
     if coder == CODER_RANS:
         p = parse_rans(payload, heads, dim, packed, prior)
         deltas = rans.decode_deltas(p.words, p.escapes, p.classes, n_quant)
-        quant = dequantize_block(p.steps, p.centers, deltas, heads, dim, dtype, device, transform, first)
+        quant = dequantize_block(p.steps, p.centers, deltas, heads, dim, dtype, device, transform, first, capture,
+                                 offset)
     else:
         steps, centers, deltas = _decode_ans(payload, heads, dim, n_quant)
         quant = dequantize_block(steps, centers, deltas, heads, dim, dtype, device, transform, first)
@@ -360,7 +385,8 @@ _scratch = threading.local()
 
 def _decode_direct(
     payload: memoryview, heads: int, dim: int, tokens: int, packed: bool, prior: SidePrior | None,
-    transform: Transform | None, first: int, dest: torch.Tensor,
+    transform: Transform | None, first: int, dest: torch.Tensor, capture: list | None = None,
+    offset: torch.Tensor | None = None,
 ) -> None:
     """Decode a coder-3 quantized part into ``dest`` (CPU float32, float16 or bfloat16
     ``[heads, tokens, dim]``, last axis contiguous) with as little as possible under the GIL:
@@ -368,7 +394,8 @@ def _decode_direct(
     20x slower) into this thread's buffer (a fresh 150 KB array costs its page faults again
     each time), then the rANS kernel, which dequantizes as it decodes — or, with a transform,
     writes the symbols in the layout its basis multiplies (float32 token-major
-    ``[tokens, channels]``, exact) for :meth:`Transform.inverse_into`.
+    ``[tokens, channels]``, exact) for :meth:`Transform.inverse_into` (``capture`` and ``offset``:
+    see :func:`decode_quantized`).
 
     Raises:
         CorruptStream: as :func:`parse_rans`, or the words do not decode.
@@ -387,7 +414,12 @@ def _decode_direct(
         target = (symbols, 0, 0, channels, tokens, rans.OUT_FLOAT32, centers, _UNIT_STEP, rans.NEG_INF, rans.POS_INF)
     rans._check(rans._decode(words, escapes, classes, rans.ESC, rans.FREQ, rans.CUM, rans.SLOT2SYM, *target))
     if transform is not None:
-        transform.inverse_into(symbols.view(np.float32).reshape(tokens, channels), steps, first, dest)
+        q = symbols.view(np.float32).reshape(tokens, channels)
+        if offset is not None:  # integers below 2**24: exact in float32
+            np.add(q, offset.numpy(), out=q, casting="unsafe")
+        if capture is not None:
+            capture.append(q)
+        transform.inverse_into(q, steps, first, dest)
 
 
 def _word_buffer(n: int) -> np.ndarray:

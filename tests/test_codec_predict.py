@@ -1,0 +1,166 @@
+"""Values predicted from keys (header flag 8): exact integer predictions, smaller streams, the same tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from kvcodec.client.calibrate import fit_value_prediction
+from kvcodec.codec import container, decode, decode_layer, decode_layers, encode, inspect, predict, verify
+from kvcodec.codec import transform as tr
+from kvcodec.codec.errors import InvalidInput, MissingProfile, UnsupportedFormat
+from kvcodec.codec.profile import profile_from_json
+from test_codec_transform import DIM, HEADS, INV_FREQ, LAYERS, _profile
+
+LEVELS = ("high", "balanced", "compact")
+CHANNELS = HEADS * DIM
+
+
+def _kv(seed: int, tokens: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys as test_codec_transform's; values a fixed linear map of the keys (before RoPE) plus
+    noise, as a layer's values and keys are two projections of the same hidden states."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(LAYERS, HEADS, DIM, DIM, generator=gen)
+    keys = torch.randn(LAYERS, HEADS, tokens, DIM, generator=gen) @ mix + 3 * torch.randn(LAYERS, HEADS, 1, DIM,
+                                                                                            generator=gen)
+    maps = torch.randn(LAYERS, CHANNELS, CHANNELS, generator=torch.Generator().manual_seed(99)) / 4
+    flat = keys.permute(0, 2, 1, 3).reshape(LAYERS, tokens, CHANNELS) @ maps
+    values = flat.reshape(LAYERS, tokens, HEADS, DIM).permute(0, 2, 1, 3)
+    values = values + 0.3 * torch.randn(LAYERS, HEADS, tokens, DIM, generator=gen)
+    rope = tr.Rope(INV_FREQ)
+    keys = torch.stack([tr.rotate(keys[layer], rope, 0) for layer in range(LAYERS)])
+    return keys.half(), values.half()
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    """The tiny transform profile (with a measured-style allocation) without and with value
+    prediction fitted on other KV than the tests code."""
+    plain = _profile()
+    plain.allocation = {level: np.array([[1.0, 0.7], [1.3, 1.0]]) * (i + 1) for i, level in enumerate(LEVELS)}
+    maps, shifts = fit_value_prediction(plain, [_kv(1), _kv(2)], "balanced")
+    return plain, replace(plain, value_maps=maps, value_shifts=shifts, value_fit_level="balanced")
+
+
+def test_offsets_are_exact_integer_arithmetic():
+    rng = np.random.default_rng(0)
+    weights = rng.integers(-32767, 32768, (CHANNELS, CHANNELS)).astype(np.int16)
+    q = rng.integers(-32767, 32768, (50, CHANNELS))
+    p = predict.Predictor(weights, predict.level_scale(0.73, 22))
+    acc = q.astype(np.int64) @ weights.T.astype(np.int64)  # exact, whatever the order
+    expect = np.clip(np.rint(acc.astype(np.float64) * (0.73 * 2.0**-22)), -predict.LIMIT, predict.LIMIT)
+    assert np.array_equal(p.offsets(q).numpy(), expect)
+    assert np.array_equal(p.offsets(torch.from_numpy(q).float()).numpy(), expect)  # any integer-valued dtype
+    # ties round half to even: 2.5 -> 2, 3.5 -> 4, -2.5 -> -2
+    tie = predict.Predictor(np.eye(3, dtype=np.int16), 0.5)
+    assert tie.offsets(np.array([[5, 7, -5]])).tolist() == [[2.0, 4.0, -2.0]]
+    hdt = torch.from_numpy(q[:, :CHANNELS].reshape(50, HEADS, DIM)).permute(1, 0, 2)
+    assert np.array_equal(p.offsets_hdt(hdt).permute(1, 0, 2).reshape(50, CHANNELS).numpy(), expect)
+
+
+def test_to_int_keeps_the_most_precision_int16_allows():
+    maps = np.stack([np.full((2, 2), 0.3), np.array([[1e-9, -2.0], [0.0, 0.5]]), np.zeros((2, 2))])
+    ints, shifts = predict.to_int(maps)
+    assert shifts.tolist() == [16, 13, predict.MAX_SHIFT]  # 0.3 * 2**16 = 19661 fits, * 2**17 does not
+    assert ints[0, 0, 0] == 19661 and ints[1, 0, 1] == -16384 and ints[1, 0, 0] == 0
+    assert not ints[2].any()
+
+
+def test_fit_recovers_a_linear_relation():
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=(2, 6, 6))
+    blocks = []
+    for _ in range(4):
+        qk = rng.normal(size=(2, 100, 6)) * 50 + rng.normal(size=(2, 1, 6)) * 100  # a per-block mean too
+        qv = np.einsum("lij,ltj->lti", truth, qk) + 7.0
+        blocks.append((qk, qv))
+    assert np.allclose(predict.fit_maps(blocks), truth, rtol=3e-3, atol=1e-3)  # the ridge shrinks by ~0.1%
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_prediction_shrinks_the_stream_and_changes_no_tensor(profiles, level):
+    plain, pred = profiles
+    keys, values = _kv(0)
+    a = encode(keys, values, level=level, model="tiny", profile=plain)
+    b = encode(keys, values, level=level, model="tiny", profile=pred)
+    assert not container.parse(a).header.predicted_values and container.parse(b).header.predicted_values
+    assert len(b) < 0.9 * len(a)
+    # the device encoder (torch on the CPU here) writes the same bytes
+    assert encode(keys, values, level=level, model="tiny", profile=pred, backend="torch") == b
+    da, db = decode(a, profile=plain), decode(b, profile=pred)
+    assert torch.equal(da.keys, db.keys) and torch.equal(da.values, db.values)
+    # every decoding entry point, CPU kernels and torch alike, predicts the same values
+    for kv in (decode(b, profile=pred, threads=2), decode(b, profile=pred, backend="torch"),
+               decode(b, profile=pred, dtype=torch.float32, threads=2)):
+        assert torch.equal(kv.values.to(db.values.dtype), db.values)
+    for backend, extra in (("numba", {"threads": 2}), ("torch", {"batch_layers": 1})):
+        for layer, k, v in decode_layers(b, profile=pred, backend=backend, **extra):
+            assert torch.equal(k, db.keys[layer]) and torch.equal(v, db.values[layer])
+    assert torch.equal(decode_layer(b, 1, profile=pred).values, db.values[1])
+    assert verify(b, profile=pred, threads=2).transform
+
+
+def test_levels_share_one_map_through_their_step_ratios(profiles):
+    _, pred = profiles
+    for layer in range(LAYERS):
+        fitted = pred.value_predictor("balanced", layer).scale
+        for level in LEVELS:
+            alloc = pred.allocation[level][layer]
+            ref = pred.allocation["balanced"][layer]
+            expect = float(alloc[0]) / float(alloc[1]) / (float(ref[0]) / float(ref[1]))
+            assert pred.value_predictor(level, layer).scale == expect * fitted
+
+
+def test_a_stream_with_raw_only_blocks_and_short_blocks(profiles):
+    _, pred = profiles
+    keys, values = _kv(3, tokens=260)
+    blob = encode(keys, values, level="balanced", model="tiny", profile=pred, token_block=1, first_position=0,
+                  sink_tokens=2)
+    blob2 = encode(keys, values, level="balanced", model="tiny", profile=pred, token_block=128)
+    for b in (blob, blob2):
+        ref = decode(b, profile=pred)
+        assert torch.equal(decode(b, profile=pred, backend="torch").values, ref.values)
+        verify(b, profile=pred)
+
+
+def test_decoders_need_the_profiles_value_prediction(profiles):
+    plain, pred = profiles
+    keys, values = _kv(0)
+    blob = encode(keys, values, level="balanced", model="tiny", profile=pred)
+    lacking = replace(pred, value_maps=None, value_shifts=None, value_fit_level="")
+    with pytest.raises(MissingProfile):
+        decode(blob, profile=lacking)
+    # the flag without the transform flag is refused by the header check
+    layout = container.parse(blob)
+    header = replace(layout.header, flags=container.FLAG_PACKED_SIDE | container.FLAG_PREDICTED_VALUES)
+    bad = container.pack(header, [bytes(container.substream(blob, layout, s)) for s in range(header.n_substreams)])
+    with pytest.raises(UnsupportedFormat, match="predicted values need"):
+        container.parse(bad)
+    assert inspect(blob).transform
+
+
+def test_profile_json_round_trip_and_bad_fields(profiles):
+    plain, pred = profiles
+    body = pred.to_json()
+    again = profile_from_json(json.loads(json.dumps(body)))
+    assert again.digest == pred.digest and np.array_equal(again.value_maps, pred.value_maps)
+    assert again.value_shifts.tolist() == pred.value_shifts.tolist() and again.value_fit_level == "balanced"
+    assert "value_prediction" not in plain.to_json()  # profiles without it keep their digests
+
+    def refused(edit, match):
+        broken = json.loads(json.dumps(body))
+        edit(broken["value_prediction"])
+        broken.pop("sha256")
+        from kvcodec.codec.profile import _digest
+        broken["sha256"] = _digest(broken)
+        with pytest.raises(InvalidInput, match=match):
+            profile_from_json(broken)
+
+    refused(lambda v: v.update(fitted_at="fastest"), "fitted_at 'fastest'")
+    refused(lambda v: v.update(shifts=[0, 31]), "shifts must be")
+    refused(lambda v: v.update(maps="AAAA"), "maps hold 3 bytes")
+    refused(lambda v: v.pop("maps"), "bad or missing field")
