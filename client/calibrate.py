@@ -246,11 +246,11 @@ def fit_side_priors(profile, kvs, model: str) -> dict[str, dict[str, np.ndarray]
     return out
 
 
-def fit_value_prediction(profile, kvs, level: str = "balanced") -> tuple[np.ndarray, np.ndarray]:
-    """The profile's value prediction (:mod:`kvcodec.codec.predict`): per layer, the
-    least-squares map from the calibration KV ``kvs``' key symbols to its value symbols, both
-    quantized at ``level``'s steps block by block as the encoder quantizes them, divided by the
-    level's key/value step ratio. Returns ``(int16 maps [L, C, C], shifts [L])``."""
+def fit_prediction(profile, kvs, level: str = "balanced") -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """The profile's prediction maps (:mod:`kvcodec.codec.predict`): for every (layer,
+    keys/values), the least-squares map from its sources' symbols to its own, on the
+    calibration KV ``kvs`` quantized at ``level``'s steps block by block as the encoder
+    quantizes them. Returns ``((keys int16 [L, C, 2C], values int16 [L, C, 3C]), shifts [L, 2])``."""
     from kvcodec.codec import predict, substream
     from kvcodec.codec.api import DEFAULT_TOKEN_BLOCK, _step_rule
     from kvcodec.codec.levels import get_level
@@ -263,21 +263,34 @@ def fit_value_prediction(profile, kvs, level: str = "balanced") -> tuple[np.ndar
             n_raw = max(0, min(DEFAULT_TOKEN_BLOCK, profile.sink_tokens - start))
             if min(tokens - start, DEFAULT_TOKEN_BLOCK) - n_raw < 2:
                 continue
-            pair = []
-            for is_value, x in ((False, k), (True, v)):
-                rows = []
-                for layer in range(profile.layers):
+            block = []
+            for layer in range(profile.layers):
+                for is_value, x in ((False, k), (True, v)):
                     _, q = substream.transform_symbols(
                         x[layer, :, start : start + DEFAULT_TOKEN_BLOCK], _step_rule(lv, profile, layer, is_value),
-                        n_raw, profile.transform(layer, is_value), start + n_raw, is_value)
-                    rows.append(q.transpose(1, 0, 2).reshape(q.shape[1], -1))  # token-major [T, C]
-                pair.append(np.stack(rows).astype(np.float64))
-            blocks.append(tuple(pair))
-    maps = predict.fit_maps(blocks)
-    alloc = profile.allocation.get(level)
-    if alloc is not None:  # stored in units where a level's ratio multiplies them (Profile.value_predictor)
-        maps = maps / (alloc[:, 0] / alloc[:, 1])[:, None, None]
-    return predict.to_int(maps)
+                        n_raw, profile.transform(layer, is_value), start + n_raw,
+                        bool(predict.sources(layer, is_value)))
+                    block.append(q.transpose(1, 0, 2).reshape(q.shape[1], -1))  # token-major [T, C]
+            blocks.append(np.stack(block).astype(np.float64).reshape(profile.layers, 2, *block[0].shape))
+    keys, values = predict.fit_maps(blocks)
+    (keys, key_shifts), (values, value_shifts) = predict.to_int(keys), predict.to_int(values)
+    return (keys, values), np.stack([key_shifts, value_shifts], axis=1)
+
+
+def prediction_levels(profile, kvs, model: str) -> tuple[str, ...]:
+    """The levels whose streams of the calibration KV ``kvs`` are smaller with ``profile``'s
+    prediction than without (on SmolLM2, compact's are not: its coarse steps leave little to predict)."""
+    from kvcodec.codec.api import encode
+
+    with_all = replace(profile, prediction_levels=tuple(sorted(profile.levels)))
+    plain = replace(profile, prediction_maps=None, prediction_shifts=None, prediction_levels=())
+    used = []
+    for level in sorted(profile.levels):
+        ours = sum(len(encode(k, v, level=level, model=model, profile=with_all)) for k, v in kvs)
+        theirs = sum(len(encode(k, v, level=level, model=model, profile=plain)) for k, v in kvs)
+        if ours < theirs:
+            used.append(level)
+    return tuple(used)
 
 
 TRANSFORMS = ("mixed", "head", "layer", "rope", "none")
@@ -286,7 +299,7 @@ TRANSFORMS = ("mixed", "head", "layer", "rope", "none")
 def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int = 512,
               levels: dict[str, tuple[float, float]] | None = None,
               fixed: dict[str, float] | None = None, slopes: dict[str, float] | None = None,
-              transform: str = "mixed", allocation: str = "measured", retune=None, value_prediction: bool = True,
+              transform: str = "mixed", allocation: str = "measured", retune=None, prediction: bool = True,
               log=print):
     """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``.
 
@@ -307,13 +320,13 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
     ids = [tokenize_file(loaded, t, prefix_len + eval_len) for t in texts]
     return calibrate_tokens(loaded, ids, [str(t) for t in texts], prefix_len=prefix_len, eval_len=eval_len,
                             levels=levels, fixed=fixed, slopes=slopes, transform=transform,
-                            allocation=allocation, retune=retune, value_prediction=value_prediction, log=log)
+                            allocation=allocation, retune=retune, prediction=prediction, log=log)
 
 
 def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_len: int = 1536,
                      eval_len: int = 512, levels: dict[str, tuple[float, float]] | None = None,
                      fixed: dict[str, float] | None = None, slopes: dict[str, float] | None = None,
-                     transform: str = "mixed", allocation: str = "measured", retune=None, value_prediction: bool = True,
+                     transform: str = "mixed", allocation: str = "measured", retune=None, prediction: bool = True,
               log=print):
     """:func:`calibrate` on token sequences (``names``: what the profile records as its texts).
 
@@ -339,7 +352,8 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             raise InvalidInput("retune: the profile holds no measured rate-distortion curves")
         profile = copy.deepcopy(retune)
         profile.side_priors = {}  # fitted again below, at the new levels' steps
-        profile.value_maps = profile.value_shifts = None  # likewise
+        profile.prediction_maps = profile.prediction_shifts = None  # likewise
+        profile.prediction_levels = ()
         profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels and lv not in slopes}
         profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels and lv not in slopes}
         profile.calibration.update({"retuned_on": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
@@ -400,11 +414,12 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             profile.calibration.setdefault("slopes_given", {})[level] = mu
         log(f"{level}: slope {mu:.3g}, step multipliers {profile.allocation[level].min():.3g}"
             f"..{profile.allocation[level].max():.3g}")
-    if profile.has_transform and value_prediction:
+    if profile.has_transform and prediction:
         fit_level = "balanced" if "balanced" in profile.levels else sorted(profile.levels)[0]
-        profile.value_maps, profile.value_shifts = fit_value_prediction(profile, kvs, fit_level)
-        profile.value_fit_level = fit_level
-        log(f"value prediction: maps fitted at {fit_level}")
+        profile.prediction_maps, profile.prediction_shifts = fit_prediction(profile, kvs, fit_level)
+        profile.prediction_fit_level = fit_level
+        profile.prediction_levels = prediction_levels(profile, kvs, loaded.name)
+        log(f"prediction: maps fitted at {fit_level}, used by {', '.join(profile.prediction_levels) or 'no level'}")
     if profile.has_transform:
         profile.side_priors = fit_side_priors(profile, kvs, loaded.name)
         log(f"side-information priors: {', '.join(sorted(profile.side_priors))}")
@@ -481,9 +496,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retune", metavar="PROFILE",
                    help="keep this profile's weights, transform and measured curves; search only the levels "
                         "(those given by --floor, else all) against --text")
-    p.add_argument("--no-value-prediction", dest="value_prediction", action="store_false",
-                   help="do not fit maps that predict each layer's values from its keys (with a transform, "
-                        "streams code the values as differences from that prediction: 12-20%% fewer value bits)")
+    p.add_argument("--no-prediction", dest="prediction", action="store_false",
+                   help="do not fit the maps that predict each layer's keys and values from the symbols "
+                        "decoded before them (with a transform, streams code the differences: on SmolLM2 "
+                        "11-19%% fewer bits at high and balanced)")
     p.add_argument("--alias", action="append", default=[], help="other model names the profile applies to")
     p.add_argument("--lambda", dest="lambdas", action="append", default=[], metavar="LEVEL=VALUE",
                    help="use this step multiplier for a level instead of searching for it (no allocation)")
@@ -555,7 +571,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          f"{retune.head_dim}, the model has {loaded.num_layers} x {loaded.num_kv_heads} x {loaded.head_dim}")
     profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, levels=levels, fixed=fixed,
                         slopes=slopes, transform=args.transform, allocation=args.allocation, retune=retune,
-                        value_prediction=args.value_prediction, log=lambda m: print(m, file=sys.stderr))
+                        prediction=args.prediction, log=lambda m: print(m, file=sys.stderr))
     if args.alias or retune is None:
         profile.calibration["aliases"] = args.alias
     profile.save(args.out)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcodec.codec import container, device_encode, gpu_decode, rans_triton, substream
+from kvcodec.codec import container, device_encode, gpu_decode, predict, rans_triton, substream
 from kvcodec.codec.container import DecodeLimits, Header, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, MissingProfile
 from kvcodec.codec.kvfile import check_kv
@@ -211,7 +211,7 @@ def _encode(
     prof = None if lossless else _resolve_profile(profile, model, layers, heads, dim)
     use_transform = prof is not None and prof.has_transform and lv.name in prof.levels
     use_prior = use_transform and lv.name in prof.side_priors
-    use_prediction = use_transform and prof.predicts_values(lv.name)
+    use_prediction = use_transform and prof.predicts(lv.name)
     if use_transform and not 0 <= first_position <= container.MAX_ROPE_POSITION - tokens:
         raise InvalidInput(f"first_position: {first_position} is outside 0..{container.MAX_ROPE_POSITION - tokens}"
                            " (the profile's transform codes keys before RoPE)")
@@ -234,39 +234,67 @@ def _encode(
         payloads = device_encode.encode_payloads(
             keys, values, header, lambda layer, is_value: _stats_step_rule(lv, prof, layer, is_value),
             lambda layer, is_value: prof.transform(layer, is_value) if use_transform else None, backend, progress,
-            priors=prior, predictors=(lambda layer: prof.value_predictor(lv.name, layer)) if use_prediction else None,
+            priors=prior,
+            predictors=(lambda layer, is_value: prof.predictor(lv.name, layer, is_value)) if use_prediction else None,
         )
         return container.pack(header, payloads)
     jobs = [
-        (layer, is_value, b, block, key_block)
+        (layer, is_value, b, block)
         for layer in range(layers)
         for is_value, tensor in ((False, keys), (True, values))
-        for (b, block), (_, key_block) in zip(_blocks(tensor[layer], header), _blocks(keys[layer], header))
+        for b, block in _blocks(tensor[layer], header)
     ]
 
     def run(job) -> bytes:
-        layer, is_value, b, block, key_block = job
+        layer, is_value, b, block = job
         if lossless:
             return substream.encode_lossless(block)
         rule = _step_rule(lv, prof, layer, is_value)
         tr = prof.transform(layer, is_value) if use_transform else None
-        n_raw, first = header.block_raw_tokens(b), header.block_quantized_position(b)
-        offset = None
-        if use_prediction and is_value and block.shape[1] > n_raw:  # the key symbols, quantized again here
-            _, qk = substream.transform_symbols(key_block, _step_rule(lv, prof, layer, False), n_raw,
-                                                prof.transform(layer, False), first)
-            offset = prof.value_predictor(lv.name, layer).offsets_hdt(torch.from_numpy(qk)).numpy()
         return substream.encode_quantized(
-            block, rule, n_raw, header.coder, tr, first, header.packed_side, prior(layer, is_value), offset,
+            block, rule, header.block_raw_tokens(b), header.coder, tr, header.block_quantized_position(b),
+            header.packed_side, prior(layer, is_value),
         )
 
     payloads: list[bytes] = []
     with ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
+        if use_prediction:
+            run = _predicted_coder(jobs, header, lv, prof, prior, pool)
         for payload in pool.map(run, jobs):
             payloads.append(payload)
             if progress:
                 progress(len(payloads), len(jobs))
     return container.pack(header, payloads)
+
+
+def _predicted_coder(jobs: list, header: Header, lv: Level, prof: Profile, prior, pool):
+    """Header flag 8, numba path: quantize every block first (on ``pool``), then return the
+    function that codes one job's symbols as differences from their prediction
+    (:mod:`kvcodec.codec.predict`)."""
+    def quantize(job):
+        layer, is_value, b, block = job
+        n_raw = header.block_raw_tokens(b)
+        if block.shape[1] == n_raw:
+            return None
+        return substream.transform_symbols(
+            block, _step_rule(lv, prof, layer, is_value), n_raw, prof.transform(layer, is_value),
+            header.block_quantized_position(b), prof.predictor(lv.name, layer, is_value) is not None)
+
+    symbols = {job[:3]: result for job, result in zip(jobs, pool.map(quantize, jobs))}
+
+    def code(job) -> bytes:
+        layer, is_value, b, block = job
+        n_raw = header.block_raw_tokens(b)
+        if symbols[job[:3]] is None:
+            return substream.encode_quantized(block, None, n_raw)  # raw tokens only
+        steps, q = symbols[job[:3]]
+        predictor = prof.predictor(lv.name, layer, is_value)
+        if predictor is not None:
+            qs = [torch.from_numpy(symbols[(lay, kind, b)][1]) for lay, kind in predict.sources(layer, is_value)]
+            q = q - predictor.offsets_hdt(qs).numpy()
+        return substream.encode_symbols(block, n_raw, steps, q, header.packed_side, prior(layer, is_value))
+
+    return code
 
 
 def _check_finite(keys: torch.Tensor, values: torch.Tensor, threads: int) -> None:
@@ -327,16 +355,50 @@ def _decode_into(data, layout: Layout, sid: int, dtype, device, part: torch.Tens
         part.copy_(result)
 
 
-def decode_block_pair(
-    data, layout: Layout, layer: int, block: int, dtype, device, keys: torch.Tensor, values: torch.Tensor
-) -> None:
-    """Decode one block's keys into ``keys``, then its values into ``values`` with the
-    prediction from the keys' symbols (streams with header flag 8, see :mod:`kvcodec.codec.predict`)."""
+class Chain:
+    """Header flag 8: the decoded symbols that later substreams of the same block of tokens are
+    predicted from (:func:`kvcodec.codec.predict.sources`), and those predictions. Decode a
+    block's substreams in layer order, keys before values: :meth:`offset`, then :meth:`keep`."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.level = _level_name(layout.header.level)
+        self.symbols: dict[tuple[int, bool, int], object] = {}
+
+    def offset(self, layer: int, is_value: bool, block: int) -> torch.Tensor | None:
+        """The prediction (float64 ``[T, C]``) to add to the substream's decoded symbols, None if
+        it has none (layer 0's keys, blocks of raw tokens only)."""
+        h = self.layout.header
+        predictor = self.layout.profile.predictor(self.level, layer, is_value)
+        if predictor is None or h.block_tokens(block) == h.block_raw_tokens(block):
+            return None
+        return predictor.offsets([self.symbols[(lay, kind, block)] for lay, kind in predict.sources(layer, is_value)])
+
+    def keep(self, layer: int, is_value: bool, block: int, captured: list) -> None:
+        """Record a decoded substream's symbols (``captured`` by ``decode_quantized``; empty for
+        raw tokens only) and forget those no later substream needs."""
+        if captured:
+            self.symbols[(layer, is_value, block)] = captured[0]
+        if is_value:
+            self.symbols.pop((layer - 1, False, block), None)
+            self.symbols.pop((layer - 1, True, block), None)
+
+
+def decode_chain(data, layout: Layout, block: int, upto: int, dtype, device, target) -> None:
+    """Header flag 8: decode block ``block`` of layers ``0..upto`` in order, each substream
+    predicted from those before it; ``target(layer, is_value)`` gives the output slice of each
+    (None: decoded into scratch, only to predict the next layers)."""
     h = layout.header
-    captured: list = []
-    _decode_into(data, layout, h.substream_id(layer, False, block), dtype, device, keys, captured)
-    offset = layout.profile.value_predictor(_level_name(h.level), layer).offsets(captured[0]) if captured else None
-    _decode_into(data, layout, h.substream_id(layer, True, block), dtype, device, values, offset=offset)
+    chain = Chain(layout)
+    for layer in range(upto + 1):
+        for is_value in (False, True):
+            part = target(layer, is_value)
+            if part is None:
+                part = torch.empty((h.kv_heads, h.block_tokens(block), h.head_dim), dtype=dtype, device=device)
+            captured: list = []
+            _decode_into(data, layout, h.substream_id(layer, is_value, block), dtype, device, part, captured,
+                         chain.offset(layer, is_value, block))
+            chain.keep(layer, is_value, block, captured)
 
 
 def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) -> Layout:
@@ -367,8 +429,8 @@ def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) 
     if h.predicted_side and _level_name(h.level) not in profile.side_priors:
         raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no side-information prior for level "
                              f"{_level_name(h.level)!r}, which the stream's flags say it was coded with")
-    if h.predicted_values and not profile.predicts_values(_level_name(h.level)):
-        raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no value prediction for level "
+    if h.predicted_values and not profile.predicts(_level_name(h.level)):
+        raise MissingProfile(f"profile: {profile.digest.hex()[:16]}… has no prediction for level "
                              f"{_level_name(h.level)!r}, which the stream's flags say it was coded with")
     layout.profile = profile
     return layout
@@ -428,18 +490,25 @@ def _decode_layers(
         values = torch.empty(shape, dtype=out_dtype, device=device)
     except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory errors
         raise LimitExceeded(f"output: cannot allocate 2 x {list(shape)} {out_dtype} ({type(exc).__name__})") from None
-    # (i, layer, block, keys/values); None: both, the values predicted from the keys (header flag 8)
-    kinds = (None,) if h.predicted_values else (False, True)
-    jobs = [(i, layer, b, kind) for i, layer in enumerate(layers) for kind in kinds for b in range(h.blocks_per_tensor)]
+    index = {layer: i for i, layer in enumerate(layers)}
+
+    def part(layer: int, is_value: bool, b: int) -> torch.Tensor | None:
+        if layer not in index:
+            return None
+        start = b * h.token_block
+        return (values if is_value else keys)[index[layer], :, start : start + h.block_tokens(b)]
+
+    if h.predicted_values:  # header flag 8: one job per block, every layer up to the last wanted in order
+        jobs = [(None, None, b) for b in range(h.blocks_per_tensor)]
+    else:
+        jobs = [(layer, kind, b) for layer in layers for kind in (False, True) for b in range(h.blocks_per_tensor)]
 
     def run(job) -> None:
-        i, layer, b, is_value = job
-        start = b * h.token_block
-        parts = (keys[i, :, start : start + h.block_tokens(b)], values[i, :, start : start + h.block_tokens(b)])
-        if is_value is None:
-            decode_block_pair(data, layout, layer, b, out_dtype, device, *parts)
+        layer, is_value, b = job
+        if layer is None:
+            decode_chain(data, layout, b, max(layers), out_dtype, device, lambda lay, kind: part(lay, kind, b))
         else:
-            _decode_into(data, layout, h.substream_id(layer, is_value, b), out_dtype, device, parts[is_value])
+            _decode_into(data, layout, h.substream_id(layer, is_value, b), out_dtype, device, part(layer, is_value, b))
 
     done = 0
     if threads > 1:
@@ -610,12 +679,11 @@ def verify(
     def check(sid: int) -> None:
         _decode_sub(data, layout, sid, torch.float32, None)
 
-    def check_pair(at: tuple[int, int]) -> None:
-        shape = (h.kv_heads, h.block_tokens(at[1]), h.head_dim)
-        decode_block_pair(data, layout, *at, torch.float32, None, torch.empty(shape), torch.empty(shape))
+    def check_chain(block: int) -> None:
+        decode_chain(data, layout, block, h.layers - 1, torch.float32, None, lambda layer, is_value: None)
 
-    if h.predicted_values:  # every (layer, block): keys, then values
-        check, sids = check_pair, [(layer, b) for layer in range(h.layers) for b in range(h.blocks_per_tensor)]
+    if h.predicted_values:  # header flag 8: each block's substreams in layer order
+        check, sids = check_chain, range(h.blocks_per_tensor)
     with _cpu_threads(None), ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
         for _ in pool.map(check, sids):  # re-raises the first failure, in substream order
             pass

@@ -45,7 +45,7 @@ NO_PROFILE = bytes(32)
 FLAG_TRANSFORM = 0x0001  # quantized in the profile's transform domain (FORMAT.md, "Transform")
 FLAG_PACKED_SIDE = 0x0002  # coder 3's side information is entropy-coded (FORMAT.md, "Packed side information")
 FLAG_PREDICTED_SIDE = 0x0004  # packed side information coded against the profile's prior (FORMAT.md)
-FLAG_PREDICTED_VALUES = 0x0008  # value symbols coded as differences from the keys' prediction (FORMAT.md)
+FLAG_PREDICTED_VALUES = 0x0008  # symbols coded as differences from a prediction (FORMAT.md)
 KNOWN_FLAGS = FLAG_TRANSFORM | FLAG_PACKED_SIDE | FLAG_PREDICTED_SIDE | FLAG_PREDICTED_VALUES
 MAX_ROPE_POSITION = 1 << 28  # RoPE angles stay exact float64 products below this
 
@@ -261,7 +261,7 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
     if flags & FLAG_PREDICTED_SIDE and not (flags & FLAG_PACKED_SIDE and flags & FLAG_TRANSFORM):
         raise UnsupportedFormat("flags: predicted side information needs the packed-side and transform flags")
     if flags & FLAG_PREDICTED_VALUES and not flags & FLAG_TRANSFORM:
-        raise UnsupportedFormat("flags: predicted values need the transform flag")
+        raise UnsupportedFormat("flags: prediction needs the transform flag")
     if flags & FLAG_TRANSFORM and not 0 <= first_position <= MAX_ROPE_POSITION - tokens:
         raise UnsupportedFormat(f"first_position: {first_position} with {tokens} tokens is outside the "
                                 f"transform's position range 0..{MAX_ROPE_POSITION}")

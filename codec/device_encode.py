@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvcodec.codec import entropy, substream
+from kvcodec.codec import entropy, predict, substream
 from kvcodec.codec.container import Header
-from kvcodec.codec.predict import VALUE_FLOOR_FACTOR, Predictor
+from kvcodec.codec.predict import FLOOR_FACTOR, Predictor
 from kvcodec.codec.quantize import block_rms, segment_sum
 from kvcodec.codec.rans_encode import encode_flat_batch
 from kvcodec.codec.sideprior import SidePrior, choose_side
@@ -87,6 +87,7 @@ class _Quantized:
     centers: np.ndarray  # int64 [G, 2, S, C]
     classes: np.ndarray  # uint8 [G, 2, S, C]
     coded: list[tuple[np.ndarray, np.ndarray]]  # (words, escapes) per substream, in [G, 2, S] order
+    last: torch.Tensor | None = None  # header flag 8: the group's last layer's symbols [2, H, Tq, D]
 
 
 def encode_payloads(
@@ -99,7 +100,7 @@ def encode_payloads(
     progress: Callable[[int, int], None] | None = None,
     max_elements: int | None = None,
     priors: Callable[[int, bool], SidePrior | None] | None = None,
-    predictors: Callable[[int], Predictor] | None = None,
+    predictors: Callable[[int, bool], Predictor | None] | None = None,
 ) -> list[bytes]:
     """Every substream payload of a quantized (coder 3) stream, in substream order.
 
@@ -113,9 +114,9 @@ def encode_payloads(
         max_elements: K+V elements per group of layers, one entropy batch per group
             (default :data:`MAX_GROUP_ELEMENTS`).
         priors: ``(layer, is_value) -> SidePrior`` or None (streams with header flag 4).
-        predictors: ``layer -> Predictor`` of the values from the keys, or None (streams with
-            header flag 8): the values' step floor is raised and their symbols coded as
-            differences from the prediction, as ``encode_quantized`` does.
+        predictors: ``(layer, is_value) -> Predictor`` (None for a substream without one), or
+            None (streams without header flag 8): predicted substreams' step floor is raised and
+            their symbols coded as differences from the prediction, as ``api.encode`` does.
 
     Returns:
         The payloads, byte-identical to :func:`kvcodec.codec.substream.encode_quantized`'s.
@@ -127,6 +128,7 @@ def encode_payloads(
     group = max(1, (max_elements or MAX_GROUP_ELEMENTS) // (2 * heads * tokens * dim))
     segments = _Segments.of(header, keys.device)
     payloads: list[bytes] = []
+    previous = None  # header flag 8: the symbols of the layer before the group
     for first in range(0, layers, group):
         ids = list(range(first, min(layers, first + group)))
         x = torch.stack([keys[ids[0] : ids[-1] + 1], values[ids[0] : ids[-1] + 1]], dim=1)  # [G, 2, H, T, D]
@@ -134,7 +136,8 @@ def encode_payloads(
         quant = None
         if segments.blocks:
             quant = _quantize(x[..., header.raw_tokens :, :].float(), ids, header, segments, step_rules, transforms,
-                              backend, priors, predictors)
+                              backend, priors, predictors, previous)
+            previous = quant.last
         sides = _sides(header, quant, ids, priors) if quant is not None else None
         for g in range(len(ids)):
             for kind in (0, 1):
@@ -168,8 +171,11 @@ def _host_ints(x: torch.Tensor) -> np.ndarray:
     return x.contiguous().view(_INT_VIEW[x.dtype]).cpu().numpy()
 
 
-def _quantize(xq, ids, header, segments, step_rules, transforms, backend, priors=None, predictors=None) -> _Quantized:
-    """Steps, symbols, centres, classes and the entropy-coded words of a group's quantized region."""
+def _quantize(
+    xq, ids, header, segments, step_rules, transforms, backend, priors=None, predictors=None, previous=None
+) -> _Quantized:
+    """Steps, symbols, centres, classes and the entropy-coded words of a group's quantized region
+    (``previous``: header flag 8, the symbols ``[2, H, Tq, D]`` of the layer before ``ids[0]``)."""
     trs = [[transforms(layer, bool(kind)) for kind in (0, 1)] for layer in ids]
     first = header.first_position + header.raw_tokens
     if any(t is not None for row in trs for t in row):
@@ -180,20 +186,31 @@ def _quantize(xq, ids, header, segments, step_rules, transforms, backend, priors
     for g, layer in enumerate(ids):
         for k in (0, 1):
             factor = trs[g][k].step_floor_factor() if trs[g][k] is not None else 1.0
-            if predictors is not None and k:
-                factor *= VALUE_FLOOR_FACTOR
+            if predictors is not None and predictors(layer, bool(k)) is not None:
+                factor *= FLOOR_FACTOR
             steps[g, k] = step_rules(layer, bool(k))(rms[g, k], absmax[g, k], factor)
     q = _symbols(xq, steps, trs, segments)
+    last = None
     if predictors is not None:  # the prediction is per token: every block of a layer at once
+        def exact(lay: int, kind: bool) -> torch.Tensor:  # a source's symbols (before any is replaced)
+            return previous[int(kind)] if lay < ids[0] else q[lay - ids[0], int(kind)]
+
+        offsets = {}
         for g, layer in enumerate(ids):
-            q[g, 1] -= predictors(layer).offsets_hdt(q[g, 0])
+            for k in (0, 1):
+                predictor = predictors(layer, bool(k))
+                if predictor is not None:
+                    offsets[g, k] = predictor.offsets_hdt([exact(*src) for src in predict.sources(layer, bool(k))])
+        last = q[-1].clone()
+        for (g, k), offset in offsets.items():
+            q[g, k] -= offset
     centers, deltas, kmax, abs_sums = segment_channel_deltas(q, segments)
     n = np.array(segments.counts, dtype=np.int64)
     classes = entropy.scale_classes(abs_sums, kmax, n[None, None, :, None])
     if priors is not None and header.packed_side:
         centers, classes = _choose_sides(deltas, centers, classes, steps, ids, priors, segments)
     coded = _entropy_code(deltas, classes, segments, backend)
-    return _Quantized(steps, centers, classes, coded)
+    return _Quantized(steps, centers, classes, coded, last)
 
 
 def _choose_sides(deltas: torch.Tensor, centers, classes, steps, ids, priors, segments: _Segments):

@@ -47,7 +47,7 @@ _ENDIAN = {2: "<i2", 4: "<i4"}
 
 def supports(h: Header) -> bool:
     """Whether streams with this header take this path (quantized coder 3, packed side information;
-    not yet values predicted from keys, header flag 8: those take the per-layer Triton path)."""
+    not yet prediction, header flag 8: those take the per-layer Triton path)."""
     return h.coder == container.CODER_RANS and h.packed_side and not h.predicted_values
 
 

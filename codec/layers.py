@@ -142,8 +142,19 @@ def _numba_layers(data, layout: Layout, dtype, device, threads: int):
     def run(sid: int, target: torch.Tensor) -> None:
         api._decode_into(data, layout, sid, dtype, device, part(target, sid % blocks))
 
-    def run_pair(layer: int, block: int, kv) -> None:  # header flag 8: keys, then values from them
-        api.decode_block_pair(data, layout, layer, block, dtype, device, part(kv[0], block), part(kv[1], block))
+    chains = [api.Chain(layout) for _ in range(blocks)]  # header flag 8
+
+    def run_chained(layer: int, block: int, kv, before) -> None:
+        """A layer's block once the previous layer's is decoded (submitted earlier, so running or
+        done: no deadlock), keys then values, each predicted from the symbols before it."""
+        if before is not None:
+            before.result()
+        chain = chains[block]
+        for is_value in (False, True):
+            captured: list = []
+            api._decode_into(data, layout, h.substream_id(layer, is_value, block), dtype, device,
+                             part(kv[is_value], block), captured, chain.offset(layer, is_value, block))
+            chain.keep(layer, is_value, block, captured)
 
     with api._cpu_threads(device), ThreadPoolExecutor(threads) as pool:
         outputs, futures = [], []
@@ -151,7 +162,8 @@ def _numba_layers(data, layout: Layout, dtype, device, threads: int):
             kv = (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             outputs.append(kv)
             if h.predicted_values:
-                futures.append([pool.submit(run_pair, layer, b, kv) for b in range(blocks)])
+                before = futures[-1] if futures else [None] * blocks
+                futures.append([pool.submit(run_chained, layer, b, kv, before[b]) for b in range(blocks)])
             else:
                 futures.append([pool.submit(run, sid, kv[i // blocks]) for i, sid in enumerate(_layer_sids(h, layer))])
         try:
@@ -178,18 +190,22 @@ def _group_layers(data, layout: Layout, dtype, device, batch_layers: int):
 
 def _torch_layers(data, layout: Layout, dtype, device, batch_layers: int, backend: str = "torch"):
     h = layout.header
+    chain = api.Chain(layout) if h.predicted_values else None  # carried from batch to batch
     for first in range(0, h.layers, batch_layers):
         layers = range(first, min(first + batch_layers, h.layers))
         sids = [sid for layer in layers for sid in _layer_sids(h, layer)]
-        parts = _decode_batch(data, layout, sids, dtype, device, backend)
+        parts = _decode_batch(data, layout, sids, dtype, device, backend, chain)
         per = 2 * h.blocks_per_tensor
         for i, layer in enumerate(layers):
             keys, values = _assemble(h, parts[i * per : (i + 1) * per], dtype, device)
             yield layer, keys, values
 
 
-def _decode_batch(data, layout: Layout, sids: list[int], dtype, device, backend: str = "torch") -> list[torch.Tensor]:
-    """Decode coder-3 substreams together on ``device``; returns each block ``[H, T, D]``."""
+def _decode_batch(
+    data, layout: Layout, sids: list[int], dtype, device, backend: str = "torch", chain: api.Chain | None = None
+) -> list[torch.Tensor]:
+    """Decode coder-3 substreams together on ``device``; returns each block ``[H, T, D]``
+    (``chain``: header flag 8's symbols so far; ``sids`` in layer order, keys before values)."""
     h = layout.header
     stored = api._TORCH_DTYPES[h.dtype]
     raws, payloads, subs = [], [], []
@@ -215,21 +231,18 @@ def _decode_batch(data, layout: Layout, sids: list[int], dtype, device, backend:
     except CorruptStream as exc:
         raise CorruptStream(f"{h.describe(sids[0])} and the rest of its batch: {exc}") from None
     out = []
-    key_symbols = {}  # header flag 8: (layer, block) -> the keys' symbols, which predict the values
-    level = api._level_name(h.level)
     for sid, raw, p in zip(sids, raws, payloads):
         parts = [] if raw is None else [raw.to(device=device).to(dtype)]
+        block = sid % h.blocks_per_tensor
+        layer, is_value = divmod(sid // h.blocks_per_tensor, 2)
+        captured: list = []
         if p is not None:
-            block = sid % h.blocks_per_tensor
-            layer, is_value = divmod(sid // h.blocks_per_tensor, 2)
-            capture, offset = None, None
-            if h.predicted_values and not is_value:
-                capture = key_symbols.setdefault((layer, block), [])
-            elif h.predicted_values:  # a layer's keys come before its values in every batch
-                offset = layout.profile.value_predictor(level, layer).offsets(key_symbols.pop((layer, block))[0])
+            offset = chain.offset(layer, bool(is_value), block) if chain else None
             parts.append(dequantize_block(p.steps, p.centers, next(deltas), h.kv_heads, h.head_dim, dtype, device,
                                           api.block_transform(layout, sid), h.block_quantized_position(block),
-                                          capture, offset))
+                                          captured, offset))
+        if chain:
+            chain.keep(layer, bool(is_value), block, captured)
         out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return out
 

@@ -1,29 +1,34 @@
-"""Values predicted from the same layer's keys (header flag 8, FORMAT.md "Value prediction").
+"""Keys and values predicted from what is already decoded (header flag 8, FORMAT.md "Prediction").
 
-A layer's keys and values are two projections of the same hidden states, so a linear map of
-a token's decoded keys predicts much of its values: on SmolLM2 it takes 12-20% off the value
-bits at equal step (benchmarks/RESULTS.md, "Predicting from what is already decoded"). The
-prediction works on the transform's integer symbols, so every decoder reconstructs exactly
-the symbols the encoder quantized — the decoded tensors are those of the same stream coded
-without prediction; only the rate changes:
+A layer's keys and values are projections of the same hidden states, and a layer's hidden
+states differ from the previous layer's by one residual update. So, token by token, linear maps
+of already-decoded symbols predict much of the next ones (:func:`sources`):
 
-* the encoder quantizes keys and values as usual (symbols ``q_K``, ``q_V``, token-major
-  ``[T, C]`` with ``C = heads * head_dim`` in the transform's coordinate order) and codes
-  ``q_V - P(q_K)`` in the values' substream;
-* the decoder decodes the keys' substream, computes ``P(q_K)``, and adds it to the values'
-  decoded symbols before the values' inverse transform.
+* the keys of layer ``l >= 1`` from the keys and values of layer ``l - 1``;
+* the values of layer ``l`` from the keys of layer ``l`` (and, for ``l >= 1``, the keys and
+  values of layer ``l - 1``).
 
-``P(q)[t, i] = clamp(round_half_even(acc[t, i] * scale), -LIMIT, LIMIT)`` with
-``acc = q @ map.T``: the map is int16 (a profile field, per layer), so with ``|q| <= 2**15``
-every product and partial sum is an integer below ``2**53`` — float64 matrix products are
-exact in any order, on every device and BLAS — and ``scale`` is one float64 per (level, layer)
-computed from the profile with a fixed sequence of IEEE operations (:func:`level_scale`).
-``LIMIT`` and the values' step floor (twice the usual, :data:`VALUE_FLOOR_FACTOR`) keep the
-coded residual within the int16 range the coder's escapes are sized for.
+On SmolLM2 this takes 16-19% off high's bits and 11-17% off balanced's (benchmarks/RESULTS.md,
+"Prediction across keys, values and layers"). The prediction works on the transform's integer
+symbols, so every decoder reconstructs exactly the symbols the encoder quantized — the decoded
+tensors are those of the same stream coded without prediction; only the rate changes:
 
-The maps are fitted in one level's symbol units (``kvcodec calibrate``, :func:`fit_maps`),
-divided by that level's key/value step ratio; a level uses them times its own ratio, because
-a level's steps differ from another's by one factor per (layer, keys/values).
+* the encoder quantizes every substream as usual (symbols token-major ``[T, C]``, ``C = heads *
+  head_dim`` in the transform's coordinate order) and codes ``q - P(sources)``;
+* the decoder adds ``P(sources)`` to the symbols it decodes, in layer order within each block
+  of tokens (the rANS decoding of every substream stays independent and parallel).
+
+``P = clamp(round_half_even(sum_s float64(acc_s * scale_s)), -LIMIT, LIMIT)`` (sums left to right)
+with ``acc_s = q_s @ map_s.T``: the maps are int16 (a profile field), so with ``|q| <= 2**15``
+every product and partial sum is an integer below ``2**53`` — float64 matrix products are exact
+in any order, on every device and BLAS — and each ``scale_s`` is one float64 computed from the
+profile with a fixed sequence of IEEE operations (:func:`level_scale`). ``LIMIT`` and the step
+floor of predicted substreams (twice the usual, :data:`FLOOR_FACTOR`) keep the coded residual
+within the int16 range the coder's escapes are sized for.
+
+The maps are fitted in one level's symbol units (``kvcodec calibrate``, :func:`fit_maps`); a
+level whose steps differ from it by one factor per (layer, keys/values) uses them rescaled by
+the ratios of those factors.
 """
 
 from __future__ import annotations
@@ -33,89 +38,107 @@ import math
 import numpy as np
 import torch
 
-LIMIT = 16383  # |prediction| bound; the values' symbols are kept within it too
-VALUE_FLOOR_FACTOR = 2.0  # the values' step floor (absmax / 32767) is doubled: |q_V| <= 16383
+LIMIT = 16383  # |prediction| bound; the predicted substreams' symbols are kept within it too
+FLOOR_FACTOR = 2.0  # predicted substreams' step floor (absmax / 32767) is doubled: |q| <= 16383
 MAX_SHIFT = 30
 RIDGE = 1e-3  # ridge of the least-squares fit, relative to the predictors' mean energy
 
 
+def sources(layer: int, is_value: bool) -> list[tuple[int, bool]]:
+    """The ``(layer, is_value)`` substreams that predict one, in the order their maps' columns
+    and the prediction's sum take them."""
+    own = [(layer, False)] if is_value else []
+    return own + ([(layer - 1, False), (layer - 1, True)] if layer > 0 else [])
+
+
 class Predictor:
-    """One (level, layer)'s prediction of value symbols from key symbols.
+    """One (level, layer, keys/values)'s prediction from its :func:`sources`' symbols.
 
     Args:
-        weights: int16 ``[C, C]``: row ``i`` predicts value coordinate ``i``.
-        scale: float64 multiplier of the integer sums (``level_scale``).
+        weights: int16 ``[C, C * len(sources)]``: row ``i`` predicts coordinate ``i``; the
+            columns of source ``s`` are ``s * C .. (s + 1) * C``.
+        scales: float64 multiplier of each source's integer sums (:func:`level_scale`).
     """
 
-    def __init__(self, weights: np.ndarray, scale: float):
+    def __init__(self, weights: np.ndarray, scales: list[float]):
         self.weights = weights
-        self.scale = float(scale)
-        self._device: dict[str, torch.Tensor] = {}
+        self.scales = [float(s) for s in scales]
+        self._device: dict[str, list[torch.Tensor]] = {}
 
-    def _map(self, device) -> torch.Tensor:
+    def _maps(self, device) -> list[torch.Tensor]:
         key = str(device)
         if key not in self._device:  # transposed: q @ map.T
-            self._device[key] = torch.from_numpy(self.weights.T.astype(np.float64)).to(device)
+            c = self.weights.shape[0]
+            self._device[key] = [torch.from_numpy(self.weights[:, s * c : (s + 1) * c].T.astype(np.float64)).to(device)
+                                 for s in range(len(self.scales))]
         return self._device[key]
 
-    def offsets(self, q: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """float64 ``[T, C]`` integer predictions for key symbols ``q`` (``[T, C]``, integers
-        in any dtype, numpy or torch on any device; the result is on the same device)."""
-        q = torch.as_tensor(q)
-        acc = q.to(torch.float64) @ self._map(q.device)  # exact integer sums
-        return torch.round(acc * self.scale).clamp_(-LIMIT, LIMIT)
+    def offsets(self, qs: list) -> torch.Tensor:
+        """float64 ``[T, C]`` integer predictions from the sources' symbols ``qs`` (each
+        ``[T, C]``, integers in any dtype, numpy or torch, on one device: the result's)."""
+        qs = [torch.as_tensor(q) for q in qs]
+        total = None
+        for q, m, scale in zip(qs, self._maps(qs[0].device), self.scales):
+            term = (q.to(torch.float64) @ m) * scale  # exact integer sums, then one rounding
+            total = term if total is None else total + term
+        return torch.round(total).clamp_(-LIMIT, LIMIT)
 
-    def offsets_hdt(self, q: torch.Tensor) -> torch.Tensor:
+    def offsets_hdt(self, qs: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`offsets` for symbols laid out ``[H, T, D]``; int32 ``[H, T, D]``."""
-        heads, tokens, dim = q.shape
-        flat = q.permute(1, 0, 2).reshape(tokens, heads * dim)
+        heads, tokens, dim = qs[0].shape
+        flat = [q.permute(1, 0, 2).reshape(tokens, heads * dim) for q in qs]
         return self.offsets(flat).to(torch.int32).reshape(tokens, heads, dim).permute(1, 0, 2)
 
 
-def level_scale(ratio: float, shift: int) -> float:
-    """float64 ``ratio * 2**-shift``: what a level multiplies a layer's integer sums by
-    (``ratio``: the level's key step over its value step for the layer, divided by the
-    fitting level's — :meth:`kvcodec.codec.profile.Profile.value_predictor`)."""
-    return float(ratio) * math.ldexp(1.0, -int(shift))
+def level_scale(source_ratio: float, target_ratio: float, shift: int) -> float:
+    """float64 ``(source_ratio / target_ratio) * 2**-shift``: how a level rescales a map fitted
+    at another level (``*_ratio``: the level's step factor of the source / target substream over
+    the fitting level's, see :meth:`kvcodec.codec.profile.Profile.predictor`)."""
+    return float(source_ratio) / float(target_ratio) * math.ldexp(1.0, -int(shift))
 
 
 def to_int(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float ``[L, C, C]`` maps -> (int16 maps, int shifts ``[L]``): each layer scaled by the
-    largest power of two that keeps its entries within int16."""
+    """float ``[N, C, K]`` maps -> (int16 maps, shifts ``[N]``): each map scaled by the largest
+    power of two that keeps its entries within -32767..32767."""
     maps = np.asarray(maps, dtype=np.float64)
     out = np.zeros(maps.shape, dtype=np.int16)
     shifts = np.zeros(len(maps), dtype=np.int64)
-    for layer, m in enumerate(maps):
+    for i, m in enumerate(maps):
         peak = float(np.abs(m).max(initial=0.0))
         shift = MAX_SHIFT if peak == 0 else min(MAX_SHIFT, max(0, math.floor(math.log2(32767 / peak))))
         while shift > 0 and np.abs(np.rint(m * 2.0**shift)).max(initial=0) > 32767:
             shift -= 1
-        out[layer] = np.clip(np.rint(m * 2.0**shift), -32767, 32767).astype(np.int16)
-        shifts[layer] = shift
+        out[i] = np.clip(np.rint(m * 2.0**shift), -32767, 32767).astype(np.int16)
+        shifts[i] = shift
     return out, shifts
 
 
-def fit_maps(blocks: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Least-squares maps from key symbols to value symbols.
+def fit_maps(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares maps of every substream from its :func:`sources`.
 
     Args:
-        blocks: per substream block of the calibration KV, ``(q_K, q_V)`` symbols
-            ``[L, T, C]`` at one level. Each block is centred first: the coder's per-substream
+        blocks: per substream block of the calibration KV, float64 symbols ``[L, 2, T, C]``
+            (keys, values) at one level. Each block is centred first: the coder's per-substream
             channel centres absorb a block's mean, so the maps need not predict it.
 
     Returns:
-        float64 ``[L, C, C]``: ``q_V[t] ~ maps[l] @ q_K[t]`` (ridge :data:`RIDGE`).
+        float64 ``(keys [L, C, 2C], values [L, C, 3C])``: ``q[t] ~ map @ concat(sources)[t]``
+        (ridge :data:`RIDGE`; columns of sources a layer lacks are zero).
     """
-    layers, _, channels = blocks[0][0].shape
-    xtx = np.zeros((layers, channels, channels))
-    xty = np.zeros((layers, channels, channels))
-    for qk, qv in blocks:
-        x = qk - qk.mean(axis=1, keepdims=True)
-        y = qv - qv.mean(axis=1, keepdims=True)
-        xtx += np.einsum("ltc,ltd->lcd", x, x)
-        xty += np.einsum("ltc,ltd->lcd", x, y)
-    out = np.empty((layers, channels, channels))
+    layers, _, _, channels = blocks[0].shape
+    out = (np.zeros((layers, channels, 2 * channels)), np.zeros((layers, channels, 3 * channels)))
+    centred = [b - b.mean(axis=2, keepdims=True) for b in blocks]
     for layer in range(layers):
-        ridge = RIDGE * np.trace(xtx[layer]) / channels + 1e-12
-        out[layer] = np.linalg.solve(xtx[layer] + ridge * np.eye(channels), xty[layer]).T
+        for kind in (0, 1):
+            src = sources(layer, bool(kind))
+            if not src:
+                continue
+            n = len(src) * channels
+            xtx, xty = np.zeros((n, n)), np.zeros((n, channels))
+            for b in centred:
+                x = np.concatenate([b[lay, int(kind)] for lay, kind in src], axis=1)
+                xtx += x.T @ x
+                xty += x.T @ b[layer, kind]
+            ridge = RIDGE * np.trace(xtx) / n + 1e-12
+            out[kind][layer, :, :n] = np.linalg.solve(xtx + ridge * np.eye(n), xty).T
     return out

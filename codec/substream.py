@@ -31,7 +31,7 @@ import zstandard
 
 from kvcodec.codec import entropy, fields, rans
 from kvcodec.codec.errors import CorruptStream
-from kvcodec.codec.predict import VALUE_FLOOR_FACTOR
+from kvcodec.codec.predict import FLOOR_FACTOR
 from kvcodec.codec.quantize import all_finite, dequantize_block, quantize_block, symbols
 from kvcodec.codec.sideprior import SidePrior, choose_side
 from kvcodec.codec.transform import Transform
@@ -177,7 +177,6 @@ def encode_quantized(
     first: int = 0,
     packed: bool = False,
     prior: SidePrior | None = None,
-    offset: np.ndarray | None = None,
 ) -> bytes:
     """Encode ``x`` (``[H, T, D]`` in its stored dtype, any device).
 
@@ -187,18 +186,15 @@ def encode_quantized(
     ``transform`` (coder 3 only) the rest is quantized in its domain;
     ``first`` is the absolute position of the first quantized token; ``packed``
     entropy-codes coder 3's side information (header flag 2), against ``prior`` if given
-    (header flag 4). With an ``offset`` (the values of a header-flag-8 stream: int32
-    ``[H, T, D]`` predictions of the symbols from the same block's key symbols, see
-    :mod:`kvcodec.codec.predict`) the symbols are coded as differences from it.
+    (header flag 4). (Header flag 8's streams are coded in two passes by ``api.encode``:
+    :func:`transform_symbols` for every block, then :func:`encode_symbols`.)
     """
+    if transform is not None and x.shape[1] > n_raw:
+        steps, q = transform_symbols(x, step_rule, n_raw, transform, first)
+        return encode_symbols(x, n_raw, steps, q, packed, prior)
     raw = _raw_bytes(x[:, :n_raw]) if n_raw else b""
     if x.shape[1] == n_raw:
         return raw
-    if transform is not None:
-        steps, q = transform_symbols(x, step_rule, n_raw, transform, first, offset is not None)
-        if offset is not None:
-            q = q - offset
-        return raw + _code_rans(q, steps, packed, prior)
     rest = x[:, n_raw:].float()
     steps = step_rule(rest)
     if coder == CODER_ANS:
@@ -215,12 +211,20 @@ def transform_symbols(
     x: torch.Tensor, step_rule: StepRule, n_raw: int, transform: Transform, first: int, predicted: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """The steps and int32 symbols ``[H, T - n_raw, D]`` (host) of ``x``'s quantized tokens in
-    ``transform``'s domain, as :func:`encode_quantized` codes them (``predicted``: the values of
-    a flag-8 stream, whose step floor is :data:`kvcodec.codec.predict.VALUE_FLOOR_FACTOR` times
-    higher)."""
+    ``transform``'s domain, as :func:`encode_quantized` codes them (``predicted``: a substream of
+    a flag-8 stream that has a prediction, whose step floor is
+    :data:`kvcodec.codec.predict.FLOOR_FACTOR` times higher)."""
     rest = transform.prepare(x[:, n_raw:].float(), first)
-    steps = step_rule(rest, transform.step_floor_factor() * (VALUE_FLOOR_FACTOR if predicted else 1.0))
+    steps = step_rule(rest, transform.step_floor_factor() * (FLOOR_FACTOR if predicted else 1.0))
     return steps, transform.forward(rest, steps).cpu().numpy()
+
+
+def encode_symbols(
+    x: torch.Tensor, n_raw: int, steps: np.ndarray, q: np.ndarray, packed: bool, prior: SidePrior | None
+) -> bytes:
+    """A coder-3 substream of ``x`` (``[H, T, D]``): its first ``n_raw`` tokens raw, then the
+    quantized part of int32 symbols ``q`` (``[H, T - n_raw, D]``) at ``steps``."""
+    return (_raw_bytes(x[:, :n_raw]) if n_raw else b"") + _code_rans(q, steps, packed, prior)
 
 
 def _code_rans(q: np.ndarray, steps: np.ndarray, packed: bool, prior: SidePrior | None) -> bytes:

@@ -1,4 +1,4 @@
-"""Values predicted from keys (header flag 8): exact integer predictions, smaller streams, the same tensors."""
+"""Prediction from decoded symbols (header flag 8): exact integer arithmetic, smaller streams, the same tensors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvcodec.client.calibrate import fit_value_prediction
+from kvcodec.client.calibrate import fit_prediction, prediction_levels
 from kvcodec.codec import container, decode, decode_layer, decode_layers, encode, inspect, predict, verify
 from kvcodec.codec import transform as tr
 from kvcodec.codec.errors import InvalidInput, MissingProfile, UnsupportedFormat
@@ -21,12 +21,14 @@ CHANNELS = HEADS * DIM
 
 
 def _kv(seed: int, tokens: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys as test_codec_transform's; values a fixed linear map of the keys (before RoPE) plus
-    noise, as a layer's values and keys are two projections of the same hidden states."""
+    """Keys as test_codec_transform's, each layer's partly the previous layer's; values a fixed
+    linear map of the keys (before RoPE) plus noise — as in a model, where a layer's keys and
+    values are projections of the same hidden states, which change little from layer to layer."""
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(LAYERS, HEADS, DIM, DIM, generator=gen)
     keys = torch.randn(LAYERS, HEADS, tokens, DIM, generator=gen) @ mix + 3 * torch.randn(LAYERS, HEADS, 1, DIM,
                                                                                             generator=gen)
+    keys = torch.cumsum(keys, dim=0) / torch.arange(1, LAYERS + 1).sqrt()[:, None, None, None]
     maps = torch.randn(LAYERS, CHANNELS, CHANNELS, generator=torch.Generator().manual_seed(99)) / 4
     flat = keys.permute(0, 2, 1, 3).reshape(LAYERS, tokens, CHANNELS) @ maps
     values = flat.reshape(LAYERS, tokens, HEADS, DIM).permute(0, 2, 1, 3)
@@ -38,28 +40,39 @@ def _kv(seed: int, tokens: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def profiles():
-    """The tiny transform profile (with a measured-style allocation) without and with value
-    prediction fitted on other KV than the tests code."""
+    """The tiny transform profile (with a measured-style allocation) without and with prediction
+    fitted on other KV than the tests code."""
     plain = _profile()
     plain.allocation = {level: np.array([[1.0, 0.7], [1.3, 1.0]]) * (i + 1) for i, level in enumerate(LEVELS)}
-    maps, shifts = fit_value_prediction(plain, [_kv(1), _kv(2)], "balanced")
-    return plain, replace(plain, value_maps=maps, value_shifts=shifts, value_fit_level="balanced")
+    maps, shifts = fit_prediction(plain, [_kv(1), _kv(2)], "balanced")
+    return plain, replace(plain, prediction_maps=maps, prediction_shifts=shifts, prediction_fit_level="balanced",
+                          prediction_levels=LEVELS)
 
 
 def test_offsets_are_exact_integer_arithmetic():
     rng = np.random.default_rng(0)
-    weights = rng.integers(-32767, 32768, (CHANNELS, CHANNELS)).astype(np.int16)
-    q = rng.integers(-32767, 32768, (50, CHANNELS))
-    p = predict.Predictor(weights, predict.level_scale(0.73, 22))
-    acc = q.astype(np.int64) @ weights.T.astype(np.int64)  # exact, whatever the order
-    expect = np.clip(np.rint(acc.astype(np.float64) * (0.73 * 2.0**-22)), -predict.LIMIT, predict.LIMIT)
-    assert np.array_equal(p.offsets(q).numpy(), expect)
-    assert np.array_equal(p.offsets(torch.from_numpy(q).float()).numpy(), expect)  # any integer-valued dtype
+    weights = rng.integers(-32767, 32768, (CHANNELS, 2 * CHANNELS)).astype(np.int16)
+    qs = [rng.integers(-32767, 32768, (50, CHANNELS)) for _ in range(2)]
+    scales = [predict.level_scale(0.73, 1.1, 22), predict.level_scale(1.0, 1.1, 22)]
+    p = predict.Predictor(weights, scales)
+    acc = [q.astype(np.int64) @ w.T.astype(np.int64) for q, w in zip(qs, np.split(weights, 2, axis=1))]  # exact
+    expect = np.clip(np.rint(acc[0].astype(np.float64) * scales[0] + acc[1].astype(np.float64) * scales[1]),
+                     -predict.LIMIT, predict.LIMIT)
+    assert scales[0] == 0.73 / 1.1 * 2.0**-22
+    assert np.array_equal(p.offsets(qs).numpy(), expect)
+    assert np.array_equal(p.offsets([torch.from_numpy(q).float() for q in qs]).numpy(), expect)  # any integer dtype
     # ties round half to even: 2.5 -> 2, 3.5 -> 4, -2.5 -> -2
-    tie = predict.Predictor(np.eye(3, dtype=np.int16), 0.5)
-    assert tie.offsets(np.array([[5, 7, -5]])).tolist() == [[2.0, 4.0, -2.0]]
-    hdt = torch.from_numpy(q[:, :CHANNELS].reshape(50, HEADS, DIM)).permute(1, 0, 2)
+    tie = predict.Predictor(np.eye(3, dtype=np.int16), [0.5])
+    assert tie.offsets([np.array([[5, 7, -5]])]).tolist() == [[2.0, 4.0, -2.0]]
+    hdt = [torch.from_numpy(q.reshape(50, HEADS, DIM)).permute(1, 0, 2) for q in qs]
     assert np.array_equal(p.offsets_hdt(hdt).permute(1, 0, 2).reshape(50, CHANNELS).numpy(), expect)
+
+
+def test_sources_are_already_decoded():
+    assert predict.sources(0, False) == []
+    assert predict.sources(0, True) == [(0, False)]
+    assert predict.sources(3, False) == [(2, False), (2, True)]
+    assert predict.sources(3, True) == [(3, False), (2, False), (2, True)]
 
 
 def test_to_int_keeps_the_most_precision_int16_allows():
@@ -72,13 +85,16 @@ def test_to_int_keeps_the_most_precision_int16_allows():
 
 def test_fit_recovers_a_linear_relation():
     rng = np.random.default_rng(1)
-    truth = rng.normal(size=(2, 6, 6))
+    truth = rng.normal(size=(6, 6))
     blocks = []
     for _ in range(4):
-        qk = rng.normal(size=(2, 100, 6)) * 50 + rng.normal(size=(2, 1, 6)) * 100  # a per-block mean too
-        qv = np.einsum("lij,ltj->lti", truth, qk) + 7.0
-        blocks.append((qk, qv))
-    assert np.allclose(predict.fit_maps(blocks), truth, rtol=3e-3, atol=1e-3)  # the ridge shrinks by ~0.1%
+        b = rng.normal(size=(2, 2, 100, 6)) * 50 + rng.normal(size=(2, 2, 1, 6)) * 100  # a per-block mean too
+        b[0, 1] = b[0, 0] @ truth.T + 7.0  # layer 0's values: a map of its keys
+        blocks.append(b)
+    keys, values = predict.fit_maps(blocks)
+    assert keys.shape == (2, 6, 12) and values.shape == (2, 6, 18)
+    assert not keys[0].any() and not values[0, :, 6:].any()  # what layer 0 has no source for
+    assert np.allclose(values[0, :, :6], truth, rtol=3e-3, atol=1e-3)  # the ridge shrinks by ~0.1%
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -88,7 +104,7 @@ def test_prediction_shrinks_the_stream_and_changes_no_tensor(profiles, level):
     a = encode(keys, values, level=level, model="tiny", profile=plain)
     b = encode(keys, values, level=level, model="tiny", profile=pred)
     assert not container.parse(a).header.predicted_values and container.parse(b).header.predicted_values
-    assert len(b) < 0.9 * len(a)
+    assert len(b) < 0.85 * len(a)
     # the device encoder (torch on the CPU here) writes the same bytes
     assert encode(keys, values, level=level, model="tiny", profile=pred, backend="torch") == b
     da, db = decode(a, profile=plain), decode(b, profile=pred)
@@ -106,13 +122,16 @@ def test_prediction_shrinks_the_stream_and_changes_no_tensor(profiles, level):
 
 def test_levels_share_one_map_through_their_step_ratios(profiles):
     _, pred = profiles
-    for layer in range(LAYERS):
-        fitted = pred.value_predictor("balanced", layer).scale
+    assert pred.predictor("high", 0, False) is None
+    for layer, is_value in ((0, True), (1, False), (1, True)):
+        fitted = pred.predictor("balanced", layer, is_value).scales
+        shift = 2.0 ** -int(pred.prediction_shifts[layer, int(is_value)])
+        assert all(s == shift for s in fitted)  # at the fitting level every ratio is 1
         for level in LEVELS:
-            alloc = pred.allocation[level][layer]
-            ref = pred.allocation["balanced"][layer]
-            expect = float(alloc[0]) / float(alloc[1]) / (float(ref[0]) / float(ref[1]))
-            assert pred.value_predictor(level, layer).scale == expect * fitted
+            ratio = pred.allocation[level] / pred.allocation["balanced"]
+            expect = [float(ratio[lay, int(kind)]) / float(ratio[layer, int(is_value)]) * shift
+                      for lay, kind in predict.sources(layer, is_value)]
+            assert pred.predictor(level, layer, is_value).scales == expect
 
 
 def test_a_stream_with_raw_only_blocks_and_short_blocks(profiles):
@@ -127,19 +146,26 @@ def test_a_stream_with_raw_only_blocks_and_short_blocks(profiles):
         verify(b, profile=pred)
 
 
-def test_decoders_need_the_profiles_value_prediction(profiles):
+def _with_flags(blob: bytes, flags: int) -> bytes:
+    layout = container.parse(blob)
+    header = replace(layout.header, flags=flags)
+    return container.pack(header, [bytes(container.substream(blob, layout, s)) for s in range(header.n_substreams)])
+
+
+def test_decoders_need_the_profiles_prediction(profiles):
     plain, pred = profiles
     keys, values = _kv(0)
     blob = encode(keys, values, level="balanced", model="tiny", profile=pred)
-    lacking = replace(pred, value_maps=None, value_shifts=None, value_fit_level="")
-    with pytest.raises(MissingProfile):
-        decode(blob, profile=lacking)
+    with pytest.raises(MissingProfile):  # another profile (its digest differs)
+        decode(blob, profile=plain)
+    # a stream whose flags claim prediction that its profile does not have
+    claimed = _with_flags(encode(keys, values, level="balanced", model="tiny", profile=plain),
+                          container.parse(blob).header.flags)
+    with pytest.raises(MissingProfile, match="no prediction for level 'balanced'"):
+        decode(claimed, profile=plain)
     # the flag without the transform flag is refused by the header check
-    layout = container.parse(blob)
-    header = replace(layout.header, flags=container.FLAG_PACKED_SIDE | container.FLAG_PREDICTED_VALUES)
-    bad = container.pack(header, [bytes(container.substream(blob, layout, s)) for s in range(header.n_substreams)])
-    with pytest.raises(UnsupportedFormat, match="predicted values need"):
-        container.parse(bad)
+    with pytest.raises(UnsupportedFormat, match="prediction needs"):
+        container.parse(_with_flags(blob, container.FLAG_PACKED_SIDE | container.FLAG_PREDICTED_VALUES))
     assert inspect(blob).transform
 
 
@@ -147,20 +173,28 @@ def test_profile_json_round_trip_and_bad_fields(profiles):
     plain, pred = profiles
     body = pred.to_json()
     again = profile_from_json(json.loads(json.dumps(body)))
-    assert again.digest == pred.digest and np.array_equal(again.value_maps, pred.value_maps)
-    assert again.value_shifts.tolist() == pred.value_shifts.tolist() and again.value_fit_level == "balanced"
-    assert "value_prediction" not in plain.to_json()  # profiles without it keep their digests
+    assert again.digest == pred.digest and set(again.prediction_levels) == set(LEVELS)
+    assert all(np.array_equal(x, y) for x, y in zip(again.prediction_maps, pred.prediction_maps))
+    assert again.prediction_shifts.tolist() == pred.prediction_shifts.tolist()
+    assert again.prediction_fit_level == "balanced"
+    assert "prediction" not in plain.to_json()  # profiles without it keep their digests
 
     def refused(edit, match):
         broken = json.loads(json.dumps(body))
-        edit(broken["value_prediction"])
+        edit(broken["prediction"])
         broken.pop("sha256")
         from kvcodec.codec.profile import _digest
         broken["sha256"] = _digest(broken)
         with pytest.raises(InvalidInput, match=match):
             profile_from_json(broken)
 
-    refused(lambda v: v.update(fitted_at="fastest"), "fitted_at 'fastest'")
-    refused(lambda v: v.update(shifts=[0, 31]), "shifts must be")
-    refused(lambda v: v.update(maps="AAAA"), "maps hold 3 bytes")
-    refused(lambda v: v.pop("maps"), "bad or missing field")
+    refused(lambda v: v.update(fitted_at="fastest"), "level 'fastest'")
+    refused(lambda v: v.update(levels=["high", "best"]), "level 'best'")
+    refused(lambda v: v.update(shifts=[[0, 31], [0, 0]]), "shifts must be")
+    refused(lambda v: v.update(values="AAAA"), "values hold 3 bytes")
+    refused(lambda v: v.pop("keys"), "bad or missing field")
+
+
+def test_calibration_keeps_prediction_for_the_levels_it_shrinks(profiles):
+    plain, pred = profiles
+    assert set(prediction_levels(pred, [_kv(1), _kv(2)], "tiny")) == set(LEVELS)
