@@ -277,20 +277,27 @@ def fit_prediction(profile, kvs, level: str = "balanced") -> tuple[tuple[np.ndar
     return (keys, values), np.stack([key_shifts, value_shifts], axis=1)
 
 
-def prediction_levels(profile, kvs, model: str) -> tuple[str, ...]:
-    """The levels whose streams of the calibration KV ``kvs`` are smaller with ``profile``'s
-    prediction than without (on SmolLM2, compact's are not: its coarse steps leave little to predict)."""
-    from kvcodec.codec.api import encode
+PREDICTION_MIN_SAVING = 0.05  # a level keeps its maps (~15 MB of profile for SmolLM2) only if they save this much
 
-    with_all = replace(profile, prediction_levels=tuple(sorted(profile.levels)))
-    plain = replace(profile, prediction_maps=None, prediction_shifts=None, prediction_levels=())
-    used = []
+
+def fit_predictions(profile, kvs, model: str, log=print) -> dict:
+    """Each level's prediction maps (:func:`fit_prediction`), kept for the levels whose streams
+    of the calibration KV ``kvs`` they make at least :data:`PREDICTION_MIN_SAVING` smaller (on
+    SmolLM2 compact's are not: its coarse steps leave little to predict)."""
+    from kvcodec.codec.api import encode
+    from kvcodec.codec.predict import Maps
+
+    plain = replace(profile, prediction={})
+    kept = {}
     for level in sorted(profile.levels):
-        ours = sum(len(encode(k, v, level=level, model=model, profile=with_all)) for k, v in kvs)
+        maps, shifts = fit_prediction(profile, kvs, level)
+        trial = replace(profile, prediction={level: Maps(*maps, shifts)})
+        ours = sum(len(encode(k, v, level=level, model=model, profile=trial)) for k, v in kvs)
         theirs = sum(len(encode(k, v, level=level, model=model, profile=plain)) for k, v in kvs)
-        if ours < theirs:
-            used.append(level)
-    return tuple(used)
+        log(f"  prediction at {level}: calibration streams {100 * (ours / theirs - 1):+.1f}%")
+        if ours <= (1 - PREDICTION_MIN_SAVING) * theirs:
+            kept[level] = trial.prediction[level]
+    return kept
 
 
 TRANSFORMS = ("mixed", "head", "layer", "rope", "none")
@@ -352,8 +359,7 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
             raise InvalidInput("retune: the profile holds no measured rate-distortion curves")
         profile = copy.deepcopy(retune)
         profile.side_priors = {}  # fitted again below, at the new levels' steps
-        profile.prediction_maps = profile.prediction_shifts = None  # likewise
-        profile.prediction_levels = ()
+        profile.prediction = {}  # likewise
         profile.allocation = {lv: a for lv, a in profile.allocation.items() if lv not in levels and lv not in slopes}
         profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels and lv not in slopes}
         profile.calibration.update({"retuned_on": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
@@ -415,11 +421,8 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
         log(f"{level}: slope {mu:.3g}, step multipliers {profile.allocation[level].min():.3g}"
             f"..{profile.allocation[level].max():.3g}")
     if profile.has_transform and prediction:
-        fit_level = "balanced" if "balanced" in profile.levels else sorted(profile.levels)[0]
-        profile.prediction_maps, profile.prediction_shifts = fit_prediction(profile, kvs, fit_level)
-        profile.prediction_fit_level = fit_level
-        profile.prediction_levels = prediction_levels(profile, kvs, loaded.name)
-        log(f"prediction: maps fitted at {fit_level}, used by {', '.join(profile.prediction_levels) or 'no level'}")
+        profile.prediction = fit_predictions(profile, kvs, loaded.name, log)
+        log(f"prediction: {', '.join(sorted(profile.prediction)) or 'no level'}")
     if profile.has_transform:
         profile.side_priors = fit_side_priors(profile, kvs, loaded.name)
         log(f"side-information priors: {', '.join(sorted(profile.side_priors))}")

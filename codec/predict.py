@@ -19,20 +19,20 @@ tensors are those of the same stream coded without prediction; only the rate cha
   of tokens (the rANS decoding of every substream stays independent and parallel).
 
 ``P = clamp(round_half_even(sum_s float64(acc_s * scale_s)), -LIMIT, LIMIT)`` (sums left to right)
-with ``acc_s = q_s @ map_s.T``: the maps are int16 (a profile field), so with ``|q| <= 2**15``
-every product and partial sum is an integer below ``2**53`` — float64 matrix products are exact
-in any order, on every device and BLAS — and each ``scale_s`` is one float64 computed from the
-profile with a fixed sequence of IEEE operations (:func:`level_scale`). ``LIMIT`` and the step
-floor of predicted substreams (twice the usual, :data:`FLOOR_FACTOR`) keep the coded residual
-within the int16 range the coder's escapes are sized for.
+with ``acc_s = q_s @ map_s.T``: the maps are int16 (a profile field, per level), so with
+``|q| <= 2**15`` every product and partial sum is an integer below ``2**53`` — float64 matrix
+products are exact in any order, on every device and BLAS — and ``scale_s = 2**-shift`` is exact.
+``LIMIT`` and the step floor of predicted substreams (twice the usual, :data:`FLOOR_FACTOR`) keep
+the coded residual within the int16 range the coder's escapes are sized for.
 
-The maps are fitted in one level's symbol units (``kvcodec calibrate``, :func:`fit_maps`); a
-level whose steps differ from it by one factor per (layer, keys/values) uses them rescaled by
-the ratios of those factors.
+Each level has its own maps, fitted in its own symbol units (``kvcodec calibrate``,
+:func:`fit_maps`): a map fitted at another level and rescaled by the step ratios gives away a
+quarter of the gain (the quantization noise of the sources differs from level to level).
 """
 
 from __future__ import annotations
 
+import base64
 import math
 
 import numpy as np
@@ -57,7 +57,7 @@ class Predictor:
     Args:
         weights: int16 ``[C, C * len(sources)]``: row ``i`` predicts coordinate ``i``; the
             columns of source ``s`` are ``s * C .. (s + 1) * C``.
-        scales: float64 multiplier of each source's integer sums (:func:`level_scale`).
+        scales: float64 multiplier of each source's integer sums (a power of two).
     """
 
     def __init__(self, weights: np.ndarray, scales: list[float]):
@@ -90,11 +90,37 @@ class Predictor:
         return self.offsets(flat).to(torch.int32).reshape(tokens, heads, dim).permute(1, 0, 2)
 
 
-def level_scale(source_ratio: float, target_ratio: float, shift: int) -> float:
-    """float64 ``(source_ratio / target_ratio) * 2**-shift``: how a level rescales a map fitted
-    at another level (``*_ratio``: the level's step factor of the source / target substream over
-    the fitting level's, see :meth:`kvcodec.codec.profile.Profile.predictor`)."""
-    return float(source_ratio) / float(target_ratio) * math.ldexp(1.0, -int(shift))
+class Maps:
+    """One level's prediction maps (a profile field), fitted in that level's symbol units.
+
+    Args:
+        keys: int16 ``[L, C, 2C]`` (layer 0's rows unused: its keys have no source).
+        values: int16 ``[L, C, 3C]`` (layer 0 uses the first ``C`` columns).
+        shifts: int ``[L, 2]``: each map's entries are its real values times ``2**shift``.
+    """
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, shifts: np.ndarray):
+        self.keys, self.values, self.shifts = keys, values, np.asarray(shifts, dtype=np.int64)
+        self._predictors: dict[tuple[int, bool], Predictor] = {}
+
+    def predictor(self, layer: int, is_value: bool) -> Predictor | None:
+        """The :class:`Predictor` of one (layer, keys/values), None if it has no sources."""
+        src = sources(layer, is_value)
+        if not src:
+            return None
+        if (layer, is_value) not in self._predictors:
+            maps = self.values if is_value else self.keys
+            weights = maps[layer, :, : len(src) * maps.shape[1]]
+            scale = math.ldexp(1.0, -int(self.shifts[layer, int(is_value)]))
+            self._predictors[(layer, is_value)] = Predictor(weights, [scale] * len(src))
+        return self._predictors[(layer, is_value)]
+
+    def to_json(self, with_maps: bool = True) -> dict:
+        out = {"shifts": [[int(x) for x in row] for row in self.shifts]}
+        if with_maps:
+            for name, maps in (("keys", self.keys), ("values", self.values)):
+                out[name] = base64.b64encode(maps.astype("<i2").tobytes()).decode("ascii")
+        return out
 
 
 def to_int(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -29,10 +29,9 @@ File format (JSON, UTF-8)::
      "allocation": {level: [[m_keys, m_values] per layer]},  # optional, see below
      "side_priors": {level: {"steps": b64 f32 [L, 2, H], "classes": b64 u8 [L, 2, H*D],
                              "centres": b64 i16 [L, 2, H*D]}},   # optional, needs a transform
-     "prediction": {"fitted_at": level, "levels": [levels],      # optional, needs a transform
-                    "shifts": [[keys, values] per layer],
-                    "keys": base64 of int16 LE [layers, H*D, 2*H*D],
-                    "values": base64 of int16 LE [layers, H*D, 3*H*D]},
+     "prediction": {level: {"shifts": [[keys, values] per layer],  # optional, needs a transform
+                            "keys": base64 of int16 LE [layers, H*D, 2*H*D],
+                            "values": base64 of int16 LE [layers, H*D, 3*H*D]}},
      "calibration": {...free-form provenance...},
      "transform": {                  # optional
         "group": B,                  # channels per basis block (head_dim or kv_heads * head_dim)
@@ -55,8 +54,9 @@ streams code their side information as differences from them (header flag 4).
 
 With a transform a profile may also carry **prediction** (:mod:`kvcodec.codec.predict`): per
 (layer, keys/values) an int16 map from the symbols already decoded (the previous layer's keys
-and values; for values, the layer's keys too) with a power-of-two shift, so that the streams of
-its ``levels`` code each symbol as its difference from the prediction (header flag 8).
+and values; for values, the layer's keys too) with a power-of-two shift, fitted per level in
+that level's symbol units, so that the streams of those levels code each symbol as its
+difference from the prediction (header flag 8).
 
 Example::
 
@@ -106,13 +106,8 @@ class Profile:
     allocation: dict[str, np.ndarray] = field(default_factory=dict)  # level -> float64 [layers, 2] step multipliers
     # level -> {"steps": float32 [layers, 2, H], "classes": uint8 / "centres": int16 [layers, 2, H * D]}
     side_priors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    # prediction (header flag 8), if any: int16 maps keys [layers, C, 2C] and values [layers, C, 3C]
-    # (kvcodec.codec.predict.sources' columns), their power-of-two shifts int64 [layers, 2], the
-    # level whose symbol units they were fitted in, and the levels whose streams use them
-    prediction_maps: tuple[np.ndarray, np.ndarray] | None = None
-    prediction_shifts: np.ndarray | None = None
-    prediction_fit_level: str = ""
-    prediction_levels: tuple[str, ...] = ()
+    # prediction (header flag 8): level -> Prediction (int16 maps of kvcodec.codec.predict.sources)
+    prediction: dict[str, _predict.Maps] = field(default_factory=dict)
 
     @property
     def has_transform(self) -> bool:
@@ -140,39 +135,20 @@ class Profile:
 
     def predicts(self, level: str) -> bool:
         """Whether streams of ``level`` are coded with prediction (header flag 8)."""
-        return (self.prediction_maps is not None and self.bases is not None and level in self.levels
-                and level in self.prediction_levels)
+        return self.bases is not None and level in self.levels and level in self.prediction
 
     def predictor(self, level: str, layer: int, is_value: bool) -> _predict.Predictor | None:
         """The prediction of one (layer, keys/values)'s symbols at ``level`` from its
-        :func:`~kvcodec.codec.predict.sources` (None for layer 0's keys, which have none): the
-        fitted map, each source's columns rescaled by its step factor's ratio to the fitting
-        level's over the target's (see :mod:`kvcodec.codec.predict`)."""
-        src = _predict.sources(layer, is_value)
-        if not src:
-            return None
-        cache = self._derived()["predictors"]
-        key = (level, layer, is_value)
-        if key not in cache:
-            def ratio(at: tuple[int, bool]) -> float:  # this level's step factor over the fitting level's
-                here, there = self.allocation.get(level), self.allocation.get(self.prediction_fit_level)
-                return ((1.0 if here is None else float(here[at[0], int(at[1])]))
-                        / (1.0 if there is None else float(there[at[0], int(at[1])])))
-
-            shift = int(self.prediction_shifts[layer, int(is_value)])
-            weights = self.prediction_maps[int(is_value)][layer, :, : len(src) * self.kv_heads * self.head_dim]
-            cache[key] = _predict.Predictor(weights, [_predict.level_scale(ratio(s), ratio((layer, is_value)), shift)
-                                                      for s in src])
-        return cache[key]
+        :func:`~kvcodec.codec.predict.sources` (None for layer 0's keys, which have none)."""
+        return self.prediction[level].predictor(layer, is_value)
 
     def _derived(self) -> dict:
-        """What is derived from ``bases`` and ``prediction_maps`` (transforms, predictors, the digest),
-        kept while they are the same array objects: treat them as read-only and assign new arrays
-        to change them (other fields may change: predictors are rebuilt when the digest is)."""
+        """What is derived from ``bases`` and ``prediction`` (transforms, the digest), kept while
+        they are the same objects: treat them as read-only and assign new ones to change them."""
         cache = self.__dict__.get("_derived_cache")
-        if cache is None or cache["bases"] is not self.bases or cache["maps"] is not self.prediction_maps:
-            cache = {"bases": self.bases, "maps": self.prediction_maps, "transforms": {}, "predictors": {},
-                     "digest": None}
+        maps = [id(m) for m in self.prediction.values()]
+        if cache is None or cache["bases"] is not self.bases or cache["maps"] != maps:
+            cache = {"bases": self.bases, "maps": maps, "transforms": {}, "digest": None}
             self.__dict__["_derived_cache"] = cache
         return cache
 
@@ -194,12 +170,8 @@ class Profile:
                         for name, dt in _PRIOR_FIELDS.items()}
                 for level, table in sorted(self.side_priors.items())
             }
-        if self.prediction_maps is not None:  # likewise
-            body["prediction"] = {"fitted_at": self.prediction_fit_level, "levels": sorted(self.prediction_levels),
-                                  "shifts": [[int(x) for x in row] for row in self.prediction_shifts]}
-            if with_bases:
-                for name, maps in zip(("keys", "values"), self.prediction_maps):
-                    body["prediction"][name] = base64.b64encode(maps.astype("<i2").tobytes()).decode("ascii")
+        if self.prediction:  # likewise
+            body["prediction"] = {level: maps.to_json(with_bases) for level, maps in sorted(self.prediction.items())}
         if self.bases is not None:
             body["transform"] = {
                 "group": int(self.bases.shape[-1]), "scale_bits": _transform.SCALE_BITS,
@@ -225,7 +197,6 @@ class Profile:
         light = json.dumps(self._body(with_bases=False), sort_keys=True)
         if cache["digest"] is None or cache["digest"][0] != light:
             cache["digest"] = (light, bytes.fromhex(self.to_json()["sha256"]))
-            cache["predictors"].clear()  # the allocation may have changed
         return cache["digest"][1]
 
     def matches(self, layers: int, kv_heads: int, head_dim: int) -> bool:
@@ -277,41 +248,12 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
     priors = _read_side_priors(body.get("side_priors", {}), layers, heads, dim, source)
     if priors and bases is None:
         raise InvalidInput(f"{source}: side_priors need a transform (only transform streams use them)")
-    maps, shifts, fit_level, pred_levels = _read_prediction(body.get("prediction"), layers, heads * dim, levels, source)
-    if maps is not None and bases is None:
+    prediction = _read_prediction(body.get("prediction", {}), layers, heads * dim, levels, source)
+    if prediction and bases is None:
         raise InvalidInput(f"{source}: prediction needs a transform (only transform streams use it)")
     return Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
                    int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
-                   dict(body.get("calibration", {})), bases, inv_freq, allocation, priors, maps, shifts, fit_level,
-                   pred_levels)
-
-
-def _read_prediction(spec, layers: int, channels: int, levels: dict, source: str):
-    """The prediction fields of a profile: ``(maps, shifts, fitted_at, levels)``; None, None,
-    "", () without them."""
-    if spec is None:
-        return None, None, "", ()
-    where = f"{source}: prediction"
-    try:
-        level, used = spec["fitted_at"], tuple(str(x) for x in spec["levels"])
-        shifts = np.asarray(spec["shifts"], dtype=np.int64)
-        raws = [base64.b64decode(spec[name], validate=True) for name in ("keys", "values")]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidInput(f"{where}: bad or missing field ({exc})") from None
-    for name in (level, *used):
-        if name not in levels:
-            raise InvalidInput(f"{where}: level {name!r} is not one of the profile's levels")
-    if shifts.shape != (layers, 2) or shifts.min(initial=0) < 0 or shifts.max(initial=0) > _predict.MAX_SHIFT:
-        raise InvalidInput(f"{where}: shifts must be [{layers}][2] integers in 0..{_predict.MAX_SHIFT}")
-    maps = []
-    for name, raw, width in zip(("keys", "values"), raws, (2, 3)):
-        shape = (layers, channels, width * channels)
-        if len(raw) != 2 * int(np.prod(shape)):
-            raise InvalidInput(f"{where}: {name} hold {len(raw)} bytes, shape {shape} needs {2 * np.prod(shape)}")
-        maps.append(np.frombuffer(raw, dtype="<i2").astype(np.int16).reshape(shape))
-        if maps[-1].min(initial=0) < -32767:
-            raise InvalidInput(f"{where}: {name} must be within -32767..32767")
-    return tuple(maps), shifts, str(level), used
+                   dict(body.get("calibration", {})), bases, inv_freq, allocation, priors, prediction)
 
 
 def _read_side_priors(spec, layers: int, heads: int, dim: int, source: str) -> dict[str, dict[str, np.ndarray]]:
@@ -388,6 +330,34 @@ def _read_transform(spec, layers: int, heads: int, dim: int, source: str):
             raise InvalidInput(f"{source}: transform rope_inv_freq values must be float32 numbers")
         inv = inv.astype(np.float32)
     return bases, inv
+
+
+def _read_prediction(spec, layers: int, channels: int, levels: dict, source: str) -> dict[str, _predict.Maps]:
+    """The per-level prediction maps of a profile (``{}`` without any)."""
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"{source}: prediction must map level names to {{shifts, keys, values}}")
+    out = {}
+    for level, table in spec.items():
+        where = f"{source}: prediction {level!r}"
+        if level not in levels:
+            raise InvalidInput(f"{where}: not one of the profile's levels")
+        try:
+            shifts = np.asarray(table["shifts"], dtype=np.int64)
+            raws = [base64.b64decode(table[name], validate=True) for name in ("keys", "values")]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"{where}: bad or missing field ({exc})") from None
+        if shifts.shape != (layers, 2) or shifts.min(initial=0) < 0 or shifts.max(initial=0) > _predict.MAX_SHIFT:
+            raise InvalidInput(f"{where}: shifts must be [{layers}][2] integers in 0..{_predict.MAX_SHIFT}")
+        maps = []
+        for name, raw, width in zip(("keys", "values"), raws, (2, 3)):
+            shape = (layers, channels, width * channels)
+            if len(raw) != 2 * int(np.prod(shape)):
+                raise InvalidInput(f"{where}: {name} hold {len(raw)} bytes, shape {shape} needs {2 * np.prod(shape)}")
+            maps.append(np.frombuffer(raw, dtype="<i2").astype(np.int16).reshape(shape))
+            if maps[-1].min(initial=0) < -32767:
+                raise InvalidInput(f"{where}: {name} must be within -32767..32767")
+        out[str(level)] = _predict.Maps(maps[0], maps[1], shifts)
+    return out
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

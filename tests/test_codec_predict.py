@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvcodec.client.calibrate import fit_prediction, prediction_levels
+from kvcodec.client.calibrate import fit_prediction, fit_predictions
 from kvcodec.codec import container, decode, decode_layer, decode_layers, encode, inspect, predict, verify
 from kvcodec.codec import transform as tr
 from kvcodec.codec.errors import InvalidInput, MissingProfile, UnsupportedFormat
@@ -44,21 +44,20 @@ def profiles():
     fitted on other KV than the tests code."""
     plain = _profile()
     plain.allocation = {level: np.array([[1.0, 0.7], [1.3, 1.0]]) * (i + 1) for i, level in enumerate(LEVELS)}
-    maps, shifts = fit_prediction(plain, [_kv(1), _kv(2)], "balanced")
-    return plain, replace(plain, prediction_maps=maps, prediction_shifts=shifts, prediction_fit_level="balanced",
-                          prediction_levels=LEVELS)
+    fitted = {level: predict.Maps(*fit_prediction(plain, [_kv(1), _kv(2)], level)[0],
+                                  fit_prediction(plain, [_kv(1), _kv(2)], level)[1]) for level in LEVELS}
+    return plain, replace(plain, prediction=fitted)
 
 
 def test_offsets_are_exact_integer_arithmetic():
     rng = np.random.default_rng(0)
     weights = rng.integers(-32767, 32768, (CHANNELS, 2 * CHANNELS)).astype(np.int16)
     qs = [rng.integers(-32767, 32768, (50, CHANNELS)) for _ in range(2)]
-    scales = [predict.level_scale(0.73, 1.1, 22), predict.level_scale(1.0, 1.1, 22)]
+    scales = [0.73 / 1.1 * 2.0**-22, 2.0**-22]
     p = predict.Predictor(weights, scales)
     acc = [q.astype(np.int64) @ w.T.astype(np.int64) for q, w in zip(qs, np.split(weights, 2, axis=1))]  # exact
     expect = np.clip(np.rint(acc[0].astype(np.float64) * scales[0] + acc[1].astype(np.float64) * scales[1]),
                      -predict.LIMIT, predict.LIMIT)
-    assert scales[0] == 0.73 / 1.1 * 2.0**-22
     assert np.array_equal(p.offsets(qs).numpy(), expect)
     assert np.array_equal(p.offsets([torch.from_numpy(q).float() for q in qs]).numpy(), expect)  # any integer dtype
     # ties round half to even: 2.5 -> 2, 3.5 -> 4, -2.5 -> -2
@@ -120,18 +119,15 @@ def test_prediction_shrinks_the_stream_and_changes_no_tensor(profiles, level):
     assert verify(b, profile=pred, threads=2).transform
 
 
-def test_levels_share_one_map_through_their_step_ratios(profiles):
+def test_each_level_has_its_own_maps(profiles):
     _, pred = profiles
     assert pred.predictor("high", 0, False) is None
     for layer, is_value in ((0, True), (1, False), (1, True)):
-        fitted = pred.predictor("balanced", layer, is_value).scales
-        shift = 2.0 ** -int(pred.prediction_shifts[layer, int(is_value)])
-        assert all(s == shift for s in fitted)  # at the fitting level every ratio is 1
-        for level in LEVELS:
-            ratio = pred.allocation[level] / pred.allocation["balanced"]
-            expect = [float(ratio[lay, int(kind)]) / float(ratio[layer, int(is_value)]) * shift
-                      for lay, kind in predict.sources(layer, is_value)]
-            assert pred.predictor(level, layer, is_value).scales == expect
+        maps = pred.prediction["high"]
+        p = pred.predictor("high", layer, is_value)
+        assert p.scales == [2.0 ** -int(maps.shifts[layer, int(is_value)])] * len(predict.sources(layer, is_value))
+        assert p.weights.shape == (CHANNELS, CHANNELS * len(predict.sources(layer, is_value)))
+    assert not np.array_equal(pred.prediction["high"].values, pred.prediction["compact"].values)
 
 
 def test_a_stream_with_raw_only_blocks_and_short_blocks(profiles):
@@ -173,10 +169,11 @@ def test_profile_json_round_trip_and_bad_fields(profiles):
     plain, pred = profiles
     body = pred.to_json()
     again = profile_from_json(json.loads(json.dumps(body)))
-    assert again.digest == pred.digest and set(again.prediction_levels) == set(LEVELS)
-    assert all(np.array_equal(x, y) for x, y in zip(again.prediction_maps, pred.prediction_maps))
-    assert again.prediction_shifts.tolist() == pred.prediction_shifts.tolist()
-    assert again.prediction_fit_level == "balanced"
+    assert again.digest == pred.digest and set(again.prediction) == set(LEVELS)
+    for level in LEVELS:
+        a, b = again.prediction[level], pred.prediction[level]
+        assert np.array_equal(a.keys, b.keys) and np.array_equal(a.values, b.values)
+        assert a.shifts.tolist() == b.shifts.tolist()
     assert "prediction" not in plain.to_json()  # profiles without it keep their digests
 
     def refused(edit, match):
@@ -188,13 +185,18 @@ def test_profile_json_round_trip_and_bad_fields(profiles):
         with pytest.raises(InvalidInput, match=match):
             profile_from_json(broken)
 
-    refused(lambda v: v.update(fitted_at="fastest"), "level 'fastest'")
-    refused(lambda v: v.update(levels=["high", "best"]), "level 'best'")
-    refused(lambda v: v.update(shifts=[[0, 31], [0, 0]]), "shifts must be")
-    refused(lambda v: v.update(values="AAAA"), "values hold 3 bytes")
-    refused(lambda v: v.pop("keys"), "bad or missing field")
+    refused(lambda v: v.update(fastest=v["high"]), "'fastest': not one of")
+    refused(lambda v: v["high"].update(shifts=[[0, 31], [0, 0]]), "shifts must be")
+    refused(lambda v: v["high"].update(values="AAAA"), "values hold 3 bytes")
+    refused(lambda v: v["high"].pop("keys"), "bad or missing field")
 
 
-def test_calibration_keeps_prediction_for_the_levels_it_shrinks(profiles):
-    plain, pred = profiles
-    assert set(prediction_levels(pred, [_kv(1), _kv(2)], "tiny")) == set(LEVELS)
+def test_calibration_keeps_the_maps_of_the_levels_they_shrink(profiles):
+    plain, _ = profiles
+    logged = []
+    kept = fit_predictions(plain, [_kv(1), _kv(2)], "tiny", logged.append)
+    assert set(kept) == set(LEVELS) and len(logged) == 3
+    # KV whose values and layers are unrelated: nothing to predict, no maps kept
+    gen = torch.Generator().manual_seed(4)
+    noise = [tuple(torch.randn(LAYERS, HEADS, 300, DIM, generator=gen).half() for _ in range(2))]
+    assert fit_predictions(plain, noise, "tiny", logged.append) == {}
