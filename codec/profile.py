@@ -251,9 +251,13 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
     prediction = _read_prediction(body.get("prediction", {}), layers, heads * dim, levels, source)
     if prediction and bases is None:
         raise InvalidInput(f"{source}: prediction needs a transform (only transform streams use it)")
-    return Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
-                   int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
-                   dict(body.get("calibration", {})), bases, inv_freq, allocation, priors, prediction)
+    profile = Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
+                      int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
+                      dict(body.get("calibration", {})), bases, inv_freq, allocation, priors, prediction)
+    # the digest just verified (serialising tens of megabytes of maps again would take a third of a second)
+    profile._derived()["digest"] = (json.dumps(profile._body(with_bases=False), sort_keys=True),
+                                    bytes.fromhex(body["sha256"]))
+    return profile
 
 
 def _read_side_priors(spec, layers: int, heads: int, dim: int, source: str) -> dict[str, dict[str, np.ndarray]]:
