@@ -74,9 +74,24 @@ def test_sources_are_already_decoded():
     assert predict.sources(3, True) == [(3, False), (2, False), (2, True)]
 
 
-def test_to_int_keeps_the_most_precision_int16_allows():
+@pytest.mark.parametrize("peak", [255, 1 << 20])  # float32 products (exact below 2**24), float64 ones
+def test_float32_products_are_used_only_where_exact(peak):
+    rng = np.random.default_rng(2)
+    weights = rng.integers(-2047, 2048, (CHANNELS, CHANNELS)).astype(np.int16)
+    q = rng.integers(-peak, peak + 1, (40, CHANNELS))
+    q[0, 0] = peak
+    p = predict.Predictor(weights, [2.0**-11])
+    acc = q.astype(np.int64) @ weights.T.astype(np.int64)
+    expect = np.clip(np.rint(acc.astype(np.float64) * 2.0**-11), -predict.LIMIT, predict.LIMIT)
+    assert (peak <= p._float32_below[0]) == (peak == 255)
+    assert np.array_equal(p.offsets([q]).numpy(), expect)
+    assert np.array_equal(p.offsets([q.astype(np.float32)]).numpy(), expect)
+
+
+def test_to_int_keeps_the_most_precision_the_bits_allow():
     maps = np.stack([np.full((2, 2), 0.3), np.array([[1e-9, -2.0], [0.0, 0.5]]), np.zeros((2, 2))])
-    ints, shifts = predict.to_int(maps)
+    assert predict.to_int(maps)[1].tolist() == [12, 9, predict.MAX_SHIFT]  # 12 bits: 0.3 * 2**12 = 1229
+    ints, shifts = predict.to_int(maps, bits=16)
     assert shifts.tolist() == [16, 13, predict.MAX_SHIFT]  # 0.3 * 2**16 = 19661 fits, * 2**17 does not
     assert ints[0, 0, 0] == 19661 and ints[1, 0, 1] == -16384 and ints[1, 0, 0] == 0
     assert not ints[2].any()
