@@ -71,6 +71,7 @@ class StreamInfo:
     bits_per_element: float
     ratio_vs_fp16: float
     transform: bool = False  # quantized in the profile's transform domain (decoding needs that profile)
+    prediction: bool = False  # symbols coded as differences from their prediction (header flag 8)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -637,7 +638,7 @@ def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> 
         profile="" if h.profile == container.NO_PROFILE else h.profile.hex(), model=h.model, substreams=h.n_substreams,
         total_bytes=total, header_bytes=layout.header_bytes, index_bytes=layout.index_bytes,
         side_info_bytes=_side_bytes(data, layout), bits_per_element=8 * total / elements,
-        ratio_vs_fp16=16 * elements / (8 * total), transform=h.transformed,
+        ratio_vs_fp16=16 * elements / (8 * total), transform=h.transformed, prediction=h.predicted_values,
     )
 
 

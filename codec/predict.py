@@ -8,8 +8,8 @@ of already-decoded symbols predict much of the next ones (:func:`sources`):
 * the values of layer ``l`` from the keys of layer ``l`` (and, for ``l >= 1``, the keys and
   values of layer ``l - 1``).
 
-On SmolLM2 this takes 16-19% off high's bits and 11-17% off balanced's (benchmarks/RESULTS.md,
-"Prediction across keys, values and layers"). The prediction works on the transform's integer
+On SmolLM2 this takes 18-19% off high's bits, 16-17% off balanced's and 8-9% off compact's
+(benchmarks/RESULTS.md, "Prediction from decoded symbols"). The prediction works on the transform's integer
 symbols, so every decoder reconstructs exactly the symbols the encoder quantized — the decoded
 tensors are those of the same stream coded without prediction; only the rate changes:
 

@@ -134,6 +134,17 @@ def test_prediction_shrinks_the_stream_and_changes_no_tensor(profiles, level):
     assert verify(b, profile=pred, threads=2).transform
 
 
+def test_the_device_encoder_carries_the_previous_layer_between_groups(profiles, monkeypatch):
+    from kvcodec.codec import device_encode
+
+    _, pred = profiles
+    keys, values = _kv(0)
+    whole = encode(keys, values, level="high", model="tiny", profile=pred, backend="torch")
+    monkeypatch.setattr(device_encode, "MAX_GROUP_ELEMENTS", 2 * HEADS * 300 * DIM)  # one layer per group
+    assert encode(keys, values, level="high", model="tiny", profile=pred, backend="torch") == whole
+    assert encode(keys, values, level="high", model="tiny", profile=pred, threads=2) == whole
+
+
 def test_each_level_has_its_own_maps(profiles):
     _, pred = profiles
     assert pred.predictor("high", 0, False) is None
@@ -177,7 +188,7 @@ def test_decoders_need_the_profiles_prediction(profiles):
     # the flag without the transform flag is refused by the header check
     with pytest.raises(UnsupportedFormat, match="prediction needs"):
         container.parse(_with_flags(blob, container.FLAG_PACKED_SIDE | container.FLAG_PREDICTED_VALUES))
-    assert inspect(blob).transform
+    assert inspect(blob).transform and inspect(blob).prediction
 
 
 def test_profile_json_round_trip_and_bad_fields(profiles):
