@@ -384,6 +384,13 @@ class Chain:
             self.symbols.pop((layer - 1, False, block), None)
             self.symbols.pop((layer - 1, True, block), None)
 
+    def decode(self, data, layer: int, is_value: bool, block: int, dtype, device, part: torch.Tensor) -> None:
+        """Decode one substream into ``part`` (its slice of the output): :meth:`offset`, then :meth:`keep`."""
+        captured: list = []
+        sid = self.layout.header.substream_id(layer, is_value, block)
+        _decode_into(data, self.layout, sid, dtype, device, part, captured, self.offset(layer, is_value, block))
+        self.keep(layer, is_value, block, captured)
+
 
 def decode_chain(data, layout: Layout, block: int, upto: int, dtype, device, target) -> None:
     """Header flag 8: decode block ``block`` of layers ``0..upto`` in order, each substream
@@ -396,10 +403,7 @@ def decode_chain(data, layout: Layout, block: int, upto: int, dtype, device, tar
             part = target(layer, is_value)
             if part is None:
                 part = torch.empty((h.kv_heads, h.block_tokens(block), h.head_dim), dtype=dtype, device=device)
-            captured: list = []
-            _decode_into(data, layout, h.substream_id(layer, is_value, block), dtype, device, part, captured,
-                         chain.offset(layer, is_value, block))
-            chain.keep(layer, is_value, block, captured)
+            chain.decode(data, layer, is_value, block, dtype, device, part)
 
 
 def attach_profile(layout: Layout, profile: Profile | str | os.PathLike | None) -> Layout:

@@ -149,12 +149,8 @@ def _numba_layers(data, layout: Layout, dtype, device, threads: int):
         done: no deadlock), keys then values, each predicted from the symbols before it."""
         if before is not None:
             before.result()
-        chain = chains[block]
         for is_value in (False, True):
-            captured: list = []
-            api._decode_into(data, layout, h.substream_id(layer, is_value, block), dtype, device,
-                             part(kv[is_value], block), captured, chain.offset(layer, is_value, block))
-            chain.keep(layer, is_value, block, captured)
+            chains[block].decode(data, layer, is_value, block, dtype, device, part(kv[is_value], block))
 
     with api._cpu_threads(device), ThreadPoolExecutor(threads) as pool:
         outputs, futures = [], []
