@@ -226,7 +226,7 @@ def _check_transform_streams(device: str, failures: list[str]) -> None:
 
 def _check_shipped_profile(device: str, failures: list[str]) -> None:
     """Streams coded with the shipped SmolLM2 profile (RoPE keys, layer-wide key bases, per-head
-    value bases, side priors: header flags 1, 2 and 4) decode alike on every path."""
+    value bases, side priors, prediction: header flags 1, 2, 4 and 8) decode alike on every path."""
     from kvcodec.codec.profile import builtin_profile
 
     if device == "cpu" or builtin_profile("smollm2-135m", 30, 3, 64) is None:
@@ -249,7 +249,7 @@ def _check_shipped_profile(device: str, failures: list[str]) -> None:
         if encode(k.to(device), v.to(device), level=level, model="smollm2-135m", sink_tokens=4,
                                       backend=backends[-1]) != blob:
             failures.append(f"shipped profile/{level}: encode(backend={backends[-1]}) on {device} differs from numba")
-    print(f"checked shipped profile ({tokens} tokens, flags 1/2/4): decoders numba/{'/'.join(backends)} on {device}")
+    print(f"checked shipped profile ({tokens} tokens, flags 1/2/4/8): decoders numba/{'/'.join(backends)} on {device}")
 
 
 def _triton_usable(device: str) -> bool:

@@ -40,6 +40,8 @@ import math
 import numpy as np
 import torch
 
+from kvcodec.codec.transform import float32_matmul_is_ieee
+
 LIMIT = 16383  # |prediction| bound; the predicted substreams' symbols are kept within it too
 MAP_BITS = 12  # map entries within +-2047: a row's L1 norm stays near 2**16, so most products are
 # exact in float32 (3.5x faster than float64 here); the entries' rounding moves a prediction by
@@ -89,7 +91,8 @@ class Predictor:
         total = None
         for i, (q, scale) in enumerate(zip(qs, self.scales)):
             # the exact integer sums (float32 when they provably fit), then one rounding
-            dtype = torch.float32 if int(q.abs().max()) <= self._float32_below[i] else torch.float64
+            exact32 = int(q.abs().max()) <= self._float32_below[i] and float32_matmul_is_ieee(q.device)
+            dtype = torch.float32 if exact32 else torch.float64
             term = (q.to(dtype) @ self._maps(q.device, dtype)[i]).to(torch.float64) * scale
             total = term if total is None else total + term
         return torch.round(total).clamp_(-LIMIT, LIMIT)

@@ -145,6 +145,16 @@ def _rotate(x: torch.Tensor, rope: Rope, first: int, sign: float) -> torch.Tenso
     return out
 
 
+def float32_matmul_is_ieee(device) -> bool:
+    """Whether float32 matrix products on ``device`` are plain IEEE float32 arithmetic — exact
+    for integers whose partial sums stay below ``2**24`` — rather than the TF32 or bfloat16
+    shortcuts ``torch.set_float32_matmul_precision("high" | "medium")`` allows (on CUDA, and on
+    CPUs with bfloat16 units). The exact-integer products use float64 otherwise."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return torch.device(device).type == "cpu" or not torch.backends.cuda.matmul.allow_tf32
+
+
 class Transform:
     """One layer's K or V transform: an integer basis per channel group, RoPE for keys.
 
@@ -247,7 +257,7 @@ class Transform:
         in the same order as the torch path (no fused multiply-adds), so the same bits (tests).
         Not for identity bases."""
         tokens = v.shape[0]
-        if np.abs(v).max(initial=0) <= self.float32_exact_below:  # half the work, the same integers
+        if np.abs(v).max(initial=0) <= self.float32_exact_below and float32_matmul_is_ieee("cpu"):  # half the work
             basis = self._basis("cpu", torch.float32)
             v = v.astype(np.float32, copy=False)
         else:

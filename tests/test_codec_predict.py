@@ -88,6 +88,21 @@ def test_float32_products_are_used_only_where_exact(peak):
     assert np.array_equal(p.offsets([q.astype(np.float32)]).numpy(), expect)
 
 
+def test_float32_products_wait_for_ieee_matmul_precision():
+    rng = np.random.default_rng(3)
+    weights = rng.integers(-2047, 2048, (CHANNELS, CHANNELS)).astype(np.int16)
+    q = rng.integers(-255, 256, (40, CHANNELS))
+    expect = predict.Predictor(weights, [2.0**-11]).offsets([q])
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # may allow bfloat16 products: float64 is used
+        assert not tr.float32_matmul_is_ieee("cpu")
+        assert torch.equal(predict.Predictor(weights, [2.0**-11]).offsets([q]), expect)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert tr.float32_matmul_is_ieee("cpu")
+
+
 def test_to_int_keeps_the_most_precision_the_bits_allow():
     maps = np.stack([np.full((2, 2), 0.3), np.array([[1e-9, -2.0], [0.0, 0.5]]), np.zeros((2, 2))])
     assert predict.to_int(maps)[1].tolist() == [12, 9, predict.MAX_SHIFT]  # 12 bits: 0.3 * 2**12 = 1229
