@@ -89,18 +89,21 @@ def _blocks(x: torch.Tensor, header: Header) -> Iterable[tuple[int, torch.Tensor
 
 
 @contextmanager
-def _cpu_threads(device) -> Iterator[None]:
-    """Run torch's CPU ops single-threaded while coding.
+def _cpu_threads(device, threads: int = 1) -> Iterator[None]:
+    """Run torch's CPU ops on ``threads`` threads (default one) while coding.
 
     A substream is small (tens of thousands of elements): OpenMP's fork/join
     costs more than the work, and on a loaded machine a two-thread torch ran
-    the encoder 8x slower than one thread. Parallelism comes from substreams.
+    the encoder 8x slower than one thread. Parallelism comes from substreams —
+    except in a flag-8 stream with fewer blocks than decoding threads, whose
+    substreams decode one after the other and whose prediction products (a third
+    to half of the work) take the spare threads.
     """
     if device is not None and torch.device(device).type != "cpu":
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -516,18 +519,20 @@ def _decode_layers(
             _decode_into(data, layout, h.substream_id(layer, is_value, b), out_dtype, device, part(layer, is_value, b))
 
     done = 0
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(run, jobs):
+    spare = max(1, threads // len(jobs)) if h.predicted_values else 1
+    with _cpu_threads(device, spare):
+        if threads > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                for _ in pool.map(run, jobs):
+                    done += 1
+                    if progress:
+                        progress(done, len(jobs))
+        else:
+            for job in jobs:
+                run(job)
                 done += 1
                 if progress:
                     progress(done, len(jobs))
-    else:
-        for job in jobs:
-            run(job)
-            done += 1
-            if progress:
-                progress(done, len(jobs))
     return KVPair(keys, values)
 
 

@@ -18,12 +18,12 @@ tensors are those of the same stream coded without prediction; only the rate cha
 * the decoder adds ``P(sources)`` to the symbols it decodes, in layer order within each block
   of tokens (the rANS decoding of every substream stays independent and parallel).
 
-``P = clamp(round_half_even(sum_s float64(acc_s * scale_s)), -LIMIT, LIMIT)`` (sums left to right)
-with ``acc_s = q_s @ map_s.T``: the maps are int16 (a profile field, per level), so with
-``|q| <= 2**15`` every product and partial sum is an integer below ``2**53`` — float64 matrix
-products are exact in any order, on every device and BLAS; float32 ones too when
-``max|q_s| * (largest row L1 norm of map_s) < 2**24``, which decoders check and use — and
-``scale_s = 2**-shift`` is exact.
+``P = clamp(round_half_even(acc * 2**-shift), -LIMIT, LIMIT)`` with ``acc = concat(q_s) @ map.T``:
+the maps are int16 (a profile field, per level), so with ``|q| <= 2**15`` every product and
+partial sum is an integer below ``2**53`` — float64 matrix products are exact in any order, on
+every device and BLAS; float32 ones too when ``max|q| * (largest row L1 norm of the map) <
+2**24``, which decoders check and use (splitting larger symbols into two such products) — and
+the power-of-two scaling is exact.
 ``LIMIT`` and the step floor of predicted substreams (twice the usual, :data:`FLOOR_FACTOR`) keep
 the coded residual within the int16 range the coder's escapes are sized for.
 
@@ -64,38 +64,48 @@ class Predictor:
     Args:
         weights: int16 ``[C, C * len(sources)]``: row ``i`` predicts coordinate ``i``; the
             columns of source ``s`` are ``s * C .. (s + 1) * C``.
-        scales: float64 multiplier of each source's integer sums (a power of two).
+        scale: float64 multiplier of the integer sums (a power of two).
     """
 
-    def __init__(self, weights: np.ndarray, scales: list[float]):
+    def __init__(self, weights: np.ndarray, scale: float):
         self.weights = weights
-        self.scales = [float(s) for s in scales]
-        c = weights.shape[0]
-        self._blocks = [weights[:, s * c : (s + 1) * c] for s in range(len(self.scales))]
+        self.scale = float(scale)
         # symbols up to this magnitude keep every partial sum below 2**24: exact in float32
-        self._float32_below = [(2**24 - 1) // max(1, int(np.abs(b.astype(np.int64)).sum(axis=1).max()))
-                               for b in self._blocks]
-        self._device: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
+        self.float32_below = (2**24 - 1) // max(1, int(np.abs(weights.astype(np.int64)).sum(axis=1).max()))
+        self._device: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def _maps(self, device, dtype: torch.dtype) -> list[torch.Tensor]:
+    def _map(self, device, dtype: torch.dtype) -> torch.Tensor:
         key = (str(device), dtype)
         if key not in self._device:  # transposed: q @ map.T
-            self._device[key] = [torch.from_numpy(b.T.astype(np.float64)).to(device=device, dtype=dtype)
-                                 for b in self._blocks]
+            self._device[key] = torch.from_numpy(self.weights.T.astype(np.float64)).to(device=device, dtype=dtype)
         return self._device[key]
 
     def offsets(self, qs: list) -> torch.Tensor:
         """float64 ``[T, C]`` integer predictions from the sources' symbols ``qs`` (each
         ``[T, C]``, integers in any dtype, numpy or torch, on one device: the result's)."""
         qs = [torch.as_tensor(q) for q in qs]
-        total = None
-        for i, (q, scale) in enumerate(zip(qs, self.scales)):
-            # the exact integer sums (float32 when they provably fit), then one rounding
-            exact32 = int(q.abs().max()) <= self._float32_below[i] and float32_matmul_is_ieee(q.device)
-            dtype = torch.float32 if exact32 else torch.float64
-            term = (q.to(dtype) @ self._maps(q.device, dtype)[i]).to(torch.float64) * scale
-            total = term if total is None else total + term
-        return torch.round(total).clamp_(-LIMIT, LIMIT)
+        q = qs[0] if len(qs) == 1 else torch.cat(qs, dim=1)
+        return torch.round(self._sums(q) * self.scale).clamp_(-LIMIT, LIMIT)
+
+    def _sums(self, q: torch.Tensor) -> torch.Tensor:
+        """float64 ``q @ weights.T``, exact. In float32 where that is plain IEEE arithmetic: at
+        once when every partial sum stays below ``2**24``, else as ``2**k * (hi @ w) + (lo @ w)``
+        with ``q = 2**k * hi + lo``, ``0 <= lo < 2**k`` (each product exact, the sum in float64);
+        float64 for what even that cannot hold."""
+        bound = self.float32_below
+        peak = int(q.abs().max()) if q.numel() else 0
+        if not float32_matmul_is_ieee(q.device) or bound < 1:
+            return q.to(torch.float64) @ self._map(q.device, torch.float64)
+        w = self._map(q.device, torch.float32)
+        q = q.to(torch.float32)  # integers below 2**24: exact
+        if peak <= bound:
+            return (q @ w).to(torch.float64)
+        k = bound.bit_length() - 1  # 2**k <= bound: lo < 2**k fits
+        if peak // (1 << k) + 1 > bound:
+            return q.to(torch.float64) @ self._map(q.device, torch.float64)
+        hi = torch.floor(q * (1.0 / (1 << k)))  # exact: power-of-two scaling, integers
+        lo = q - hi * (1 << k)
+        return (hi @ w).to(torch.float64) * (1 << k) + (lo @ w).to(torch.float64)
 
     def offsets_hdt(self, qs: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`offsets` for symbols laid out ``[H, T, D]``; int32 ``[H, T, D]``."""
@@ -126,7 +136,7 @@ class Maps:
             maps = self.values if is_value else self.keys
             weights = maps[layer, :, : len(src) * maps.shape[1]]
             scale = math.ldexp(1.0, -int(self.shifts[layer, int(is_value)]))
-            self._predictors[(layer, is_value)] = Predictor(weights, [scale] * len(src))
+            self._predictors[(layer, is_value)] = Predictor(weights, scale)
         return self._predictors[(layer, is_value)]
 
     def to_json(self, with_maps: bool = True) -> dict:

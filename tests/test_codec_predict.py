@@ -53,15 +53,13 @@ def test_offsets_are_exact_integer_arithmetic():
     rng = np.random.default_rng(0)
     weights = rng.integers(-32767, 32768, (CHANNELS, 2 * CHANNELS)).astype(np.int16)
     qs = [rng.integers(-32767, 32768, (50, CHANNELS)) for _ in range(2)]
-    scales = [0.73 / 1.1 * 2.0**-22, 2.0**-22]
-    p = predict.Predictor(weights, scales)
-    acc = [q.astype(np.int64) @ w.T.astype(np.int64) for q, w in zip(qs, np.split(weights, 2, axis=1))]  # exact
-    expect = np.clip(np.rint(acc[0].astype(np.float64) * scales[0] + acc[1].astype(np.float64) * scales[1]),
-                     -predict.LIMIT, predict.LIMIT)
+    p = predict.Predictor(weights, 2.0**-22)
+    acc = sum(q.astype(np.int64) @ w.T.astype(np.int64) for q, w in zip(qs, np.split(weights, 2, axis=1)))  # exact
+    expect = np.clip(np.rint(acc.astype(np.float64) * 2.0**-22), -predict.LIMIT, predict.LIMIT)
     assert np.array_equal(p.offsets(qs).numpy(), expect)
     assert np.array_equal(p.offsets([torch.from_numpy(q).float() for q in qs]).numpy(), expect)  # any integer dtype
     # ties round half to even: 2.5 -> 2, 3.5 -> 4, -2.5 -> -2
-    tie = predict.Predictor(np.eye(3, dtype=np.int16), [0.5])
+    tie = predict.Predictor(np.eye(3, dtype=np.int16), 0.5)
     assert tie.offsets([np.array([[5, 7, -5]])]).tolist() == [[2.0, 4.0, -2.0]]
     hdt = [torch.from_numpy(q.reshape(50, HEADS, DIM)).permute(1, 0, 2) for q in qs]
     assert np.array_equal(p.offsets_hdt(hdt).permute(1, 0, 2).reshape(50, CHANNELS).numpy(), expect)
@@ -74,16 +72,18 @@ def test_sources_are_already_decoded():
     assert predict.sources(3, True) == [(3, False), (2, False), (2, True)]
 
 
-@pytest.mark.parametrize("peak", [255, 1 << 20])  # float32 products (exact below 2**24), float64 ones
-def test_float32_products_are_used_only_where_exact(peak):
+# one float32 product (partial sums below 2**24), two (symbols split in high and low parts), float64
+@pytest.mark.parametrize("peak", [255, 16383, 1 << 20])
+def test_products_are_exact_whichever_arithmetic_they_use(peak):
     rng = np.random.default_rng(2)
     weights = rng.integers(-2047, 2048, (CHANNELS, CHANNELS)).astype(np.int16)
     q = rng.integers(-peak, peak + 1, (40, CHANNELS))
-    q[0, 0] = peak
-    p = predict.Predictor(weights, [2.0**-11])
+    q[0, 0], q[1, 1] = peak, -peak
+    p = predict.Predictor(weights, 2.0**-11)
     acc = q.astype(np.int64) @ weights.T.astype(np.int64)
+    assert np.array_equal(p._sums(torch.from_numpy(q)).numpy(), acc.astype(np.float64))
+    assert (peak <= p.float32_below) == (peak == 255)
     expect = np.clip(np.rint(acc.astype(np.float64) * 2.0**-11), -predict.LIMIT, predict.LIMIT)
-    assert (peak <= p._float32_below[0]) == (peak == 255)
     assert np.array_equal(p.offsets([q]).numpy(), expect)
     assert np.array_equal(p.offsets([q.astype(np.float32)]).numpy(), expect)
 
@@ -92,12 +92,12 @@ def test_float32_products_wait_for_ieee_matmul_precision():
     rng = np.random.default_rng(3)
     weights = rng.integers(-2047, 2048, (CHANNELS, CHANNELS)).astype(np.int16)
     q = rng.integers(-255, 256, (40, CHANNELS))
-    expect = predict.Predictor(weights, [2.0**-11]).offsets([q])
+    expect = predict.Predictor(weights, 2.0**-11).offsets([q])
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")  # may allow bfloat16 products: float64 is used
         assert not tr.float32_matmul_is_ieee("cpu")
-        assert torch.equal(predict.Predictor(weights, [2.0**-11]).offsets([q]), expect)
+        assert torch.equal(predict.Predictor(weights, 2.0**-11).offsets([q]), expect)
     finally:
         torch.set_float32_matmul_precision(before)
     assert tr.float32_matmul_is_ieee("cpu")
@@ -165,7 +165,7 @@ def test_each_level_has_its_own_maps(profiles):
     for layer, is_value in ((0, True), (1, False), (1, True)):
         maps = pred.prediction["high"]
         p = pred.predictor("high", layer, is_value)
-        assert p.scales == [2.0 ** -int(maps.shifts[layer, int(is_value)])] * len(predict.sources(layer, is_value))
+        assert p.scale == 2.0 ** -int(maps.shifts[layer, int(is_value)])
         assert p.weights.shape == (CHANNELS, CHANNELS * len(predict.sources(layer, is_value)))
     assert not np.array_equal(pred.prediction["high"].values, pred.prediction["compact"].values)
 
