@@ -18,11 +18,13 @@ tensors are those of the same stream coded without prediction; only the rate cha
 * the decoder adds ``P(sources)`` to the symbols it decodes, in layer order within each block
   of tokens (the rANS decoding of every substream stays independent and parallel).
 
-``P = clamp(round_half_even(acc * 2**-shift), -LIMIT, LIMIT)`` with ``acc = concat(q_s) @ map.T``:
+``P = clamp(round_half_even(acc * 2**-shift), -LIMIT, LIMIT)`` with ``acc = concat(q_s) @ map.T``
+(the sum over sources of each source's product with its columns):
 the maps are int16 (a profile field, per level), so with ``|q| <= 2**15`` every product and
 partial sum is an integer below ``2**53`` — float64 matrix products are exact in any order, on
-every device and BLAS; float32 ones too when ``max|q| * (largest row L1 norm of the map) <
-2**24``, which decoders check and use (splitting larger symbols into two such products) — and
+every device and BLAS; float32 ones too when ``max|q_s| * (largest row L1 norm of the source's
+columns) < 2**24``, which decoders check and use (splitting larger symbols into two such
+products) — and
 the power-of-two scaling is exact.
 ``LIMIT`` and the step floor of predicted substreams (twice the usual, :data:`FLOOR_FACTOR`) keep
 the coded residual within the int16 range the coder's escapes are sized for.
@@ -70,39 +72,44 @@ class Predictor:
     def __init__(self, weights: np.ndarray, scale: float):
         self.weights = weights
         self.scale = float(scale)
-        # symbols up to this magnitude keep every partial sum below 2**24: exact in float32
-        self.float32_below = (2**24 - 1) // max(1, int(np.abs(weights.astype(np.int64)).sum(axis=1).max()))
-        self._device: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        c = weights.shape[0]
+        self._blocks = [weights[:, s : s + c] for s in range(0, weights.shape[1], c)]  # one per source
+        # a source's symbols up to this magnitude keep every partial sum of its product below
+        # 2**24: exact in float32
+        self.float32_below = [(2**24 - 1) // max(1, int(np.abs(b.astype(np.int64)).sum(axis=1).max()))
+                              for b in self._blocks]
+        self._device: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
 
-    def _map(self, device, dtype: torch.dtype) -> torch.Tensor:
+    def _maps(self, device, dtype: torch.dtype) -> list[torch.Tensor]:
         key = (str(device), dtype)
         if key not in self._device:  # transposed: q @ map.T
-            self._device[key] = torch.from_numpy(self.weights.T.astype(np.float64)).to(device=device, dtype=dtype)
+            self._device[key] = [torch.from_numpy(b.T.astype(np.float64)).to(device=device, dtype=dtype)
+                                 for b in self._blocks]
         return self._device[key]
 
     def offsets(self, qs: list) -> torch.Tensor:
         """float64 ``[T, C]`` integer predictions from the sources' symbols ``qs`` (each
         ``[T, C]``, integers in any dtype, numpy or torch, on one device: the result's)."""
-        qs = [torch.as_tensor(q) for q in qs]
-        q = qs[0] if len(qs) == 1 else torch.cat(qs, dim=1)
-        return torch.round(self._sums(q) * self.scale).clamp_(-LIMIT, LIMIT)
+        total = None
+        for i, q in enumerate(qs):
+            term = self._sums(torch.as_tensor(q), i)  # exact integers, so any order of sums is exact
+            total = term if total is None else total + term
+        return torch.round(total * self.scale).clamp_(-LIMIT, LIMIT)
 
-    def _sums(self, q: torch.Tensor) -> torch.Tensor:
-        """float64 ``q @ weights.T``, exact. In float32 where that is plain IEEE arithmetic: at
+    def _sums(self, q: torch.Tensor, i: int) -> torch.Tensor:
+        """float64 ``q @ block_i.T``, exact. In float32 where that is plain IEEE arithmetic: at
         once when every partial sum stays below ``2**24``, else as ``2**k * (hi @ w) + (lo @ w)``
         with ``q = 2**k * hi + lo``, ``0 <= lo < 2**k`` (each product exact, the sum in float64);
         float64 for what even that cannot hold."""
-        bound = self.float32_below
+        bound = self.float32_below[i]
         peak = int(q.abs().max()) if q.numel() else 0
-        if not float32_matmul_is_ieee(q.device) or bound < 1:
-            return q.to(torch.float64) @ self._map(q.device, torch.float64)
-        w = self._map(q.device, torch.float32)
+        k = bound.bit_length() - 1  # 2**k <= bound: lo < 2**k fits
+        if not float32_matmul_is_ieee(q.device) or k < 1 or peak // (1 << k) + 1 > bound:
+            return q.to(torch.float64) @ self._maps(q.device, torch.float64)[i]
+        w = self._maps(q.device, torch.float32)[i]
         q = q.to(torch.float32)  # integers below 2**24: exact
         if peak <= bound:
             return (q @ w).to(torch.float64)
-        k = bound.bit_length() - 1  # 2**k <= bound: lo < 2**k fits
-        if peak // (1 << k) + 1 > bound:
-            return q.to(torch.float64) @ self._map(q.device, torch.float64)
         hi = torch.floor(q * (1.0 / (1 << k)))  # exact: power-of-two scaling, integers
         lo = q - hi * (1 << k)
         return (hi @ w).to(torch.float64) * (1 << k) + (lo @ w).to(torch.float64)
