@@ -65,6 +65,24 @@ def test_transform_streams_decode_like_numba(profiles, name, level, sinks):
 
 
 @in_process
+def test_predicted_streams_decode_and_encode_like_numba():
+    """Header flag 8 takes the per-layer Triton path (the grouped decoder declines it), and the
+    Triton device encoder carries the previous layer's symbols: the same tensors and bytes."""
+    from kvcodec.client.calibrate import fit_prediction
+    from kvcodec.codec.predict import Maps
+    from test_codec_predict import _kv as correlated_kv
+
+    base = _profile()
+    maps, shifts = fit_prediction(base, [correlated_kv(1), correlated_kv(2)], "high")
+    prof = replace(base, prediction={"high": Maps(*maps, shifts)})
+    k, v = correlated_kv(3, TOKENS)
+    blob = encode(k, v, level="high", token_block=16, sink_tokens=3, profile=prof)
+    assert container.parse(blob).header.predicted_values
+    _assert_decoders_agree(blob, prof, by_layer=True)
+    assert encode(k, v, level="high", token_block=16, sink_tokens=3, profile=prof, backend="triton") == blob
+
+
+@in_process
 def test_plain_float32_stream_decodes_like_numba():
     k, v = _kv(4, TOKENS)
     k[0, 1, 7, 3] = 3000.0  # an outlier: escapes
