@@ -3,10 +3,10 @@
     python benchmarks/prediction_bench.py --fit /usr/share/common-licenses/GPL-3 \
         --text /usr/share/common-licenses/Apache-2.0 --text .../argparse.py
 
-A measurement for a format change that is not built (benchmarks/RESULTS.md, "Predicting
-from what is already decoded"). Every substream is coded on its own today, yet a layer's
-keys and values are two projections of the same hidden state, and neighbouring layers'
-hidden states differ by one residual update. For each level, linear maps (least squares,
+The measurement that led to header flag 8 (benchmarks/RESULTS.md, "Predicting from what is
+already decoded"; the codec now does this, :mod:`kvcodec.codec.predict`, and its streams — the
+"codec stream" column — are coded with it). A layer's keys and values are two projections of
+the same hidden state, and neighbouring layers' hidden states differ by one residual update. For each level, linear maps (least squares,
 ridge 1e-3) are fitted on ``--fit``'s KV — predictors: **the real codec's decoded keys and
 values at that level**, so they carry its quantization noise; RoPE removed from keys; the
 sink token left out — and applied to each ``--text``:
