@@ -1,4 +1,5 @@
-"""Keys and values predicted from what is already decoded (header flag 8, FORMAT.md "Prediction").
+"""Keys and values predicted from what is already decoded (header flag 8; FORMAT.md, "Mode 1,
+transform: prediction from decoded symbols").
 
 A layer's keys and values are projections of the same hidden states, and a layer's hidden
 states differ from the previous layer's by one residual update. So, token by token, linear maps
@@ -8,24 +9,25 @@ of already-decoded symbols predict much of the next ones (:func:`sources`):
 * the values of layer ``l`` from the keys of layer ``l`` (and, for ``l >= 1``, the keys and
   values of layer ``l - 1``).
 
-On SmolLM2 this takes 18-19% off high's bits, 16-17% off balanced's and 8-9% off compact's
-(benchmarks/RESULTS.md, "Prediction from decoded symbols"). The prediction works on the transform's integer
-symbols, so every decoder reconstructs exactly the symbols the encoder quantized — the decoded
-tensors are those of the same stream coded without prediction; only the rate changes:
+On SmolLM2 (eight held-out texts, the same steps) this takes 19-22% off high's bits and 10-14%
+off compact's (benchmarks/RESULTS.md, "Prediction from decoded symbols"). The prediction works
+on the transform's integer symbols, so every decoder reconstructs exactly the symbols the
+encoder quantized — the decoded tensors are those of the same stream coded without prediction;
+only the rate changes:
 
 * the encoder quantizes every substream as usual (symbols token-major ``[T, C]``, ``C = heads *
   head_dim`` in the transform's coordinate order) and codes ``q - P(sources)``;
 * the decoder adds ``P(sources)`` to the symbols it decodes, in layer order within each block
-  of tokens (the rANS decoding of every substream stays independent and parallel).
+  of tokens (every substream's rANS words still decode on their own; only adding the
+  prediction follows that order).
 
 ``P = clamp(round_half_even(acc * 2**-shift), -LIMIT, LIMIT)`` with ``acc = concat(q_s) @ map.T``
-(the sum over sources of each source's product with its columns):
-the maps are int16 (a profile field, per level), so with ``|q| <= 2**15`` every product and
-partial sum is an integer below ``2**53`` — float64 matrix products are exact in any order, on
-every device and BLAS; float32 ones too when ``max|q_s| * (largest row L1 norm of the source's
-columns) < 2**24``, which decoders check and use (splitting larger symbols into two such
-products) — and
-the power-of-two scaling is exact.
+(the sum over sources of each source's product with its columns): the maps are int16 (a profile
+field, per level), so with ``|q| <= 2**15`` every product and partial sum is an integer below
+``2**53`` — float64 matrix products are exact in any order, on every device and BLAS; float32
+ones too when ``max|q_s| * (largest row L1 norm of the source's columns) < 2**24``, which
+decoders check and use (splitting larger symbols into two such products) — and the
+power-of-two scaling is exact.
 ``LIMIT`` and the step floor of predicted substreams (twice the usual, :data:`FLOOR_FACTOR`) keep
 the coded residual within the int16 range the coder's escapes are sized for.
 
