@@ -77,6 +77,11 @@ class PutAssembler:
         if msg.data:
             self._data(msg.data)
 
+    @property
+    def complete(self) -> bool:
+        """Whether the stream so far ends between chunks, after a context (what :meth:`finish` accepts)."""
+        return self._current is None and self.context is not None
+
     def finish(self) -> list[StagedChunk]:
         """The staged chunks once the client half-closed.
 

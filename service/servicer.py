@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ CLIENT_HEADER = "x-kvcodec-client"
 ACTION_ENUM = {ctl.LOAD_KV: pb.ACTION_LOAD_KV, ctl.LOAD_TEXT: pb.ACTION_LOAD_TEXT,
                ctl.BLEND: pb.ACTION_BLEND}
 MAX_REFS = 100_000
+CANCEL_GRACE_S = 1.0  # how long a Put whose stream ended mid-chunk waits for a cancel to be reported
 
 
 class CallAbandoned(Exception):
@@ -222,14 +224,20 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             context: grpc.ServicerContext) -> pb.PutResponse:
         with self._rpc("Put", context) as info:
             assembler = PutAssembler(self.config, self.verifier)
+            ended = threading.Event()  # set when the call terminates (a cancel included)
+            if not context.add_callback(ended.set):
+                ended.set()
             try:
                 for msg in request_iterator:
                     assembler.feed(msg)
                     self._alive(context)
             except grpc.RpcError:  # the client went away mid-stream
                 raise CallAbandoned() from None
-            # a cancelled call can end the request stream early: report the cancel, not the
-            # half-sent chunk it leaves behind
+            # a cancelled call can end the request stream early, and gRPC may hand the handler the
+            # end of the stream before the cancellation (two events; under load in either order):
+            # before calling a half-sent chunk the client's error, give the cancel a moment to land
+            if not assembler.complete:
+                ended.wait(CANCEL_GRACE_S)
             self._alive(context)
             staged = assembler.finish()
             self._alive(context)  # nothing is written for a cancelled or expired call

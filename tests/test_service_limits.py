@@ -160,3 +160,66 @@ def test_calls_past_their_deadline_end_deadline_exceeded_never_internal(start_se
                 errors.add(f"{type(exc).__name__}: {exc}")
         assert client.health() == "SERVING"
     assert errors <= {"deadline"}, errors
+
+
+class _CancelledLate:
+    """A ServicerContext whose client cancelled, where gRPC hands the handler the end of the
+    request stream first and reports the cancellation a moment later — the order two completion
+    events can take under load (it failed the cancelled-Put test above in clean-clone CI runs)."""
+
+    def __init__(self, delay: float) -> None:
+        self._callbacks: list = []
+        self._cancelled_at = None
+        self.delay = delay
+        self.aborted: tuple | None = None
+
+    def stream_ended(self) -> None:
+        self._cancelled_at = time.monotonic() + self.delay
+        threading.Timer(self.delay, lambda: [cb() for cb in self._callbacks]).start()
+
+    def is_active(self) -> bool:
+        return self._cancelled_at is None or time.monotonic() < self._cancelled_at
+
+    def add_callback(self, callback) -> bool:
+        self._callbacks.append(callback)
+        return True
+
+    def time_remaining(self):
+        return None
+
+    def invocation_metadata(self):
+        return ()
+
+    def peer(self) -> str:
+        return "test"
+
+    def code(self):
+        return None
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise grpc.RpcError(details)
+
+
+def test_put_whose_stream_ends_before_its_cancel_is_reported_counts_a_cancel(tmp_path):
+    from kvcodec.service.auth import TokenAuthenticator
+    from kvcodec.service.config import ServerConfig
+    from kvcodec.service.metrics import ServerMetrics
+    from kvcodec.service.servicer import KVCacheServicer
+    from kvcodec.store import open_store
+
+    ctx = toy_context(tokens=64, chunk_tokens=32, seed=11)
+    msgs = list(put_messages(ctx, encode_chunks(ctx, *toy_kv(ctx, 11), level="high"), piece=64))
+    servicer = KVCacheServicer(open_store(f"file://{tmp_path}"), ServerConfig(), ServerMetrics(), TokenAuthenticator())
+    context = _CancelledLate(delay=0.2)
+
+    def requests():
+        yield msgs[0]
+        yield msgs[1]  # mid-chunk
+        context.stream_ended()
+
+    with pytest.raises(grpc.RpcError):
+        servicer.Put(requests(), context)
+    assert context.aborted[0] == grpc.StatusCode.CANCELLED
+    assert servicer.metrics.value("kvcodec_rpc_cancelled_total", method="Put") == 1
+    assert servicer.store.stats()["entries"] == 0
