@@ -270,22 +270,27 @@ def _read_side_priors(spec, layers: int, heads: int, dim: int, source: str) -> d
         where = f"{source}: side_priors {level!r}"
         if not isinstance(table, dict) or set(table) != set(_PRIOR_FIELDS):
             raise InvalidInput(f"{where}: needs exactly the fields {', '.join(_PRIOR_FIELDS)}")
-        arrays = {}
-        for name, dt in _PRIOR_FIELDS.items():
-            try:
-                raw = base64.b64decode(table[name], validate=True)
-            except (TypeError, ValueError) as exc:
-                raise InvalidInput(f"{where}: {name}: not base64 ({exc})") from None
-            need = int(np.prod(shapes[name])) * np.dtype(dt).itemsize
-            if len(raw) != need:
-                raise InvalidInput(f"{where}: {name}: {len(raw)} bytes, shape {shapes[name]} needs {need}")
-            arrays[name] = np.frombuffer(raw, dtype=dt).reshape(shapes[name]).astype(np.dtype(dt).newbyteorder("="))
+        arrays = {name: _b64_array(table[name], dt, shapes[name], f"{where}: {name}")
+                  for name, dt in _PRIOR_FIELDS.items()}
         if not np.all(np.isfinite(arrays["steps"])) or np.any(arrays["steps"] <= 0):
             raise InvalidInput(f"{where}: steps must be positive float32 numbers")
         if arrays["classes"].max(initial=0) > NUM_CLASSES:
             raise InvalidInput(f"{where}: classes must be 0..{NUM_CLASSES}")
         out[str(level)] = arrays
     return out
+
+
+def _b64_array(text, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A profile field holding base64 of a little-endian ``dtype`` array of ``shape`` (native
+    byte order on return); ``where`` names the field in errors."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: not base64 ({exc})") from None
+    need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(raw) != need:
+        raise InvalidInput(f"{where}: {len(raw)} bytes, shape {shape} needs {need}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.dtype(dtype).newbyteorder("="))
 
 
 def _read_allocation(spec, layers: int, source: str) -> dict[str, np.ndarray]:
@@ -347,17 +352,14 @@ def _read_prediction(spec, layers: int, channels: int, levels: dict, source: str
             raise InvalidInput(f"{where}: not one of the profile's levels")
         try:
             shifts = np.asarray(table["shifts"], dtype=np.int64)
-            raws = [base64.b64decode(table[name], validate=True) for name in ("keys", "values")]
+            encoded = [table[name] for name in ("keys", "values")]
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"{where}: bad or missing field ({exc})") from None
         if shifts.shape != (layers, 2) or shifts.min(initial=0) < 0 or shifts.max(initial=0) > _predict.MAX_SHIFT:
             raise InvalidInput(f"{where}: shifts must be [{layers}][2] integers in 0..{_predict.MAX_SHIFT}")
         maps = []
-        for name, raw, width in zip(("keys", "values"), raws, (2, 3)):
-            shape = (layers, channels, width * channels)
-            if len(raw) != 2 * int(np.prod(shape)):
-                raise InvalidInput(f"{where}: {name} hold {len(raw)} bytes, shape {shape} needs {2 * np.prod(shape)}")
-            maps.append(np.frombuffer(raw, dtype="<i2").astype(np.int16).reshape(shape))
+        for name, text, width in zip(("keys", "values"), encoded, (2, 3)):
+            maps.append(_b64_array(text, "<i2", (layers, channels, width * channels), f"{where}: {name}"))
             if maps[-1].min(initial=0) < -32767:
                 raise InvalidInput(f"{where}: {name} must be within -32767..32767")
         out[str(level)] = _predict.Maps(maps[0], maps[1], shifts)

@@ -44,8 +44,11 @@ def profiles():
     fitted on other KV than the tests code."""
     plain = _profile()
     plain.allocation = {level: np.array([[1.0, 0.7], [1.3, 1.0]]) * (i + 1) for i, level in enumerate(LEVELS)}
-    fitted = {level: predict.Maps(*fit_prediction(plain, [_kv(1), _kv(2)], level)[0],
-                                  fit_prediction(plain, [_kv(1), _kv(2)], level)[1]) for level in LEVELS}
+    kvs = [_kv(1), _kv(2)]
+    fitted = {}
+    for level in LEVELS:
+        maps, shifts = fit_prediction(plain, kvs, level)
+        fitted[level] = predict.Maps(*maps, shifts)
     return plain, replace(plain, prediction=fitted)
 
 
@@ -227,7 +230,8 @@ def test_profile_json_round_trip_and_bad_fields(profiles):
 
     refused(lambda v: v.update(fastest=v["high"]), "'fastest': not one of")
     refused(lambda v: v["high"].update(shifts=[[0, 31], [0, 0]]), "shifts must be")
-    refused(lambda v: v["high"].update(values="AAAA"), "values hold 3 bytes")
+    refused(lambda v: v["high"].update(values="AAAA"), "values: 3 bytes")
+    refused(lambda v: v["high"].update(keys="A=A"), "keys: not base64")
     refused(lambda v: v["high"].pop("keys"), "bad or missing field")
 
 
