@@ -262,9 +262,8 @@ def _encode(
 
     payloads: list[bytes] = []
     with ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
-        if use_prediction:
-            run = _predicted_coder(jobs, header, lv, prof, prior, pool)
-        for payload in pool.map(run, jobs):
+        code = _predicted_coder(jobs, header, lv, prof, prior, pool) if use_prediction else run
+        for payload in pool.map(code, jobs):
             payloads.append(payload)
             if progress:
                 progress(len(payloads), len(jobs))
