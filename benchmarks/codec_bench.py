@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,18 +84,22 @@ def run_text(loaded, path: str, args) -> list[dict]:
     keys, values = probe.exact_kv
     rows = []
 
-    def add(method: str, bits: float, kv, **extra) -> None:
+    def add(method: str, bits: float, kv, spread: bool = False, **extra) -> None:
         q = probe.score(*kv)
         row = {"text": Path(path).name, "method": method, "bits_per_element": bits,
                "ratio_vs_fp16": 16 / bits, "ppl_ref": q.ppl_ref, "ppl_change_pct": q.ppl_change_pct,
-               "agree_pct": q.agree_pct, **extra}
+               "agree_pct": q.agree_pct, "kl_mean": q.kl_mean, **extra}
+        if spread and args.spread:
+            draws = probe.ppl_spread(*kv, trials=args.spread)
+            row["ppl_spread_pct"] = statistics.stdev(draws)
         rows.append(row)
-        print(f"  {method:<28} {bits:6.3f} b/el  ppl {q.ppl_change_pct:+.3f}%  agree {q.agree_pct:.1f}%",
-              file=sys.stderr)
+        sd = f"  (sign flips: sd {row['ppl_spread_pct']:.3f})" if "ppl_spread_pct" in row else ""
+        print(f"  {method:<28} {bits:6.3f} b/el  ppl {q.ppl_change_pct:+.3f}%{sd}  agree {q.agree_pct:.1f}%  "
+              f"KL {q.kl_mean:.2e}", file=sys.stderr)
 
     for level in args.levels:
         r = ours(level, keys, values, args.threads)
-        add(f"kvcodec {level}", r["bits"], r["kv"], side_info_pct=r["side_pct"],
+        add(f"kvcodec {level}", r["bits"], r["kv"], spread=level != "lossless", side_info_pct=r["side_pct"],
             encode_mb_s=r["enc_mbs"], decode_mb_s=r["dec_mbs"])
     if not args.no_baselines:
         for name, (bits, k, v) in baselines(keys, values):
@@ -143,18 +148,25 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def render(rows: list[dict]) -> str:
-    headers = ["text", "method", "bits/el", "× fp16", "ppl change", "greedy agree", "side info", "enc MB/s", "dec MB/s"]
+    headers = ["text", "method", "bits/el", "× fp16", "ppl change", "greedy agree", "KL (nats)", "side info",
+               "enc MB/s", "dec MB/s"]
+    if any("ppl_spread_pct" in r for r in rows):
+        headers.insert(5, "ppl sd (sign flips)")
+    spread = len(headers) == 11
     out = []
     for r in rows:
         if r.get("sweep"):
             continue
-        out.append([
+        cells = [
             r["text"], r["method"], f"{r['bits_per_element']:.3f}", f"{r['ratio_vs_fp16']:.2f}",
-            f"{r['ppl_change_pct']:+.2f}%", f"{r['agree_pct']:.1f}%",
+            f"{r['ppl_change_pct']:+.2f}%", f"{r['agree_pct']:.1f}%", f"{r['kl_mean']:.1e}",
             f"{r['side_info_pct']:.2f}%" if "side_info_pct" in r else "",
             f"{r['encode_mb_s']:.0f}" if "encode_mb_s" in r else "",
             f"{r['decode_mb_s']:.0f}" if "decode_mb_s" in r else "",
-        ])
+        ]
+        if spread:
+            cells.insert(5, f"{r['ppl_spread_pct']:.2f}%" if "ppl_spread_pct" in r else "")
+        out.append(cells)
     return markdown_table(headers, out)
 
 
@@ -173,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-level", default="balanced", choices=[lv for lv in LEVELS if lv != "lossless"],
                         help="the level whose lambda --sweep scales (default: balanced)")
     parser.add_argument("--plot", help="write the rate-quality plot (PNG) here")
+    parser.add_argument("--spread", type=int, default=0, metavar="N",
+                        help="also score N copies of each of our lossy reconstructions with the error's sign "
+                             "flipped at random per (layer, keys/values, head, 256 tokens), and report the "
+                             "standard deviation of their perplexity changes: how far chance alone moves the "
+                             "ppl change at that error size (QualityProbe.ppl_spread)")
     args = parser.parse_args(argv)
     texts = args.text or ["/usr/share/common-licenses/GPL-3"]
     for path in texts:

@@ -164,6 +164,51 @@ class QualityProbe:
             seconds=time.perf_counter() - t0,
         )
 
+    def ppl_spread(
+        self, keys: torch.Tensor, values: torch.Tensor, trials: int = 8, block: int = 256, seed: int = 0
+    ) -> list[float]:
+        """Perplexity changes of ``trials`` reconstructions as damaged as this one, to tell a
+        perplexity change from chance.
+
+        At small errors the change is first-order in the error (flipping the error's sign flips
+        it), so one reconstruction's change is one draw of a spread set by the error's size.
+        Each trial keeps the error's magnitude and flips its sign independently per (layer,
+        keys/values, kv head, ``block`` tokens) (seeded, so repeatable); the standard deviation
+        of the returned changes is that spread.
+
+        Args:
+            keys, values: the reconstruction, as for :meth:`score`.
+            trials: reconstructions to score (>= 2).
+            block: tokens that share a sign (a codec's substream length).
+            seed: the sign draws' seed.
+
+        Returns:
+            ``trials`` perplexity changes in percent.
+
+        Raises:
+            InvalidInput: bad shapes, ``trials < 2`` or ``block < 1``.
+        """
+        import torch
+
+        if trials < 2 or block < 1:
+            raise InvalidInput(f"trials={trials}, block={block}: need trials >= 2 and block >= 1")
+        for name, t in (("keys", keys), ("values", values)):
+            if tuple(t.shape) != tuple(self._keys.shape):
+                raise InvalidInput(f"{name}: shape {tuple(t.shape)} != exact KV {tuple(self._keys.shape)}")
+        gen = torch.Generator().manual_seed(seed)
+        layers, heads, tokens, _ = self._keys.shape
+        blocks = -(-tokens // block)
+        exact = [self._keys.float(), self._values.float()]
+        errors = [keys.float() - exact[0], values.float() - exact[1]]
+        out = []
+        for _ in range(trials):
+            flipped = []
+            for x, e in zip(exact, errors):
+                signs = torch.randint(0, 2, (layers, heads, blocks, 1), generator=gen).float() * 2 - 1
+                flipped.append(x + signs.repeat_interleave(block, dim=2)[:, :, :tokens] * e)
+            out.append(self.score(*flipped).ppl_change_pct)
+        return out
+
     def _prefill_prefix(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact prefix KV and the log-prob of the first eval token from the prefix's last position."""
         import torch

@@ -68,6 +68,19 @@ def test_more_damage_scores_worse(tiny_probe):
     assert noise.kl_mean > kl[2]
 
 
+def test_ppl_spread_flips_the_error_not_its_size(tiny_probe):
+    keys, values = tiny_probe.exact_kv
+    qk, qv = per_token_baseline(keys, values, bits=4, group=16)
+    spread = tiny_probe.ppl_spread(qk, qv, trials=4, block=16, seed=5)
+    assert len(spread) == 4 and len(set(spread)) > 1  # different draws
+    assert spread == tiny_probe.ppl_spread(qk, qv, trials=4, block=16, seed=5)  # seeded
+    # the draws are of the same size as the reconstruction's own change, not of another scale
+    own = abs(tiny_probe.score(qk, qv).ppl_change_pct)
+    assert 0 < max(abs(x) for x in spread) < 20 * max(own, 0.01)
+    # an exact reconstruction has no error to flip
+    assert tiny_probe.ppl_spread(keys, values, trials=2) == [0.0, 0.0]
+
+
 def test_bad_inputs_are_refused(tiny_llama, tiny_probe):
     with pytest.raises(InvalidInput, match="need prefix_len \\+ eval_len = 96"):
         QualityProbe(tiny_llama, _ids(50), prefix_len=64, eval_len=32)
@@ -76,6 +89,10 @@ def test_bad_inputs_are_refused(tiny_llama, tiny_probe):
     keys, values = tiny_probe.exact_kv
     with pytest.raises(InvalidInput, match="keys: shape"):
         tiny_probe.score(keys[:, :, :10], values[:, :, :10])
+    with pytest.raises(InvalidInput, match="trials=1"):
+        tiny_probe.ppl_spread(keys, values, trials=1)
+    with pytest.raises(InvalidInput, match="values: shape"):
+        tiny_probe.ppl_spread(keys, values[:, :, :10])
 
 
 @pytest.mark.model
