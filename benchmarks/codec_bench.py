@@ -205,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_text(loaded, path, args)
     if args.plot:
         plot(rows, args.plot)
+    about = (f"Machine: {machine()}; torch threads {torch.get_num_threads()}; codec threads {args.threads}, "
+             f"MB/s the fastest of {TIMED_RUNS} runs\n"
+             f"Model: {loaded.name}; prefix {args.prefix} tokens, scored on the next {args.eval}\n")
     if args.json:
+        print(about, file=sys.stderr)
         print(json.dumps(rows, indent=2))
     else:
-        print(f"Machine: {machine()}; torch threads {torch.get_num_threads()}; codec threads {args.threads}, "
-              f"MB/s the fastest of {TIMED_RUNS} runs")
-        print(f"Model: {loaded.name}; prefix {args.prefix} tokens, scored on the next {args.eval}\n")
+        print(about)
         print(render(rows))
     return 0
 
