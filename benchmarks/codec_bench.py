@@ -150,9 +150,9 @@ def plot(rows: list[dict], path: str) -> None:
 def render(rows: list[dict]) -> str:
     headers = ["text", "method", "bits/el", "× fp16", "ppl change", "greedy agree", "KL (nats)", "side info",
                "enc MB/s", "dec MB/s"]
-    if any("ppl_spread_pct" in r for r in rows):
+    spread = any("ppl_spread_pct" in r for r in rows)
+    if spread:
         headers.insert(5, "ppl sd (sign flips)")
-    spread = len(headers) == 11
     out = []
     for r in rows:
         if r.get("sweep"):

@@ -147,9 +147,7 @@ class QualityProbe:
             InvalidInput: shapes differ from the exact KV's.
         """
         t0 = time.perf_counter()
-        for name, t in (("keys", keys), ("values", values)):
-            if tuple(t.shape) != tuple(self._keys.shape):
-                raise InvalidInput(f"{name}: shape {tuple(t.shape)} != exact KV {tuple(self._keys.shape)}")
+        self._check_shapes(keys, values)
         logp = self._eval_logprobs(keys, values)
         ppl = self._perplexity(logp)
         agree = float((logp.argmax(-1) == self._ref_argmax).float().mean()) * 100.0
@@ -192,9 +190,7 @@ class QualityProbe:
 
         if trials < 2 or block < 1:
             raise InvalidInput(f"trials={trials}, block={block}: need trials >= 2 and block >= 1")
-        for name, t in (("keys", keys), ("values", values)):
-            if tuple(t.shape) != tuple(self._keys.shape):
-                raise InvalidInput(f"{name}: shape {tuple(t.shape)} != exact KV {tuple(self._keys.shape)}")
+        self._check_shapes(keys, values)
         gen = torch.Generator().manual_seed(seed)
         layers, heads, tokens, _ = self._keys.shape
         blocks = -(-tokens // block)
@@ -208,6 +204,11 @@ class QualityProbe:
                 flipped.append(x + signs.repeat_interleave(block, dim=2)[:, :, :tokens] * e)
             out.append(self.score(*flipped).ppl_change_pct)
         return out
+
+    def _check_shapes(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        for name, t in (("keys", keys), ("values", values)):
+            if tuple(t.shape) != tuple(self._keys.shape):
+                raise InvalidInput(f"{name}: shape {tuple(t.shape)} != exact KV {tuple(self._keys.shape)}")
 
     def _prefill_prefix(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact prefix KV and the log-prob of the first eval token from the prefix's last position."""
