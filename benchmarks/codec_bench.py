@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                              "standard deviation of their perplexity changes: how far chance alone moves the "
                              "ppl change at that error size (QualityProbe.ppl_spread)")
     args = parser.parse_args(argv)
+    if args.spread == 1 or args.spread < 0:
+        parser.error(f"--spread: {args.spread}: need 0 (off) or at least 2 copies")
     texts = args.text or ["/usr/share/common-licenses/GPL-3"]
     for path in texts:
         if not Path(path).is_file():

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=int, default=1536)
     parser.add_argument("--eval", type=int, default=512)
     parser.add_argument("--fraction", type=float, default=0.02, help="share of tokens detected (default 0.02)")
-    parser.add_argument("--levels", nargs="+", default=["high", "balanced", "compact"])
+    parser.add_argument("--levels", nargs="+", default=["high", "balanced", "compact"],
+                        choices=["high", "balanced", "compact"])
     args = parser.parse_args(argv)
     for path in args.text:
         if not Path(path).is_file():
