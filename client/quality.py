@@ -194,8 +194,8 @@ class QualityProbe:
         gen = torch.Generator().manual_seed(seed)
         layers, heads, tokens, _ = self._keys.shape
         blocks = -(-tokens // block)
-        exact = [self._keys.float(), self._values.float()]
-        errors = [keys.float() - exact[0], values.float() - exact[1]]
+        exact = [self._keys.float().cpu(), self._values.float().cpu()]  # the signs are drawn on the CPU
+        errors = [keys.float().cpu() - exact[0], values.float().cpu() - exact[1]]
         out = []
         for _ in range(trials):
             flipped = []
