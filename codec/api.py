@@ -517,21 +517,12 @@ def _decode_layers(
         else:
             _decode_into(data, layout, h.substream_id(layer, is_value, b), out_dtype, device, part(layer, is_value, b))
 
-    done = 0
     spare = max(1, threads // len(jobs)) if h.predicted_values else 1
-    with _cpu_threads(device, spare):
-        if threads > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(threads) as pool:
-                for _ in pool.map(run, jobs):
-                    done += 1
-                    if progress:
-                        progress(done, len(jobs))
-        else:
-            for job in jobs:
-                run(job)
-                done += 1
-                if progress:
-                    progress(done, len(jobs))
+    parallel = threads > 1 and len(jobs) > 1
+    with _cpu_threads(device, spare), ThreadPoolExecutor(threads) if parallel else _Serial() as pool:
+        for done, _ in enumerate(pool.map(run, jobs), 1):
+            if progress:
+                progress(done, len(jobs))
     return KVPair(keys, values)
 
 
