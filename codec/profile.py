@@ -108,6 +108,9 @@ class Profile:
     side_priors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     # prediction (header flag 8): level -> Prediction (int16 maps of kvcodec.codec.predict.sources)
     prediction: dict[str, _predict.Maps] = field(default_factory=dict)
+    # the encoder's matrices for metric-shaped (not orthonormal) bases: int32 [layers, 2, groups, B, B]
+    # (``transform.Transform``'s ``analysis``); None: every basis is orthonormal, its own analysis
+    analysis: np.ndarray | None = None
 
     @property
     def has_transform(self) -> bool:
@@ -121,7 +124,8 @@ class Profile:
         key = (layer, is_value, None if self.rope_inv_freq is None else self.rope_inv_freq.tobytes())
         if key not in cache:
             rope = None if is_value or self.rope_inv_freq is None else _transform.Rope(self.rope_inv_freq)
-            cache[key] = _transform.Transform(self.bases[layer, int(is_value)], rope)
+            analysis = None if self.analysis is None else self.analysis[layer, int(is_value)]
+            cache[key] = _transform.Transform(self.bases[layer, int(is_value)], rope, analysis)
         return cache[key]
 
     def side_prior(self, level: str, layer: int, is_value: bool) -> SidePrior | None:
@@ -143,12 +147,13 @@ class Profile:
         return self.prediction[level].predictor(layer, is_value)
 
     def _derived(self) -> dict:
-        """What is derived from ``bases`` and ``prediction`` (transforms, the digest), kept while
-        they are the same objects: treat them as read-only and assign new ones to change them."""
+        """What is derived from ``bases``, ``analysis`` and ``prediction`` (transforms, the digest),
+        kept while they are the same objects: treat them as read-only and assign new ones to change them."""
         cache = self.__dict__.get("_derived_cache")
         maps = [id(m) for m in self.prediction.values()]
-        if cache is None or cache["bases"] is not self.bases or cache["maps"] != maps:
-            cache = {"bases": self.bases, "maps": maps, "transforms": {}, "digest": None}
+        if (cache is None or cache["bases"] is not self.bases or cache["analysis"] is not self.analysis
+                or cache["maps"] != maps):
+            cache = {"bases": self.bases, "analysis": self.analysis, "maps": maps, "transforms": {}, "digest": None}
             self.__dict__["_derived_cache"] = cache
         return cache
 
@@ -179,6 +184,8 @@ class Profile:
             }
             if with_bases:
                 body["transform"]["bases"] = base64.b64encode(self.bases.astype("<i2").tobytes()).decode("ascii")
+                if self.analysis is not None:  # absent for orthonormal bases (their digests stay what they were)
+                    body["transform"]["analysis"] = base64.b64encode(self.analysis.astype("<i4").tobytes()).decode("ascii")
         return body
 
     def to_json(self) -> dict:
@@ -243,7 +250,7 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
         raise InvalidInput(f"{source}: weights must be finite and non-negative")
     if any(not math.isfinite(v) or v <= 0 for v in levels.values()):
         raise InvalidInput(f"{source}: level lambdas must be positive")
-    bases, inv_freq = _read_transform(body.get("transform"), layers, heads, dim, source)
+    bases, inv_freq, analysis = _read_transform(body.get("transform"), layers, heads, dim, source)
     allocation = _read_allocation(body.get("allocation", {}), layers, source)
     priors = _read_side_priors(body.get("side_priors", {}), layers, heads, dim, source)
     if priors and bases is None:
@@ -253,7 +260,7 @@ def profile_from_json(body: dict, source: str = "profile") -> Profile:
         raise InvalidInput(f"{source}: prediction needs a transform (only transform streams use it)")
     profile = Profile(str(body.get("model", "")), layers, heads, dim, weights, levels,
                       int(body.get("sink_tokens", 1)), float(body.get("step_scale", 1.0)),
-                      dict(body.get("calibration", {})), bases, inv_freq, allocation, priors, prediction)
+                      dict(body.get("calibration", {})), bases, inv_freq, allocation, priors, prediction, analysis)
     # the digest just verified (serialising tens of megabytes of maps again would take a third of a second)
     profile._derived()["digest"] = (json.dumps(profile._body(with_bases=False), sort_keys=True),
                                     bytes.fromhex(body["sha256"]))
@@ -312,13 +319,16 @@ def _read_allocation(spec, layers: int, source: str) -> dict[str, np.ndarray]:
 
 
 def _read_transform(spec, layers: int, heads: int, dim: int, source: str):
-    """The transform fields of a profile: ``(bases, rope_inv_freq)``, both None without one."""
+    """The transform fields of a profile: ``(bases, rope_inv_freq, analysis)``, all None without
+    one (``analysis`` is None too for orthonormal bases)."""
     if spec is None:
-        return None, None
+        return None, None, None
     try:
         group = int(spec["group"])
         scale_bits = int(spec["scale_bits"])
         raw = base64.b64decode(spec["bases"], validate=True)
+        raw_analysis = spec.get("analysis")
+        raw_analysis = None if raw_analysis is None else base64.b64decode(raw_analysis, validate=True)
         inv = spec.get("rope_inv_freq")
         inv = None if inv is None else np.asarray(inv, dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
@@ -332,13 +342,22 @@ def _read_transform(spec, layers: int, heads: int, dim: int, source: str):
     if len(raw) != 2 * int(np.prod(shape)):
         raise InvalidInput(f"{source}: transform bases hold {len(raw)} bytes, shape {shape} needs {2 * np.prod(shape)}")
     bases = np.frombuffer(raw, dtype="<i2").astype(np.int16).reshape(shape)
+    analysis = None
+    if raw_analysis is not None:
+        if len(raw_analysis) != 4 * int(np.prod(shape)):
+            raise InvalidInput(f"{source}: transform analysis holds {len(raw_analysis)} bytes, shape {shape} "
+                               f"needs {4 * np.prod(shape)}")
+        analysis = np.frombuffer(raw_analysis, dtype="<i4").astype(np.int32).reshape(shape)
+        if np.abs(analysis.astype(np.int64)).max() >= _transform.MAX_ANALYSIS:
+            raise InvalidInput(f"{source}: transform analysis entries must be below {_transform.MAX_ANALYSIS} "
+                               "in magnitude")
     if inv is not None:
         if inv.ndim != 1 or not 1 <= 2 * len(inv) <= dim or not np.all(np.isfinite(inv)) or np.any(inv <= 0):
             raise InvalidInput(f"{source}: transform rope_inv_freq must be 1..{dim // 2} positive floats")
         if np.any(inv.astype(np.float32).astype(np.float64) != inv):
             raise InvalidInput(f"{source}: transform rope_inv_freq values must be float32 numbers")
         inv = inv.astype(np.float32)
-    return bases, inv
+    return bases, inv, analysis
 
 
 def _read_prediction(spec, layers: int, channels: int, levels: dict, source: str) -> dict[str, _predict.Maps]:

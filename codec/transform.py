@@ -43,6 +43,7 @@ from kvcodec.codec.rans import output_bits, to_bits
 SCALE_BITS = 14  # basis entries are int16 with 2**14 == 1.0
 SUBSTEPS = 64  # input snapping grid: step / 64 (adds 1/4096 of the quantization noise power)
 MAX_GROUP = 1024  # channels per basis block: keeps every partial sum below 2**53
+MAX_ANALYSIS = 1 << 20  # bound on an analysis matrix's entries (64.0): partial sums stay below 2**51
 
 
 @dataclass(frozen=True)
@@ -160,22 +161,34 @@ class Transform:
 
     Args:
         basis: int16 ``[groups, B, B]`` with ``groups * B == heads * head_dim``; row ``j``
-            of a group is output coordinate ``j`` (an orthonormal matrix times ``2**14``).
+            of a group is output coordinate ``j``: the decoder's synthesis, ``x = basis^T q``
+            (an orthonormal matrix times ``2**14``, or a metric-shaped one, below).
         rope: the RoPE to remove before the basis (keys), or None.
+        analysis: integer ``[groups, B, B]`` (``|entry| < MAX_ANALYSIS``, ``2**14`` = 1.0), what
+            the encoder multiplies by: ``round(2**28 * inverse(basis^T))`` for a basis that is not
+            orthonormal; None: the basis itself (its own inverse transpose).
     """
 
-    def __init__(self, basis: np.ndarray, rope: Rope | None = None):
+    def __init__(self, basis: np.ndarray, rope: Rope | None = None, analysis: np.ndarray | None = None):
         if basis.ndim != 3 or basis.shape[1] != basis.shape[2] or basis.shape[1] > MAX_GROUP:
             raise InvalidInput(f"transform basis: shape {basis.shape} is not [groups, B, B] with B <= {MAX_GROUP}")
+        if analysis is not None and analysis.shape != basis.shape:
+            raise InvalidInput(f"transform analysis: shape {analysis.shape} != the basis's {basis.shape}")
+        if analysis is not None and np.abs(analysis.astype(np.int64)).max(initial=0) >= MAX_ANALYSIS:
+            raise InvalidInput(f"transform analysis: entries must be below {MAX_ANALYSIS} in magnitude")
         # a block-diagonal basis (``calibrate --transform mixed`` stores per-head value bases in a
         # layer-wide group) is applied block by block: the same exact sums without the zeros
-        self.basis = np.ascontiguousarray(split_block_diagonal(basis), dtype=np.int16)
+        both = basis if analysis is None else np.concatenate([basis.astype(np.int64), analysis.astype(np.int64)])
+        block = block_size(both)
+        self.basis = np.ascontiguousarray(split_blocks(basis, block), dtype=np.int16)
+        self.analysis = (self.basis.astype(np.int64) if analysis is None
+                         else np.ascontiguousarray(split_blocks(analysis, block), dtype=np.int64))
         self.rope = rope
         self._device_basis: dict[str, torch.Tensor] = {}
         # an identity basis (e.g. ``calibrate --transform rope``: only RoPE is removed) needs no
         # matrix product; the elementwise shortcuts below give the same bits
         eye = np.eye(self.basis.shape[1], dtype=np.int64) << SCALE_BITS
-        self.identity = bool(np.all(self.basis.astype(np.int64) == eye))
+        self.identity = bool(np.all(self.basis.astype(np.int64) == eye) and np.all(self.analysis == eye))
         # symbols up to this magnitude keep every partial sum of the basis product an integer
         # below 2**24 (the largest L1 norm of a column bounds them), exact in float32 in any order
         self.float32_exact_below = (2**24 - 1) // max(1, int(np.abs(self.basis.astype(np.int64)).sum(axis=1).max()))
@@ -185,18 +198,19 @@ class Transform:
         return self.basis.shape[0] * self.basis.shape[1]
 
     def step_floor_factor(self) -> float:
-        """Largest row L1 norm of the basis (in units of 1.0), with margin.
+        """Largest row L1 norm of the analysis matrix (in units of 1.0), with margin.
 
         ``|symbol| <= factor * max_h(absmax_h / step_h)``, so scaling each head's
         absmax by this factor before :func:`finalize_steps` keeps symbols in int16.
         """
-        l1 = np.abs(self.basis.astype(np.int64)).sum(axis=2).max()
+        l1 = np.abs(self.analysis).sum(axis=2).max()
         return float(l1) / (1 << SCALE_BITS) * (1 + 2**-10) + 2.0 / 32767
 
-    def _basis(self, device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        key = f"{device}/{dtype}"
+    def _basis(self, device, dtype: torch.dtype = torch.float64, analysis: bool = False) -> torch.Tensor:
+        key = f"{device}/{dtype}/{analysis}"
         if key not in self._device_basis:
-            self._device_basis[key] = torch.from_numpy(self.basis.astype(np.float64)).to(device=device, dtype=dtype)
+            matrix = self.analysis if analysis else self.basis
+            self._device_basis[key] = torch.from_numpy(matrix.astype(np.float64)).to(device=device, dtype=dtype)
         return self._device_basis[key]
 
     def prepare(self, x: torch.Tensor, first: int) -> torch.Tensor:
@@ -225,7 +239,7 @@ class Transform:
         if self.identity:  # y = snapped * 2**14 exactly, so y / 2**20 == snapped / 64
             return torch.floor(snapped * (1.0 / SUBSTEPS) + 0.5).to(torch.int32)
         v = snapped.permute(1, 0, 2).reshape(tokens, *self.basis.shape[:2])  # [T, G, B]
-        y = torch.einsum("tgi,gji->tgj", v, self._basis(x.device))  # exact integer sums
+        y = torch.einsum("tgi,gji->tgj", v, self._basis(x.device, analysis=True))  # exact integer sums
         q = torch.floor(y * (1.0 / (SUBSTEPS << SCALE_BITS)) + 0.5)  # exact: power-of-two scaling
         return q.reshape(tokens, heads, dim).permute(1, 0, 2).to(torch.int32)
 
@@ -303,21 +317,34 @@ def _finish(acc, scale, cos, sin, out, start, head_stride, token_stride, dim, ki
                 out[base + d] = row[d]
 
 
-def split_block_diagonal(basis: np.ndarray) -> np.ndarray:
-    """``[G, B, B]`` -> ``[G * B / b, b, b]`` for the smallest ``b`` (dividing ``B``) in whose
-    blocks every matrix is block-diagonal; the basis itself when there is none."""
+def block_size(basis: np.ndarray) -> int:
+    """The smallest ``b`` (dividing ``B``) in whose blocks every ``[B, B]`` matrix of ``basis``
+    (``[G, B, B]``) is block-diagonal; ``B`` when there is none."""
     groups, size = basis.shape[:2]
     for b in range(1, size):
         if size % b:
             continue
         n = size // b
         blocks = basis.reshape(groups, n, b, n, b)
-        diagonal = blocks[:, np.arange(n), :, np.arange(n), :]  # [n, G, b, b]
         rebuilt = np.zeros_like(blocks)
-        rebuilt[:, np.arange(n), :, np.arange(n), :] = diagonal
+        rebuilt[:, np.arange(n), :, np.arange(n), :] = blocks[:, np.arange(n), :, np.arange(n), :]
         if np.array_equal(rebuilt, blocks):
-            return diagonal.transpose(1, 0, 2, 3).reshape(groups * n, b, b)
-    return basis
+            return b
+    return size
+
+
+def split_blocks(basis: np.ndarray, b: int) -> np.ndarray:
+    """``[G, B, B]`` block-diagonal in ``b × b`` blocks -> ``[G * B / b, b, b]``: those blocks."""
+    groups, size = basis.shape[:2]
+    n = size // b
+    diagonal = basis.reshape(groups, n, b, n, b)[:, np.arange(n), :, np.arange(n), :]  # [n, G, b, b]
+    return diagonal.transpose(1, 0, 2, 3).reshape(groups * n, b, b)
+
+
+def split_block_diagonal(basis: np.ndarray) -> np.ndarray:
+    """``[G, B, B]`` -> ``[G * B / b, b, b]`` for the smallest ``b`` (dividing ``B``) in whose
+    blocks every matrix is block-diagonal; the basis itself when there is none."""
+    return split_blocks(basis, block_size(basis))
 
 
 def block_diagonal(bases: np.ndarray, group: int) -> np.ndarray:
@@ -355,6 +382,26 @@ def klt(cov: np.ndarray) -> np.ndarray:
     return vecs * signs[:, None]
 
 
+def _weighted_covariance(kvs, weights: np.ndarray, layer: int, kind: int, rope: Rope | None, skip: int,
+                         chunk: int) -> np.ndarray:
+    """``[C, C]`` scatter of one (layer, K/V)'s token vectors in the weighted domain
+    ``x_h * sqrt(w_h)`` (keys un-rotated), each chunk centred as the codec centres each substream."""
+    heads, dim = kvs[0][0].shape[1], kvs[0][0].shape[3]
+    channels = heads * dim
+    scale = np.repeat(np.sqrt(np.maximum(weights[layer, kind], 1e-30)), dim)
+    cov = np.zeros((channels, channels))
+    for keys, values in kvs:
+        x = (keys, values)[kind][layer, :, skip:].float()
+        if kind == 0 and rope is not None:
+            x = unrotate(x, rope, skip)
+        v = x.permute(1, 0, 2).reshape(x.shape[1], channels).double().numpy() * scale
+        for start in range(0, len(v), chunk):
+            c = v[start : start + chunk]
+            c = c - c.mean(axis=0)
+            cov += c.T @ c
+    return cov
+
+
 def fit_bases(
     kvs: list[tuple[torch.Tensor, torch.Tensor]],
     weights: np.ndarray,
@@ -386,21 +433,76 @@ def fit_bases(
     out = np.zeros((layers, 2, channels // group, group, group), dtype=np.int16)
     for layer in range(layers):
         for kind in (0, 1):
-            scale = np.repeat(np.sqrt(np.maximum(weights[layer, kind], 1e-30)), dim)
-            cov = np.zeros((channels, channels))
-            for keys, values in kvs:
-                x = (keys, values)[kind][layer, :, skip:].float()
-                if kind == 0 and rope is not None:
-                    x = unrotate(x, rope, skip)
-                v = x.permute(1, 0, 2).reshape(x.shape[1], channels).double().numpy() * scale
-                for start in range(0, len(v), chunk):
-                    c = v[start : start + chunk]
-                    c = c - c.mean(axis=0)
-                    cov += c.T @ c
+            cov = _weighted_covariance(kvs, weights, layer, kind, rope, skip, chunk)
             for g in range(channels // group):
                 sl = slice(g * group, (g + 1) * group)
                 out[layer, kind, g] = orthonormal_to_int(klt(cov[sl, sl]))
     return out
+
+
+SHAPE_RIDGE = 0.1  # added to the trace-normalised metric's eigenvalues before shaping
+
+
+def fit_shaped_bases(
+    kvs: list[tuple[torch.Tensor, torch.Tensor]],
+    weights: np.ndarray,
+    metric: np.ndarray,
+    kind: int,
+    rope: Rope | None,
+    *,
+    ridge: float = SHAPE_RIDGE,
+    skip: int = 1,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bases that shape the quantization error by a measured metric (one group per layer).
+
+    The harm an error ``e`` of one (layer, K/V) does is about ``e^T M e``, with ``M`` the
+    outer products of the eval loss's gradients (``metric``, measured by calibration). For
+    keys ``M`` is far from a multiple of the identity — what matters is the queries' view
+    of the keys — and stable across texts, so error spread evenly over the channels
+    (orthonormal bases) wastes bits: with ``Q`` the metric in the weighted domain
+    (trace-normalised, ``ridge`` added for robustness, determinant 1), the encoder quantizes
+    the KLT of ``Q^(1/2) x`` and the decoder's synthesis ``U Q^(-1/2)`` puts error where
+    ``M`` is small, at the same rate to first order.
+
+    Args:
+        kvs, weights, rope, skip, chunk: as :func:`fit_bases`.
+        metric: float64 ``[layers, H * D, H * D]``, the metric of ``kind`` in the channel
+            domain (keys before RoPE).
+        kind: 0 keys, 1 values.
+        ridge: regularisation (a metric fitted on a few texts over-trusts its small eigenvalues).
+
+    Returns:
+        ``(bases, analysis)``: int16 synthesis ``[layers, 1, C, C]`` (``x = basis^T q``, entries
+        within ±1.99) and the encoder's int32 ``round(2**28 * inverse(basis^T))`` (see
+        :class:`Transform`).
+    """
+    layers, heads, _, dim = kvs[0][0].shape
+    channels = heads * dim
+    if metric.shape != (layers, channels, channels) or not np.all(np.isfinite(metric)):
+        raise InvalidInput(f"transform metric: shape {metric.shape} is not ({layers}, {channels}, {channels}) "
+                           "or not finite")
+    bases = np.zeros((layers, 1, channels, channels), dtype=np.int16)
+    analysis = np.zeros((layers, 1, channels, channels), dtype=np.int32)
+    one = float(1 << SCALE_BITS)
+    for layer in range(layers):
+        cov = _weighted_covariance(kvs, weights, layer, kind, rope, skip, chunk)
+        scale = np.repeat(np.sqrt(np.maximum(weights[layer, kind], 1e-30)), dim)
+        q = metric[layer] / np.outer(scale, scale)
+        q = (q + q.T) / 2
+        q = q / max(np.trace(q) / channels, 1e-300) + ridge * np.eye(channels)
+        vals, vecs = np.linalg.eigh(q)
+        vals = np.maximum(vals, ridge) / np.exp(np.mean(np.log(np.maximum(vals, ridge))))
+        root, inv_root = (vecs * np.sqrt(vals)) @ vecs.T, (vecs / np.sqrt(vals)) @ vecs.T
+        synth = klt(root @ cov @ root) @ inv_root
+        synth *= min(1.0, 1.99 / np.abs(synth).max())  # int16 with 2**14 == 1.0; steps absorb the scale
+        basis = np.round(synth * one).astype(np.int16)
+        inverse = np.round(one * np.linalg.inv(basis.T.astype(np.float64) / one))
+        if np.abs(inverse).max() >= MAX_ANALYSIS:
+            raise InvalidInput(f"transform metric: layer {layer}'s shaped basis is too ill-conditioned "
+                               f"(raise the ridge above {ridge})")
+        bases[layer, 0], analysis[layer, 0] = basis, inverse.astype(np.int32)
+    return bases, analysis
 
 
 def model_rope(rotary_emb) -> Rope | None:

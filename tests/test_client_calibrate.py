@@ -230,3 +230,15 @@ def test_mixed_transform_decorrelates_keys_across_heads_and_values_per_head(tiny
     kv = decode(blob, profile=prof)
     assert container.parse(blob).header.transformed and container.parse(blob).header.predicted_side
     assert (kv.values.float() - v).abs().mean() < 0.5 * v.abs().mean()
+    assert (kv.keys.float() - k).abs().mean() < 0.5 * k.abs().mean()
+    # keys are shaped by their measured gradient metric: a synthesis that is not orthonormal and
+    # the encoder's inverse of it; values keep orthonormal bases (their own analysis)
+    assert prof.calibration["shape"] == "keys" and prof.analysis is not None
+    keys_basis = prof.bases[0, 0, 0].astype(np.float64) / 2**14
+    assert not np.allclose(keys_basis @ keys_basis.T, np.eye(heads * dim), atol=1e-2)
+    assert np.array_equal(prof.analysis[:, 1], prof.bases[:, 1])
+    plain = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16, transform="mixed",
+                             fixed={"high": 0.05}, shape=False, prediction=False, log=lambda m: None)
+    assert plain.analysis is None and "shape" not in plain.calibration
+    keys_basis = plain.bases[0, 0, 0].astype(np.float64) / 2**14
+    assert np.allclose(keys_basis @ keys_basis.T, np.eye(heads * dim), atol=1e-3)

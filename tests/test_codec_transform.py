@@ -308,3 +308,103 @@ def test_cpu_token_major_decode_gives_dequantize_blocks_bits(group):
                 assert (big[0] == 9).all() and (big[1, :, :2] == 9).all() and (big[1, :, 2 + tokens :] == 9).all()
     assert np.abs(v * 97).max() > t.float32_exact_below
     assert (dequantize_block(big_steps, centers, deltas, HEADS, DIM, torch.float16, transform=t, first=5).abs() == 65504).any()
+
+
+def _shaped_profile() -> tuple[Profile, np.ndarray]:
+    """A profile whose keys' basis is shaped by a metric that weighs a few key directions 30x
+    (like a query distribution that looks along a few directions), values orthonormal."""
+    prof = _profile(HEADS * DIM)
+    channels = HEADS * DIM
+    gen = np.random.default_rng(3)
+    directions = np.linalg.qr(gen.standard_normal((channels, channels)))[0]
+    spectrum = np.where(np.arange(channels) < 4, 30.0, 1.0)
+    metric = np.stack([(directions * spectrum) @ directions.T] * LAYERS)
+    keys, analysis = tr.fit_shaped_bases([_kv(1)], prof.weights, metric, 0, tr.Rope(INV_FREQ))
+    prof.bases = prof.bases.copy()
+    prof.bases[:, 0] = keys
+    prof.analysis = prof.bases.astype(np.int32)
+    prof.analysis[:, 0] = analysis
+    return prof, metric
+
+
+@pytest.fixture(scope="module")
+def shaped():
+    return _shaped_profile()
+
+
+def test_shaped_basis_encodes_with_its_exact_integer_inverse(shaped):
+    prof, _ = shaped
+    t = prof.transform(0, False)
+    basis = t.basis.astype(np.float64) / 2**tr.SCALE_BITS
+    assert not np.allclose(basis @ basis.transpose(0, 2, 1), np.eye(HEADS * DIM), atol=1e-2)  # not orthonormal
+    # the analysis is the inverse of the synthesis' transpose, to int16 precision
+    product = (t.analysis.astype(np.float64) / 2**tr.SCALE_BITS) @ basis.transpose(0, 2, 1)
+    assert np.allclose(product, np.eye(HEADS * DIM), atol=2e-3)
+    x = t.prepare(_kv(2)[0][0].float(), 0)
+    steps = np.array([0.07, 0.3], dtype=np.float32)
+    assert np.array_equal(t.forward(x, steps).numpy(), _reference_forward(x.numpy(), steps, t.analysis))
+    # the symbol bound uses the analysis matrix (its rows are longer than a unit basis's)
+    assert t.step_floor_factor() > np.abs(t.basis.astype(np.int64)).sum(axis=2).max() / 2**tr.SCALE_BITS
+
+
+def test_shaped_basis_moves_the_key_error_out_of_the_metric(shaped):
+    """Same steps: the shaped stream's key error weighs less under the metric than the
+    orthonormal one's, relative to its plain energy (the error went where the metric is small)."""
+    prof, metric = shaped
+    ortho = _profile(HEADS * DIM)
+    keys, values = _kv(9)
+    rope = tr.Rope(INV_FREQ)
+
+    def weighted_share(p):
+        k = decode(encode(keys, values, level="high", model="tiny", profile=p), profile=p).keys.float()
+        out = []
+        for layer in range(LAYERS):
+            e = tr.unrotate(k[layer, :, 1:] - keys[layer, :, 1:].float(), rope, 1)
+            e = e.permute(1, 0, 2).reshape(-1, HEADS * DIM).double().numpy()
+            out.append(np.einsum("tc,cd,td->", e, metric[layer], e) / np.einsum("tc,tc->", e, e))
+        return np.mean(out)
+
+    assert weighted_share(prof) < 0.6 * weighted_share(ortho)
+
+
+def test_shaped_streams_decode_the_same_on_every_decoder(shaped):
+    prof, _ = shaped
+    keys, values = _kv(5)
+    for level in ("high", "compact"):
+        blob = encode(keys, values, level=level, model="tiny", profile=prof, token_block=128)
+        ref = decode(blob, profile=prof)
+        assert (ref.keys[:, :, 1:].float() - keys[:, :, 1:].float()).abs().mean() < 0.25 * keys.float().abs().mean()
+        assert torch.equal(decode(blob, profile=prof, threads=2).keys, ref.keys)
+        torch_kv = decode(blob, profile=prof, backend="torch")
+        assert torch.equal(torch_kv.keys, ref.keys) and torch.equal(torch_kv.values, ref.values)
+        for layer, k, v in decode_layers(blob, profile=prof, backend="torch", batch_layers=1):
+            assert torch.equal(k, ref.keys[layer]) and torch.equal(v, ref.values[layer])
+
+
+def test_shaped_profile_file_round_trip_and_validation(shaped, tmp_path):
+    from kvcodec.codec.profile import _digest
+
+    prof, _ = shaped
+    path = tmp_path / "shaped.json"
+    prof.save(path)
+    back = load_profile(path)
+    assert back.digest == prof.digest and np.array_equal(back.analysis, prof.analysis)
+    assert back.digest != _profile(HEADS * DIM).digest
+    keys, values = _kv(6)
+    blob = encode(keys, values, model="tiny", profile=prof)
+    assert torch.equal(decode(blob, profile=str(path)).keys, decode(blob, profile=prof).keys)
+    body = prof.to_json()
+    big = np.full(prof.analysis.shape, tr.MAX_ANALYSIS, dtype="<i4")
+    for value, message in (
+        ("!!!", "bad or missing field"),
+        (__import__("base64").b64encode(b"\0" * 8).decode(), "analysis holds 8 bytes"),
+        (__import__("base64").b64encode(big.tobytes()).decode(), "analysis entries must be below"),
+    ):
+        bad = copy.deepcopy(body)
+        bad["transform"]["analysis"] = value
+        bad.pop("sha256")
+        bad["sha256"] = _digest(bad)
+        with pytest.raises(InvalidInput, match=message):
+            profile_from_json(bad)
+    with pytest.raises(InvalidInput, match="transform metric: shape"):
+        tr.fit_shaped_bases([_kv(1)], prof.weights, np.ones((LAYERS, 3, 3)), 0, None)
