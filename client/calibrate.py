@@ -332,7 +332,7 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
               levels: dict[str, tuple[float, float]] | None = None,
               fixed: dict[str, float] | None = None, slopes: dict[str, float] | None = None,
               transform: str = "mixed", allocation: str = "measured", retune=None, prediction: bool = True,
-              shape: bool = True, log=print):
+              shape: bool = True, shape_texts: list[str] | None = None, log=print):
     """Build a :class:`~kvcodec.codec.profile.Profile` for ``loaded`` from ``texts``.
 
     Args:
@@ -348,20 +348,26 @@ def calibrate(loaded, texts: list[str], *, prefix_len: int = 1536, eval_len: int
         allocation: ``measured`` (per-group steps from measured rate-distortion curves, the
             level's slope bisected) or ``fisher`` (steps from the Fisher weights alone, the
             level's lambda bisected). Levels in ``fixed`` get no allocation.
+        shape_texts: texts to measure the keys' metric on (default: ``texts``). Other texts
+            than the curves' keep the curves honest: measured on the metric's own texts, the
+            keys' KL looks smaller than it is on other text, and the allocation starves them.
     """
     from kvcodec.client.model import tokenize_file
 
     ids = [tokenize_file(loaded, t, prefix_len + eval_len) for t in texts]
+    shape_ids = None if not shape_texts else [tokenize_file(loaded, t, prefix_len + eval_len) for t in shape_texts]
     return calibrate_tokens(loaded, ids, [str(t) for t in texts], prefix_len=prefix_len, eval_len=eval_len,
                             levels=levels, fixed=fixed, slopes=slopes, transform=transform,
-                            allocation=allocation, retune=retune, prediction=prediction, shape=shape, log=log)
+                            allocation=allocation, retune=retune, prediction=prediction, shape=shape,
+                            shape_ids=shape_ids, shape_names=[str(t) for t in shape_texts or []], log=log)
 
 
 def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_len: int = 1536,
                      eval_len: int = 512, levels: dict[str, tuple[float, float]] | None = None,
                      fixed: dict[str, float] | None = None, slopes: dict[str, float] | None = None,
                      transform: str = "mixed", allocation: str = "measured", retune=None, prediction: bool = True,
-                     shape: bool = True, log=print):
+                     shape: bool = True, shape_ids: list[list[int]] | None = None,
+                     shape_names: list[str] | None = None, log=print):
     """:func:`calibrate` on token sequences (``names``: what the profile records as its texts).
 
     With ``retune`` (a profile calibrated with ``allocation="measured"``), its weights, transform
@@ -391,7 +397,8 @@ def calibrate_tokens(loaded, ids: list[list[int]], names: list[str], *, prefix_l
         profile.levels = {lv: lam for lv, lam in profile.levels.items() if lv not in levels and lv not in slopes}
         profile.calibration.update({"retuned_on": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
     else:
-        profile = _fit(loaded, ids, names, probes, kvs, prefix_len, eval_len, transform, shape, log)
+        profile = _fit(loaded, ids, names, probes, kvs, prefix_len, eval_len, transform,
+                       (shape_ids or ids, shape_names or names) if shape else None, log)
     layers = profile.layers
     profile.levels.update(fixed)
     todo = {level: floor for level, floor in levels.items() if level not in fixed and level not in slopes}
@@ -462,8 +469,9 @@ def _worst(results) -> str:
     return f"worst ppl {ppl:+.3f}%, worst agree {min(r.agree_pct for r in results):.1f}%"
 
 
-def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transform: str, shape: bool, log):
-    """Sensitivity weights and (unless ``transform`` is ``none``) the transform of a new profile."""
+def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transform: str, shape, log):
+    """Sensitivity weights and (unless ``transform`` is ``none``) the transform of a new profile;
+    ``shape``: ``(token ids, names)`` of the texts to measure the keys' metric on, or None."""
     from kvcodec.codec.profile import Profile
 
     parts = []
@@ -494,7 +502,16 @@ def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transf
         elif transform == "mixed":  # values' per-head bases stored block-diagonally in the layer-wide group
             profile.bases = fit_bases(kvs, weights, group, rope)
             profile.bases[:, 1] = block_diagonal(fit_bases(kvs, weights, dim, rope)[:, 1], group)
-            metric = combine_key_metrics(parts) if shape else None
+            metric = None
+            if shape is not None:
+                shape_ids, shape_names = shape
+                shape_parts = parts
+                if shape_ids is not ids:
+                    shape_parts = []
+                    for path, tok in zip(shape_names, shape_ids):
+                        log(f"key metric: {path}")
+                        shape_parts.append(measure_sensitivity(loaded, tok, prefix_len, eval_len))
+                metric = combine_key_metrics(shape_parts)
             if metric is not None:
                 log("transform: keys shaped by their gradient metric")
                 keys, analysis = fit_shaped_bases(kvs, weights, metric, 0, rope)
@@ -502,6 +519,7 @@ def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transf
                 profile.analysis = profile.bases.astype(np.int32)
                 profile.analysis[:, 0] = analysis
                 profile.calibration["shape"] = "keys"
+                profile.calibration["shape_texts"] = list(shape[1])
         else:
             profile.bases = fit_bases(kvs, weights, group, rope)
         profile.rope_inv_freq = None if rope is None else rope.inv_freq
@@ -528,6 +546,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --transform mixed, keep the keys' basis orthonormal instead of shaping their error "
                         "by the measured gradient metric (on SmolLM2 shaping cuts the keys' share of the output "
                         "KL by 0.3-0.6x at equal bits)")
+    p.add_argument("--shape-text", dest="shape_texts", action="append", default=[],
+                   help="text to measure the keys' metric on (repeatable; default: the --text files). Texts "
+                        "other than --text keep the measured curves honest about what shaping buys")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="measured",
                    help="per-group steps from measured rate-distortion curves (default; about 30 minutes "
                         "for two texts on 2 CPU cores) or from the Fisher weights alone")
@@ -574,9 +595,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from kvcodec.cli import UsageError
     from kvcodec.client.model import ModelError, load_model
 
-    for t in args.text:
-        if not Path(t).is_file():
-            raise UsageError(f"--text: {t}: no such file")
+    for flag, texts in (("--text", args.text), ("--shape-text", args.shape_texts)):
+        for t in texts:
+            if not Path(t).is_file():
+                raise UsageError(f"{flag}: {t}: no such file")
+    if args.shape_texts and (not args.shape or args.transform != "mixed" or args.retune):
+        raise UsageError("--shape-text: only shapes a new profile's keys (--transform mixed, without --no-shape "
+                         "or --retune)")
     fixed, slopes = _level_numbers(args.lambdas, "--lambda"), _level_numbers(args.slopes, "--slope")
     if slopes and args.allocation != "measured":
         raise UsageError("--slope: needs --allocation measured")
@@ -614,7 +639,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          f"{retune.head_dim}, the model has {loaded.num_layers} x {loaded.num_kv_heads} x {loaded.head_dim}")
     profile = calibrate(loaded, args.text, prefix_len=args.prefix, eval_len=args.eval, levels=levels, fixed=fixed,
                         slopes=slopes, transform=args.transform, allocation=args.allocation, retune=retune,
-                        prediction=args.prediction, shape=args.shape, log=lambda m: print(m, file=sys.stderr))
+                        prediction=args.prediction, shape=args.shape, shape_texts=args.shape_texts,
+                        log=lambda m: print(m, file=sys.stderr))
     if args.alias or retune is None:
         profile.calibration["aliases"] = args.alias
     profile.save(args.out)

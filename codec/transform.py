@@ -1,8 +1,9 @@
 """Transform coding: quantize keys before RoPE, in a calibrated decorrelating basis.
 
 A profile may carry a *transform* (FORMAT.md, "Transform"): for every layer and
-K/V an orthonormal basis (the KLT of the calibration KV, stored as int16 with
-``2**SCALE_BITS`` = 1.0) and, for keys, the model's RoPE frequencies. A stream
+K/V a basis (the KLT of the calibration KV, stored as int16 with
+``2**SCALE_BITS`` = 1.0: orthonormal, or shaped by a measured error metric with the
+encoder's inverse beside it — :func:`fit_shaped_bases`) and, for keys, the model's RoPE frequencies. A stream
 whose header has the transform flag was quantized in that basis:
 
 * **Encode** (per substream, tokens at absolute positions ``p``): keys are

@@ -195,13 +195,16 @@ def test_streams_of_a_retired_shipped_profile_still_decode():
     (["--slope", "balanced=x"], "--slope: 'balanced=x' is not LEVEL=NUMBER"),
     (["--slope", "balanced=-1"], "--slope: 'balanced=-1': level must be one of"),
     (["--slope", "balanced=1e-4", "--allocation", "fisher"], "--slope: needs --allocation measured"),
+    (["--shape-text", "NOPROFILE"], "--shape-text: NOPROFILE: no such file"),
+    (["--shape-text", "GPL", "--no-shape"], "--shape-text: only shapes a new profile's keys"),
+    (["--shape-text", "GPL", "--transform", "head"], "--shape-text: only shapes a new profile's keys"),
 ])
 def test_calibrate_cli_rejects_bad_floors_and_retune_profiles(extra, message, gpl_text, tmp_path, capsys):
     from kvcodec.cli import main
 
     _profile().save(tmp_path / "plain.json")
-    extra = [str(tmp_path / "plain.json") if x == "PLAIN" else str(tmp_path / "none.json") if x == "NOPROFILE" else x
-             for x in extra]
+    names = {"PLAIN": tmp_path / "plain.json", "NOPROFILE": tmp_path / "none.json", "GPL": gpl_text}
+    extra = [str(names.get(x, x)) for x in extra]
     message = message.replace("NOPROFILE", str(tmp_path / "none.json"))
     out = tmp_path / "p.json"
     assert main(["calibrate", "--text", str(gpl_text), "--out", str(out), *extra]) == 2
@@ -237,6 +240,14 @@ def test_mixed_transform_decorrelates_keys_across_heads_and_values_per_head(tiny
     keys_basis = prof.bases[0, 0, 0].astype(np.float64) / 2**14
     assert not np.allclose(keys_basis @ keys_basis.T, np.eye(heads * dim), atol=1e-2)
     assert np.array_equal(prof.analysis[:, 1], prof.bases[:, 1])
+    # the metric measured on other texts than the curves' gives other bases
+    other = [torch.randint(0, 128, (64,), generator=gen).tolist() for _ in range(2)]
+    apart = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16, transform="mixed",
+                             fixed={"high": 0.05}, prediction=False, shape_ids=other, shape_names=["c", "d"],
+                             log=lambda m: None)
+    assert apart.calibration["shape_texts"] == ["c", "d"] and prof.calibration["shape_texts"] == ["a", "b"]
+    assert not np.array_equal(apart.bases[:, 0], prof.bases[:, 0])
+    assert np.array_equal(apart.bases[:, 1], prof.bases[:, 1])
     plain = calibrate_tokens(tiny_llama, ids, ["a", "b"], prefix_len=48, eval_len=16, transform="mixed",
                              fixed={"high": 0.05}, shape=False, prediction=False, log=lambda m: None)
     assert plain.analysis is None and "shape" not in plain.calibration
