@@ -51,7 +51,22 @@ def _profile(transform: bool) -> Profile:
     return prof
 
 
-PROFILES = {"none": None, "plain": _profile(False), "transform": _profile(True)}
+def _shaped_profile() -> Profile:
+    """One key basis across the heads, shaped by a metric that weighs a few directions 30x (the
+    encoders multiply by the profile's analysis matrices, not the bases)."""
+    prof = _profile(False)
+    kv = _kv(64, seed=1, dtype=torch.float32)
+    prof.bases = tr.fit_bases([kv], prof.weights, HEADS * DIM, tr.Rope(INV_FREQ))
+    rot = np.linalg.qr(np.random.default_rng(2).standard_normal((HEADS * DIM, HEADS * DIM)))[0]
+    metric = np.stack([(rot * np.where(np.arange(HEADS * DIM) < 3, 30.0, 1.0)) @ rot.T] * LAYERS)
+    prof.bases[:, 0], keys_analysis = tr.fit_shaped_bases([kv], prof.weights, metric, 0, tr.Rope(INV_FREQ))
+    prof.analysis = prof.bases.astype(np.int32)
+    prof.analysis[:, 0] = keys_analysis
+    prof.rope_inv_freq = INV_FREQ
+    return prof
+
+
+PROFILES = {"none": None, "plain": _profile(False), "transform": _profile(True), "shaped": _shaped_profile()}
 
 
 def _same_stream(k, v, backend: str, **kw) -> bytes:
@@ -66,7 +81,7 @@ def _same_stream(k, v, backend: str, **kw) -> bytes:
 def test_torch_stream_equals_numba_for_every_profile_and_level(profile, level):
     k, v = _kv()
     blob = _same_stream(k, v, "torch", level=level, token_block=16, profile=PROFILES[profile], model="tiny")
-    assert inspect(blob).transform == (profile == "transform")
+    assert inspect(blob).transform == (profile in ("transform", "shaped"))
     kv = decode(blob, profile=PROFILES[profile])  # and it decodes (a transform stream needs its profile)
     assert kv.keys.shape == k.shape
 
@@ -116,7 +131,7 @@ def test_segment_statistics_are_exact_past_2_to_the_53():
 
 @needs_triton
 @in_process
-@pytest.mark.parametrize("profile", ["none", "transform"])
+@pytest.mark.parametrize("profile", ["none", "transform", "shaped"])
 def test_triton_stream_equals_numba_in_one_launch(profile, monkeypatch):
     from kvcodec.codec import rans_encode
 
