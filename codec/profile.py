@@ -37,7 +37,9 @@ File format (JSON, UTF-8)::
         "group": B,                  # channels per basis block (head_dim or kv_heads * head_dim)
         "scale_bits": 14,
         "rope_inv_freq": [floats] or null,   # float32 values; keys are coded before RoPE
-        "bases": base64 of int16 LE [layers, 2, H*D/B, B, B] (rows: output coordinates)},
+        "bases": base64 of int16 LE [layers, 2, H*D/B, B, B] (rows: output coordinates),
+        "analysis": base64 of int32 LE, the same shape},   # optional: the encoder's inverses of
+                                                           # shaped (not orthonormal) bases
      "sha256": hex digest of the canonical JSON of everything else}
 
 A level may carry an **allocation**: a step multiplier per (layer, keys/values)
