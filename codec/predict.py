@@ -81,6 +81,7 @@ class Predictor:
         self.float32_below = [(2**24 - 1) // max(1, int(np.abs(b.astype(np.int64)).sum(axis=1).max()))
                               for b in self._blocks]
         self._device: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
+        self._abs: dict[str, list[torch.Tensor]] = {}
 
     def _maps(self, device, dtype: torch.dtype) -> list[torch.Tensor]:
         key = (str(device), dtype)
@@ -88,6 +89,13 @@ class Predictor:
             self._device[key] = [torch.from_numpy(b.T.astype(np.float64)).to(device=device, dtype=dtype)
                                  for b in self._blocks]
         return self._device[key]
+
+    def _abs_blocks(self, device) -> list[torch.Tensor]:
+        """float64 ``|block|`` per source (rows: predicted coordinates), for the per-row bound."""
+        key = str(device)
+        if key not in self._abs:
+            self._abs[key] = [torch.from_numpy(np.abs(b.astype(np.float64))).to(device) for b in self._blocks]
+        return self._abs[key]
 
     def offsets(self, qs: list) -> torch.Tensor:
         """float64 ``[T, C]`` integer predictions from the sources' symbols ``qs`` (each
@@ -100,17 +108,24 @@ class Predictor:
 
     def _sums(self, q: torch.Tensor, i: int) -> torch.Tensor:
         """float64 ``q @ block_i.T``, exact. In float32 where that is plain IEEE arithmetic: at
-        once when every partial sum stays below ``2**24``, else as ``2**k * (hi @ w) + (lo @ w)``
+        once when every partial sum stays below ``2**24`` (output ``i``'s partial sums are at most
+        ``sum_j |block[i, j]| * max_t |q[t, j]|``), else as ``2**k * (hi @ w) + (lo @ w)``
         with ``q = 2**k * hi + lo``, ``0 <= lo < 2**k`` (each product exact, the sum in float64);
         float64 for what even that cannot hold."""
         bound = self.float32_below[i]
         peak = int(q.abs().max()) if q.numel() else 0
         k = bound.bit_length() - 1  # 2**k <= bound: lo < 2**k fits
-        if not float32_matmul_is_ieee(q.device) or k < 1 or peak // (1 << k) + 1 > bound:
+        if not float32_matmul_is_ieee(q.device):
+            return q.to(torch.float64) @ self._maps(q.device, torch.float64)[i]
+        # the largest symbol times the longest row bounds every partial sum; where that is too
+        # coarse, each row's own bound (a few large symbols in coordinates its row weighs little)
+        one_product = peak <= bound or (
+            float((self._abs_blocks(q.device)[i] @ q.abs().amax(0).to(torch.float64)).max()) <= 2**24 - 1)
+        if not one_product and (k < 1 or peak // (1 << k) + 1 > bound):
             return q.to(torch.float64) @ self._maps(q.device, torch.float64)[i]
         w = self._maps(q.device, torch.float32)[i]
         q = q.to(torch.float32)  # integers below 2**24: exact
-        if peak <= bound:
+        if one_product:
             return (q @ w).to(torch.float64)
         hi = torch.floor(q * (1.0 / (1 << k)))  # exact: power-of-two scaling, integers
         lo = q - hi * (1 << k)

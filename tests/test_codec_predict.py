@@ -91,6 +91,31 @@ def test_products_are_exact_whichever_arithmetic_they_use(peak):
     assert np.array_equal(p.offsets([q.astype(np.float32)]).numpy(), expect)
 
 
+def test_one_float32_product_where_each_rows_own_bound_allows_it(monkeypatch):
+    """A few large symbols in a coordinate the map weighs little: the crude bound (largest symbol
+    times longest row) fails, each row's own bound holds, so one float32 product is used — and its
+    sums are the exact ones."""
+    rng = np.random.default_rng(4)
+    weights = rng.integers(-2047, 2048, (CHANNELS, CHANNELS)).astype(np.int16)
+    weights[:, 0] = rng.integers(-2, 3, CHANNELS)  # coordinate 0 barely weighed
+    q = rng.integers(-100, 101, (40, CHANNELS))
+    q[:, 0] = rng.integers(-200_000, 200_001, 40)
+    p = predict.Predictor(weights, 2.0**-11)
+    assert np.abs(q).max() > p.float32_below[0]
+    products = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__",  # the products of the 40 tokens (not the bound's)
+                        lambda a, b: (a.dim() == 2 and a.shape[0] == 40 and products.append(a.dtype), real(a, b))[1])
+    acc = q.astype(np.int64) @ weights.T.astype(np.int64)
+    assert np.array_equal(p._sums(torch.from_numpy(q), 0).numpy(), acc.astype(np.float64))
+    assert products == [torch.float32]
+    products.clear()
+    q[:, 0] *= 100  # now even each row's own bound fails: no single float32 product
+    acc = q.astype(np.int64) @ weights.T.astype(np.int64)
+    assert np.array_equal(p._sums(torch.from_numpy(q), 0).numpy(), acc.astype(np.float64))
+    assert products != [torch.float32]
+
+
 def test_float32_products_wait_for_ieee_matmul_precision():
     rng = np.random.default_rng(3)
     weights = rng.integers(-2047, 2048, (CHANNELS, CHANNELS)).astype(np.int16)
