@@ -496,7 +496,9 @@ def fit_shaped_bases(
         vals = np.maximum(vals, ridge) / np.exp(np.mean(np.log(np.maximum(vals, ridge))))
         root, inv_root = (vecs * np.sqrt(vals)) @ vecs.T, (vecs / np.sqrt(vals)) @ vecs.T
         synth = klt(root @ cov @ root) @ inv_root
-        synth *= min(1.0, 1.99 / np.abs(synth).max())  # int16 with 2**14 == 1.0; steps absorb the scale
+        # int16 with 2**14 == 1.0: a smaller scale makes the effective step finer, which the
+        # calibration's measured rate-distortion curves (taken with these bases) account for
+        synth *= min(1.0, 1.99 / np.abs(synth).max())
         basis = np.round(synth * one).astype(np.int16)
         inverse = np.round(one * np.linalg.inv(basis.T.astype(np.float64) / one))
         if np.abs(inverse).max() >= MAX_ANALYSIS:
