@@ -81,7 +81,6 @@ class Predictor:
         self.float32_below = [(2**24 - 1) // max(1, int(np.abs(b.astype(np.int64)).sum(axis=1).max()))
                               for b in self._blocks]
         self._device: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
-        self._abs: dict[str, list[torch.Tensor]] = {}
 
     def _maps(self, device, dtype: torch.dtype) -> list[torch.Tensor]:
         key = (str(device), dtype)
@@ -89,13 +88,6 @@ class Predictor:
             self._device[key] = [torch.from_numpy(b.T.astype(np.float64)).to(device=device, dtype=dtype)
                                  for b in self._blocks]
         return self._device[key]
-
-    def _abs_blocks(self, device) -> list[torch.Tensor]:
-        """float64 ``|block|`` per source (rows: predicted coordinates), for the per-row bound."""
-        key = str(device)
-        if key not in self._abs:
-            self._abs[key] = [torch.from_numpy(np.abs(b.astype(np.float64))).to(device) for b in self._blocks]
-        return self._abs[key]
 
     def offsets(self, qs: list) -> torch.Tensor:
         """float64 ``[T, C]`` integer predictions from the sources' symbols ``qs`` (each
@@ -115,13 +107,12 @@ class Predictor:
         bound = self.float32_below[i]
         peak = int(q.abs().max()) if q.numel() else 0
         k = bound.bit_length() - 1  # 2**k <= bound: lo < 2**k fits
-        if not float32_matmul_is_ieee(q.device):
-            return q.to(torch.float64) @ self._maps(q.device, torch.float64)[i]
+        ieee = float32_matmul_is_ieee(q.device)
         # the largest symbol times the longest row bounds every partial sum; where that is too
         # coarse, each row's own bound (a few large symbols in coordinates its row weighs little)
-        one_product = peak <= bound or (
-            float((self._abs_blocks(q.device)[i] @ q.abs().amax(0).to(torch.float64)).max()) <= 2**24 - 1)
-        if not one_product and (k < 1 or peak // (1 << k) + 1 > bound):
+        one_product = ieee and (peak <= bound or float(
+            (q.abs().amax(0).to(torch.float64) @ self._maps(q.device, torch.float64)[i].abs()).max()) <= 2**24 - 1)
+        if not one_product and (not ieee or k < 1 or peak // (1 << k) + 1 > bound):
             return q.to(torch.float64) @ self._maps(q.device, torch.float64)[i]
         w = self._maps(q.device, torch.float32)[i]
         q = q.to(torch.float32)  # integers below 2**24: exact
