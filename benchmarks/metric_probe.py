@@ -37,19 +37,14 @@ import torch  # noqa: E402
 from common import machine, markdown_table  # noqa: E402
 
 
-def metrics(loaded, probe, rope) -> np.ndarray:
+def metrics(probe, rope) -> np.ndarray:
     """float64 ``[layers, 2, H * D, H * D]``: the keys' (un-rotated) and values' gradient metrics."""
-    from kvcodec.client.hf_bridge import kv_to_cache
     from kvcodec.codec.transform import unrotate
 
-    keys, values = (t.detach().clone().float().requires_grad_(True) for t in probe.exact_kv)
-    ev = probe.eval_ids
-    with torch.enable_grad():
-        out = loaded.model(input_ids=ev, past_key_values=kv_to_cache(keys, values, loaded.config), use_cache=True)
-        torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ev[0, 1:], reduction="sum").backward()
-    gk = torch.stack([unrotate(g, rope, 0) for g in keys.grad]) if rope is not None else keys.grad
+    gk, gv = probe.loss_gradients()
+    gk = torch.stack([unrotate(g, rope, 0) for g in gk]) if rope is not None else gk
     out = []
-    for g in (gk, values.grad):
+    for g in (gk, gv):
         flat = g[:, :, 1:].permute(0, 2, 1, 3).reshape(g.shape[0], g.shape[2] - 1, -1).double()
         out.append(torch.einsum("ltc,ltd->lcd", flat, flat).numpy())
     return np.stack(out, 1)
@@ -111,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = {}
     for path in args.fit + args.text:
         print(f"{path}: gradients", file=sys.stderr)
-        measured[path] = metrics(loaded, QualityProbe.from_text(loaded, path, args.prefix, args.eval), rope)
+        measured[path] = metrics(QualityProbe.from_text(loaded, path, args.prefix, args.eval), rope)
     layers, _, channels, _ = measured[args.fit[0]].shape
     heads = loaded.num_kv_heads
     fit = sum(m / np.trace(m, axis1=-2, axis2=-1)[..., None, None] for p, m in measured.items() if p in args.fit)

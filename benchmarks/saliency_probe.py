@@ -37,16 +37,10 @@ from common import machine, markdown_table  # noqa: E402
 from kvcodec.codec import decode, encode, inspect  # noqa: E402
 
 
-def fisher(loaded, probe) -> tuple[torch.Tensor, torch.Tensor]:
+def fisher(probe) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared loss gradients ``[layers, heads, tokens]`` of the prefix keys and values."""
-    from kvcodec.client.hf_bridge import kv_to_cache
-
-    keys, values = (t.detach().clone().float().requires_grad_(True) for t in probe.exact_kv)
-    ev = probe.eval_ids
-    with torch.enable_grad():
-        out = loaded.model(input_ids=ev, past_key_values=kv_to_cache(keys, values, loaded.config), use_cache=True)
-        torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ev[0, 1:], reduction="sum").backward()
-    return (keys.grad**2).sum(-1), (values.grad**2).sum(-1)
+    gk, gv = probe.loss_gradients()
+    return (gk**2).sum(-1), (gv**2).sum(-1)
 
 
 def top_share(f: torch.Tensor, frac: float) -> float:
@@ -90,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(path).name
         print(f"{path}:", file=sys.stderr)
         probe = QualityProbe.from_text(loaded, path, args.prefix, args.eval)
-        fk, fv = fisher(loaded, probe)
+        fk, fv = fisher(probe)
         keys, values = (t.float() for t in probe.exact_kv)
         pre = torch.stack([unrotate(layer, rope, 0) for layer in keys]) if rope is not None else keys
         if prototype is None:

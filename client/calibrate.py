@@ -87,31 +87,23 @@ class Sensitivity:
     key_metric: np.ndarray | None = None
 
 
-def measure_sensitivity(loaded, token_ids: list[int], prefix_len: int, eval_len: int, sink: int = 1) -> Sensitivity:
-    """Fisher weights of one text's prefix KV and the keys' gradient metric (sink tokens excluded)."""
+def measure_sensitivity(probe, sink: int = 1) -> Sensitivity:
+    """Fisher weights of a probe's prefix KV and the keys' gradient metric (sink tokens excluded)."""
     import torch
 
-    from kvcodec.client.hf_bridge import kv_to_cache
-    from kvcodec.client.model import prefill
     from kvcodec.codec.transform import model_rope, unrotate
 
-    keys, values = prefill(loaded, token_ids[:prefix_len])
-    keys = keys.detach().clone().requires_grad_(True)
-    values = values.detach().clone().requires_grad_(True)
-    ev = torch.tensor([token_ids[prefix_len : prefix_len + eval_len]])
-    with torch.enable_grad():
-        cache = kv_to_cache(keys, values, loaded.config)
-        out = loaded.model(input_ids=ev, past_key_values=cache, use_cache=True)
-        loss = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ev[0, 1:], reduction="sum")
-        loss.backward()
-    w = torch.stack([(keys.grad[:, :, sink:] ** 2).mean((2, 3)), (values.grad[:, :, sink:] ** 2).mean((2, 3))], 1)
-    kv = torch.stack([keys.detach()[:, :, sink:], values.detach()[:, :, sink:]], 1)
+    loaded = probe.loaded
+    keys, values = probe.exact_kv
+    gk, gv = probe.loss_gradients()
+    w = torch.stack([(gk[:, :, sink:] ** 2).mean((2, 3)), (gv[:, :, sink:] ** 2).mean((2, 3))], 1)
+    kv = torch.stack([keys[:, :, sink:], values[:, :, sink:]], 1)
     rms = (kv - kv.mean(3, keepdim=True)).pow(2).mean((3, 4)).sqrt()
     rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
     rope = model_rope(rotary) if rotary is not None else None
     metric = None
     if rope is not None:  # keys are coded before RoPE: dL/dk_pre = R^T dL/dk_post, i.e. the gradient un-rotated
-        grad = torch.stack([unrotate(g, rope, 0) for g in keys.grad.float()])[:, :, sink:]
+        grad = torch.stack([unrotate(g, rope, 0) for g in gk.float()])[:, :, sink:]
         flat = grad.permute(0, 2, 1, 3).reshape(grad.shape[0], grad.shape[2], -1).double()
         metric = torch.einsum("ltc,ltd->lcd", flat, flat).numpy()
     return Sensitivity(w.double().numpy(), rms.double().numpy(), metric)
@@ -478,12 +470,13 @@ def _worst(results) -> str:
 def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transform: str, shape, log):
     """Sensitivity weights and (unless ``transform`` is ``none``) the transform of a new profile;
     ``shape``: ``(token ids, names)`` of the texts to measure the keys' metric on, or None."""
+    from kvcodec.client.quality import QualityProbe
     from kvcodec.codec.profile import Profile
 
     parts = []
-    for path, tok in zip(names, ids):
+    for path, probe in zip(names, probes):
         log(f"sensitivity: {path}")
-        parts.append(measure_sensitivity(loaded, tok, prefix_len, eval_len))
+        parts.append(measure_sensitivity(probe))
     weights, step_scale = combine(parts)
     cfg = loaded.config
     layers, heads = weights.shape[0], weights.shape[2]
@@ -516,7 +509,7 @@ def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transf
                     shape_parts = []
                     for path, tok in zip(shape_names, shape_ids):
                         log(f"key metric: {path}")
-                        shape_parts.append(measure_sensitivity(loaded, tok, prefix_len, eval_len))
+                        shape_parts.append(measure_sensitivity(QualityProbe(loaded, tok, prefix_len, eval_len)))
                 metric = combine_key_metrics(shape_parts)
             if metric is not None:
                 log("transform: keys shaped by their gradient metric")

@@ -205,6 +205,24 @@ class QualityProbe:
             out.append(self.score(*flipped).ppl_change_pct)
         return out
 
+    def loss_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of the eval tokens' summed NLL (each scored from the exact prefix KV and the
+        eval tokens before it) with respect to the exact prefix keys (as cached: after RoPE) and
+        values, in the model's dtype, ``[layers, kv_heads, prefix_len, head_dim]``: to first order an error
+        ``e`` of the KV moves that loss by ``grad . e`` (the sensitivity that calibration and the
+        saliency and metric benchmarks measure)."""
+        import torch
+
+        from kvcodec.client.hf_bridge import kv_to_cache
+
+        loaded = self.loaded
+        keys, values = (t.to(loaded.device).requires_grad_(True) for t in self.exact_kv)
+        ev = self.eval_ids.to(loaded.device)
+        with torch.enable_grad():
+            out = loaded.model(input_ids=ev, past_key_values=kv_to_cache(keys, values, loaded.config), use_cache=True)
+            torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ev[0, 1:], reduction="sum").backward()
+        return keys.grad, values.grad
+
     def _check_shapes(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         for name, t in (("keys", keys), ("values", values)):
             if tuple(t.shape) != tuple(self._keys.shape):

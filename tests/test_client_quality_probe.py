@@ -109,3 +109,17 @@ def test_smollm2_probe_short_text(smollm2, gpl_text):
     r2 = probe.score(*per_token_baseline(keys, values, bits=2))
     assert abs(r8.ppl_change_pct) < 1.0 and r8.agree_pct >= 95.0
     assert r2.kl_mean > 10 * r8.kl_mean
+
+
+def test_loss_gradients_predict_the_loss_change_to_first_order(tiny_probe):
+    gk, gv = tiny_probe.loss_gradients()
+    keys, values = tiny_probe.exact_kv
+    assert gk.shape == keys.shape and gv.shape == values.shape and gv.abs().sum() > 0
+    # a small step along the gradient raises the eval NLL by about |grad|^2 * step
+    step = 1e-3
+    base = tiny_probe.score(keys, values)
+    moved = tiny_probe.score(keys + step * gk, values + step * gv)
+    n = tiny_probe.eval_len
+    rise = n * (math.log(moved.ppl) - math.log(base.ppl))
+    expect = step * float((gk**2).sum() + (gv**2).sum())
+    assert rise == pytest.approx(expect, rel=0.2)
