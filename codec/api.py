@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -20,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from kvcodec.codec import container, device_encode, gpu_decode, predict, rans_triton, substream
+from kvcodec.codec import container, device_encode, gpu_decode, patch, predict, rans_triton, substream, transform
 from kvcodec.codec.container import DecodeLimits, Header, Layout
 from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, MissingProfile
 from kvcodec.codec.kvfile import check_kv
@@ -72,6 +74,7 @@ class StreamInfo:
     ratio_vs_fp16: float
     transform: bool = False  # quantized in the profile's transform domain (decoding needs that profile)
     prediction: bool = False  # symbols coded as differences from their prediction (header flag 8)
+    patched_tokens: int = 0  # tokens whose values carry a patch (header flag 16; the most in any layer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,6 +161,7 @@ def encode(
     progress: Progress | None = None,
     threads: int = 1,
     backend: str = "auto",
+    sink_keys: torch.Tensor | None = None,
 ) -> bytes:
     """Encode a KV cache into a ``.kvc`` stream.
 
@@ -183,6 +187,11 @@ def encode(
             see :mod:`kvcodec.codec.device_encode`); lossless stays on the host. ``auto``
             (default): ``triton`` for CUDA tensors when triton is installed (on an H100,
             0.44 s for a 4,096-token 8B chunk), else ``numba``.
+        sink_keys: for a stream that starts after position 0, the keys of its context's first
+            token (the attention sink, as cached at position 0), ``[layers, kv_heads, head_dim]``:
+            levels with patches (``high``) then patch the tokens whose keys point like it
+            (:mod:`kvcodec.codec.patch`). A stream that starts at position 0 uses its own first
+            token; without either, or without a profile that knows the model's RoPE, no patches.
 
     Returns:
         The stream bytes.
@@ -196,12 +205,13 @@ def encode(
     with _cpu_threads(keys.device), entropy_encoder(backend, keys.device):  # device coders: this thread only
         return _encode(
             keys, values, level, model, first_position, token_block, sink_tokens, profile, progress,
-            threads if backend == "numba" else 1, backend,
+            threads if backend == "numba" else 1, backend, sink_keys,
         )
 
 
 def _encode(
-    keys, values, level, model, first_position, token_block, sink_tokens, profile, progress, threads, backend="numba"
+    keys, values, level, model, first_position, token_block, sink_tokens, profile, progress, threads, backend="numba",
+    sink_keys=None,
 ) -> bytes:
     lv = get_level(level)
     if not 1 <= token_block <= DecodeLimits().max_token_block:
@@ -241,7 +251,7 @@ def _encode(
             priors=prior,
             predictors=(lambda layer, is_value: prof.predictor(lv.name, layer, is_value)) if use_prediction else None,
         )
-        return container.pack(header, payloads)
+        return _with_patches(header, payloads, keys, values, lv, prof, sink_keys)
     jobs = [
         (layer, is_value, b, block)
         for layer in range(layers)
@@ -267,7 +277,45 @@ def _encode(
             payloads.append(payload)
             if progress:
                 progress(len(payloads), len(jobs))
-    return container.pack(header, payloads)
+    return _with_patches(header, payloads, keys, values, lv, prof, sink_keys, threads)
+
+
+def _patch_tokens(header: Header, keys: torch.Tensor, lv: Level, prof: Profile | None, sink_keys) -> np.ndarray:
+    """The tokens a stream patches (:func:`kvcodec.codec.patch.choose_tokens`): none for levels
+    without patches, without a sink to compare with, or without the model's RoPE (a profile's
+    transform) to compare keys before it."""
+    h = header
+    count = round(lv.patch_fraction * (h.tokens - h.raw_tokens))
+    rope = prof.transform(0, False).rope if prof is not None and prof.has_transform else None
+    if count < 1 or rope is None:
+        return np.zeros(0, dtype=np.int64)
+    if h.first_position == 0:
+        sink = keys[:, :, 0].float()  # position 0: RoPE is the identity
+    elif sink_keys is not None:
+        if tuple(sink_keys.shape) != (h.layers, h.kv_heads, h.head_dim):
+            raise InvalidInput(f"sink_keys: shape {tuple(sink_keys.shape)} != {(h.layers, h.kv_heads, h.head_dim)} "
+                               "(layers, kv_heads, head_dim)")
+        sink = sink_keys.to(keys.device).float()
+    else:
+        return np.zeros(0, dtype=np.int64)
+    pre = torch.stack([transform.unrotate(layer.float(), rope, h.first_position) for layer in keys])
+    return patch.choose_tokens(pre, sink, count, h.raw_tokens)
+
+
+def _with_patches(header: Header, payloads: list[bytes], keys, values, lv: Level, prof, sink_keys,
+                  threads: int = 1) -> bytes:
+    """Pack the stream, with patches (header flag 16) for the values of the tokens
+    :func:`_patch_tokens` chooses: the error is measured on the stream as the decoder will
+    decode it (decoded here once, on the tensors' device)."""
+    tokens = _patch_tokens(header, keys, lv, prof, sink_keys)
+    if len(tokens) == 0:
+        return container.pack(header, payloads)
+    decoded = decode(container.pack(header, payloads), device=keys.device, profile=prof, threads=threads).values
+    entries = []
+    for layer in range(header.layers):
+        entries += [b"", patch.encode_entry(values[layer], decoded[layer], tokens)]
+    header.flags |= container.FLAG_PATCHED
+    return container.pack(header, payloads + entries)
 
 
 def _predicted_coder(jobs: list, header: Header, lv: Level, prof: Profile, prior, pool):
@@ -523,7 +571,32 @@ def _decode_layers(
         for done, _ in enumerate(pool.map(run, jobs), 1):
             if progress:
                 progress(done, len(jobs))
+    for layer, i in index.items():
+        apply_patches(data, layout, layer, keys[i], values[i])
     return KVPair(keys, values)
+
+
+def apply_patches(data, layout: Layout, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Header flag 16: add a decoded layer's patches (:mod:`kvcodec.codec.patch`) to its
+    ``[kv_heads, tokens, head_dim]`` keys and values, in place; every decoding path calls this
+    once per layer, after the layer's substreams."""
+    h = layout.header
+    if not h.patched:
+        return
+    for is_value, out in ((False, keys), (True, values)):
+        entry = read_patch(data, layout, layer, is_value)
+        if entry is not None:
+            patch.apply(out, entry, _TORCH_DTYPES[h.dtype])
+
+
+def read_patch(data, layout: Layout, layer: int, is_value: bool) -> patch.Patch | None:
+    """A (layer, K/V)'s patch entry, CRC-checked and parsed (None: empty)."""
+    h = layout.header
+    sid = h.patch_id(layer, is_value)
+    try:
+        return patch.parse_entry(container.substream(data, layout, sid), h.kv_heads, h.tokens, h.head_dim)
+    except CorruptStream as exc:
+        raise CorruptStream(f"{h.describe(sid)}: {exc}") from None
 
 
 def decode(
@@ -576,6 +649,8 @@ def _decode_torch(data, layout: Layout, device, dtype, progress: Progress | None
         every = list(range(h.layers))
         _check_min_lengths(layout, every)
         keys, values = gpu_decode.decode_group(data, layout, every, device, dtype or _TORCH_DTYPES[h.dtype])
+        for layer in every:
+            apply_patches(data, layout, layer, keys[layer], values[layer])
         if progress:
             progress(h.layers, h.layers)
         return KVPair(keys, values)
@@ -620,7 +695,20 @@ def _side_bytes(data, layout: Layout) -> int:
             end = min(len(data), layout.offsets[sid] + layout.lengths[sid])
             side += substream.side_bytes(memoryview(data)[start:max(start, end)], h.kv_heads, h.head_dim,
                                          h.coder, h.packed_side)
+    for sid in range(h.n_substreams, h.n_entries):
+        start = layout.offsets[sid]
+        side += patch.side_bytes(memoryview(data)[start : start + layout.lengths[sid]], h.kv_heads)
     return layout.header_bytes + layout.index_bytes + side
+
+
+def _patched_tokens(data, layout: Layout) -> int:
+    """The most tokens any patch entry names (0 without header flag 16)."""
+    h = layout.header
+    most = 0
+    for sid in range(h.n_substreams, h.n_entries):
+        if layout.lengths[sid] >= 4:
+            most = max(most, struct.unpack_from("<I", data, layout.offsets[sid])[0])
+    return most
 
 
 def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> StreamInfo:
@@ -638,6 +726,7 @@ def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> 
         total_bytes=total, header_bytes=layout.header_bytes, index_bytes=layout.index_bytes,
         side_info_bytes=_side_bytes(data, layout), bits_per_element=8 * total / elements,
         ratio_vs_fp16=16 * elements / (8 * total), transform=h.transformed, prediction=h.predicted_values,
+        patched_tokens=_patched_tokens(data, layout),
     )
 
 
@@ -670,6 +759,7 @@ def verify(
         attach_profile(layout, profile)
     sids = range(layout.header.n_substreams)
     if not full:
+        sids = range(layout.header.n_entries)
         for sid in sids:
             container.substream(data, layout, sid)
         return info
@@ -687,6 +777,9 @@ def verify(
     with _cpu_threads(None), ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
         for _ in pool.map(check, sids):  # re-raises the first failure, in substream order
             pass
+    for layer in range(h.layers) if h.patched else ():
+        for is_value in (False, True):
+            read_patch(data, layout, layer, is_value)
     return info
 
 

@@ -7,7 +7,7 @@ field against :class:`DecodeLimits` *before* anything is allocated.
 Layout (all integers little-endian)::
 
     header   86 + model_len bytes, then its CRC-32 (u32)
-    index    n_substreams x (u32 length, u32 crc32), then the index CRC-32 (u32)
+    index    n_entries x (u32 length, u32 crc32), then the index CRC-32 (u32)
     payload  the substreams, back to back, in index order
 
 Substream order is layer-major: for each layer, keys then values, each split
@@ -46,7 +46,8 @@ FLAG_TRANSFORM = 0x0001  # quantized in the profile's transform domain (FORMAT.m
 FLAG_PACKED_SIDE = 0x0002  # coder 3's side information is entropy-coded (FORMAT.md, "Packed side information")
 FLAG_PREDICTED_SIDE = 0x0004  # packed side information coded against the profile's prior (FORMAT.md)
 FLAG_PREDICTED_VALUES = 0x0008  # symbols coded as differences from a prediction (FORMAT.md)
-KNOWN_FLAGS = FLAG_TRANSFORM | FLAG_PACKED_SIDE | FLAG_PREDICTED_SIDE | FLAG_PREDICTED_VALUES
+FLAG_PATCHED = 0x0010  # a patch entry per (layer, K/V) after the substreams (FORMAT.md, "Patches")
+KNOWN_FLAGS = FLAG_TRANSFORM | FLAG_PACKED_SIDE | FLAG_PREDICTED_SIDE | FLAG_PREDICTED_VALUES | FLAG_PATCHED
 MAX_ROPE_POSITION = 1 << 28  # RoPE angles stay exact float64 products below this
 
 # magic, version, flags, mode, level, dtype, coder, layers, kv_heads, tokens,
@@ -109,13 +110,26 @@ class Header:
 
     @property
     def n_substreams(self) -> int:
+        """The coded substreams (patch entries not counted)."""
         return self.layers * 2 * self.blocks_per_tensor
+
+    @property
+    def n_entries(self) -> int:
+        """Index entries: the substreams, then (header flag 16) one patch entry per (layer, K/V)."""
+        return self.n_substreams + (self.layers * 2 if self.patched else 0)
+
+    def patch_id(self, layer: int, is_value: bool) -> int:
+        """The index entry of a (layer, K/V)'s patch (header flag 16)."""
+        return self.n_substreams + layer * 2 + int(is_value)
 
     def substream_id(self, layer: int, is_value: bool, block: int) -> int:
         return (layer * 2 + int(is_value)) * self.blocks_per_tensor + block
 
     def describe(self, sid: int) -> str:
-        """Human description of substream ``sid`` for error messages."""
+        """Human description of substream ``sid`` (or patch entry) for error messages."""
+        if sid >= self.n_substreams:
+            layer, kind = divmod(sid - self.n_substreams, 2)
+            return f"patch entry {sid} (layer {layer}, {'values' if kind else 'keys'})"
         block = sid % self.blocks_per_tensor
         layer, kind = divmod(sid // self.blocks_per_tensor, 2)
         start = block * self.token_block
@@ -141,6 +155,10 @@ class Header:
     @property
     def predicted_values(self) -> bool:
         return bool(self.flags & FLAG_PREDICTED_VALUES)
+
+    @property
+    def patched(self) -> bool:
+        return bool(self.flags & FLAG_PATCHED)
 
     def block_quantized_position(self, block: int) -> int:
         """Absolute position of the first quantized (not raw) token of ``block``."""
@@ -262,6 +280,8 @@ def parse_header(data: bytes | memoryview, limits: DecodeLimits | None = None) -
         raise UnsupportedFormat("flags: predicted side information needs the packed-side and transform flags")
     if flags & FLAG_PREDICTED_VALUES and not flags & FLAG_TRANSFORM:
         raise UnsupportedFormat("flags: prediction needs the transform flag")
+    if flags & FLAG_PATCHED and mode != 1:
+        raise UnsupportedFormat("flags: patches need the quantized mode")
     if flags & FLAG_TRANSFORM and not 0 <= first_position <= MAX_ROPE_POSITION - tokens:
         raise UnsupportedFormat(f"first_position: {first_position} with {tokens} tokens is outside the "
                                 f"transform's position range 0..{MAX_ROPE_POSITION}")
@@ -289,7 +309,7 @@ def parse(
     """
     data = memoryview(data)
     header, pos = parse_header(data, limits)
-    n = header.n_substreams
+    n = header.n_entries
     index_end = pos + n * _ENTRY.size
     _need(data, index_end + 4, "substream index")
     stored = _U32.unpack_from(data, index_end)[0]

@@ -107,11 +107,14 @@ def iter_layers(
     if batch_layers is None:
         batch_layers = h.layers if resolved == "triton" else 2
     if resolved == "triton" and gpu_decode.supports(h):
-        yield from _group_layers(data, layout, out_dtype, device, max(1, batch_layers))
+        layers = _group_layers(data, layout, out_dtype, device, max(1, batch_layers))
     elif resolved in ("torch", "triton"):
-        yield from _torch_layers(data, layout, out_dtype, device, max(1, batch_layers), resolved)
+        layers = _torch_layers(data, layout, out_dtype, device, max(1, batch_layers), resolved)
     else:
-        yield from _numba_layers(data, layout, out_dtype, device, max(1, threads))
+        layers = _numba_layers(data, layout, out_dtype, device, max(1, threads))
+    for layer, keys, values in layers:
+        api.apply_patches(data, layout, layer, keys, values)  # header flag 16
+        yield layer, keys, values
 
 
 def _layer_sids(h: container.Header, layer: int) -> list[int]:

@@ -35,6 +35,8 @@ class Level:
         value_step: value quantization step as a fraction of the RMS.
         sensitive_layers: how many leading layers get ``sensitive_factor``.
         sensitive_factor: step multiplier for those layers (< 1 = finer).
+        patch_fraction: share of a stream's tokens whose values get a patch
+            (:mod:`kvcodec.codec.patch`; needs a profile with the model's RoPE).
     """
 
     name: str
@@ -44,6 +46,7 @@ class Level:
     value_step: float = 0.0
     sensitive_layers: int = 2
     sensitive_factor: float = 0.5
+    patch_fraction: float = 0.0
 
     def step_fraction(self, layer: int, is_value: bool) -> float:
         """Return the step, as a fraction of RMS, for one layer and tensor."""
@@ -54,7 +57,7 @@ class Level:
 
 
 LOSSLESS = Level("lossless", 0, MODE_LOSSLESS)
-HIGH = Level("high", 1, MODE_QUANTIZED, key_step=0.10, value_step=0.10)
+HIGH = Level("high", 1, MODE_QUANTIZED, key_step=0.10, value_step=0.10, patch_fraction=0.02)
 BALANCED = Level("balanced", 2, MODE_QUANTIZED, key_step=0.30, value_step=0.30)
 COMPACT = Level("compact", 3, MODE_QUANTIZED, key_step=0.75, value_step=0.75)
 
