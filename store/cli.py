@@ -138,6 +138,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     spec = _spec_for(args, kv)
     keys = spec.chunk_keys(kv.token_ids, args.chunk_tokens, args.mode, include_tail=not args.no_tail)
     rows = []
+    sink = kv.keys[:, :, 0] if kv.first_position == 0 else None  # every chunk's attention sink (patches)
     with _open(args) as store:
         for key in _progress(keys, "storing chunks"):
             end = key.token_start + key.token_count
@@ -146,7 +147,7 @@ def cmd_put(args: argparse.Namespace) -> int:
             if not store.has(key):
                 blob = encode(kv.keys[:, :, key.token_start:end], kv.values[:, :, key.token_start:end],
                               level=args.level, model=spec.model,
-                              first_position=kv.first_position + key.token_start)
+                              first_position=kv.first_position + key.token_start, sink_keys=sink)
                 row["created"], row["bytes"] = store.put(key, blob), len(blob)
             rows.append(row)
     if args.json:
