@@ -161,8 +161,9 @@ def encode_chunks(ctx: CacheContext, keys: Any, values: Any, level: str | Sequen
             out.append((ck.index, lv, save({"keys": k.cpu(), "values": v.cpu()})))
         else:
             first = ck.token_start if ctx.mode == "prefix" else 0
+            sink = keys[:, :, 0] if first else None  # the context's attention sink, for patches
             out.append((ck.index, lv, encode(k, v, level=lv, model=ctx.layout.model,
-                                             first_position=first)))
+                                             first_position=first, sink_keys=sink)))
     return out
 
 

@@ -271,13 +271,34 @@ def _encode(
         )
 
     payloads: list[bytes] = []
+    symbols = None
     with ThreadPoolExecutor(threads) if threads > 1 else _Serial() as pool:
-        code = _predicted_coder(jobs, header, lv, prof, prior, pool) if use_prediction else run
+        code = run
+        if use_prediction:
+            code, symbols = _predicted_coder(jobs, header, lv, prof, prior, pool)
         for payload in pool.map(code, jobs):
             payloads.append(payload)
             if progress:
                 progress(len(payloads), len(jobs))
-    return _with_patches(header, payloads, keys, values, lv, prof, sink_keys, threads)
+    decoded = None if symbols is None else lambda layer, tokens: _decoded_values(
+        symbols, header, prof.transform(layer, True), layer, tokens, keys.dtype)
+    return _with_patches(header, payloads, keys, values, lv, prof, sink_keys, threads, decoded)
+
+
+def _decoded_values(symbols: dict, header: Header, tr, layer: int, tokens: np.ndarray, dtype) -> torch.Tensor:
+    """The values of ``tokens`` (quantized, not raw) as a decoder will decode them, from the
+    encoder's own symbols and steps: the transform's inverse, clamped and rounded to ``dtype``
+    (the decoders' arithmetic, see :meth:`Transform.inverse_into`), ``[H, n, D]``."""
+    h = header
+    parts = []
+    blocks = tokens // h.token_block
+    info = torch.finfo(dtype)
+    for b in np.unique(blocks):
+        steps, q = symbols[(layer, True, int(b))]
+        local = tokens[blocks == b] - int(b) * h.token_block - h.block_raw_tokens(int(b))
+        x = tr.inverse(torch.from_numpy(q[:, local]), steps, h.block_quantized_position(int(b)))
+        parts.append(x.clamp(info.min, info.max).to(dtype))
+    return torch.cat(parts, dim=1)
 
 
 def _patch_tokens(header: Header, keys: torch.Tensor, lv: Level, prof: Profile | None, sink_keys) -> np.ndarray:
@@ -303,17 +324,21 @@ def _patch_tokens(header: Header, keys: torch.Tensor, lv: Level, prof: Profile |
 
 
 def _with_patches(header: Header, payloads: list[bytes], keys, values, lv: Level, prof, sink_keys,
-                  threads: int = 1) -> bytes:
+                  threads: int = 1, decoded=None) -> bytes:
     """Pack the stream, with patches (header flag 16) for the values of the tokens
-    :func:`_patch_tokens` chooses: the error is measured on the stream as the decoder will
-    decode it (decoded here once, on the tensors' device)."""
+    :func:`_patch_tokens` chooses: the error is measured on the values as the decoder will
+    decode them — ``decoded(layer, tokens)`` where the encoder kept its symbols (see
+    :func:`_decoded_values`), else the stream decoded here once, on the tensors' device."""
     tokens = _patch_tokens(header, keys, lv, prof, sink_keys)
     if len(tokens) == 0:
         return container.pack(header, payloads)
-    decoded = decode(container.pack(header, payloads), device=keys.device, profile=prof, threads=threads).values
+    if decoded is None:
+        whole = decode(container.pack(header, payloads), device=keys.device, profile=prof, threads=threads).values
+        decoded = lambda layer, tokens: whole[layer][:, torch.from_numpy(tokens).to(whole.device)]  # noqa: E731
     entries = []
     for layer in range(header.layers):
-        entries += [b"", patch.encode_entry(values[layer], decoded[layer], tokens)]
+        exact = values[layer][:, torch.from_numpy(tokens).to(values.device)]
+        entries += [b"", patch.encode_entry(exact, decoded(layer, tokens), tokens)]
     header.flags |= container.FLAG_PATCHED
     return container.pack(header, payloads + entries)
 
@@ -321,7 +346,7 @@ def _with_patches(header: Header, payloads: list[bytes], keys, values, lv: Level
 def _predicted_coder(jobs: list, header: Header, lv: Level, prof: Profile, prior, pool):
     """Header flag 8, numba path: quantize every block first (on ``pool``), then return the
     function that codes one job's symbols as differences from their prediction
-    (:mod:`kvcodec.codec.predict`)."""
+    (:mod:`kvcodec.codec.predict`), and the symbols (``(steps, q)`` per (layer, is_value, block))."""
     def quantize(job):
         layer, is_value, b, block = job
         n_raw = header.block_raw_tokens(b)
@@ -345,7 +370,7 @@ def _predicted_coder(jobs: list, header: Header, lv: Level, prof: Profile, prior
             q = q - predictor.offsets_hdt(qs).numpy()
         return substream.encode_symbols(block, n_raw, steps, q, header.packed_side, prior(layer, is_value))
 
-    return code
+    return code, symbols
 
 
 def _check_finite(keys: torch.Tensor, values: torch.Tensor, threads: int) -> None:

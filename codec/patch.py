@@ -82,11 +82,11 @@ def choose_tokens(pre_keys: torch.Tensor, sink: torch.Tensor, count: int, skip: 
 
 
 def encode_entry(exact: torch.Tensor, decoded: torch.Tensor, tokens: np.ndarray) -> bytes:
-    """The entry that moves ``decoded`` towards ``exact`` at ``tokens`` (both ``[H, T, D]``)."""
+    """The entry that moves ``decoded`` towards ``exact`` (both ``[H, n, D]``: the stream's
+    ``tokens`` only)."""
     if len(tokens) == 0:
         return b""
-    idx = torch.from_numpy(tokens)
-    err = exact.float().cpu()[:, idx] - decoded.float().cpu()[:, idx]  # [H, n, D]
+    err = exact.float().cpu() - decoded.float().cpu()  # [H, n, D]
     heads = err.shape[0]
     steps = (err.abs().amax(dim=(1, 2)) / PATCH_LIMIT).to(torch.float32)
     safe = torch.where(steps > 0, steps, torch.ones_like(steps))

@@ -1,0 +1,88 @@
+"""How many tokens should a level patch? Size and quality of one level at several patch
+fractions (header flag 16, :mod:`kvcodec.codec.patch`), the rest of the codec unchanged.
+
+    python benchmarks/patch_bench.py --text /usr/share/common-licenses/GPL-2 \
+        --text .../typing.py --level high --fraction 0 0.01 0.02 0.04
+
+For each text (SmolLM2, prefill ``--prefix`` tokens, score the next ``--eval``: the ANCHORS.md
+method) and each fraction: bits per element of the stream, perplexity change, its chance spread
+(``--spread`` sign-flipped copies of the error, ``QualityProbe.ppl_spread``), greedy agreement
+and KL, and what the patches cost (bits per element over the unpatched stream) against what the
+same bits would buy spread evenly over every element (KL x 2^(-2 * cost), the high-rate rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, markdown_table  # noqa: E402
+
+from kvcodec.codec import decode, encode, inspect  # noqa: E402
+from kvcodec.codec.levels import get_level  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", action="append", required=True, help="text file (repeatable)")
+    parser.add_argument("--prefix", type=int, default=1536)
+    parser.add_argument("--eval", type=int, default=512)
+    parser.add_argument("--level", default="high", choices=["high", "balanced", "compact"])
+    parser.add_argument("--fraction", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.04],
+                        help="patch fractions to compare (0: no patches)")
+    parser.add_argument("--spread", type=int, default=8, help="sign-flipped copies per point (0: none)")
+    args = parser.parse_args(argv)
+    for path in args.text:
+        if not Path(path).is_file():
+            parser.error(f"--text: {path}: no such file")
+    for f in args.fraction:
+        if not 0 <= f < 1:
+            parser.error(f"--fraction: {f}: need 0 <= fraction < 1")
+    if args.spread == 1 or args.spread < 0:
+        parser.error(f"--spread: {args.spread}: need 0 or >= 2")
+
+    fractions = sorted(set(args.fraction))  # 0 first: the unpatched stream the others are compared with
+    from kvcodec.client.model import load_model
+    from kvcodec.client.quality import QualityProbe
+
+    loaded = load_model()
+    base = get_level(args.level)
+    rows = []
+    for path in args.text:
+        name = Path(path).name
+        print(f"{path}:", file=sys.stderr)
+        probe = QualityProbe.from_text(loaded, path, args.prefix, args.eval)
+        keys, values = probe.exact_kv
+        plain = None
+        for frac in fractions:
+            blob = encode(keys.half(), values.half(), level=replace(base, patch_fraction=frac), model="smollm2-135m",
+                          threads=2)
+            info = inspect(blob)
+            kv = decode(blob, threads=2)
+            r = probe.score(kv.keys, kv.values)
+            sd = statistics.stdev(probe.ppl_spread(kv.keys, kv.values, trials=args.spread)) if args.spread else None
+            if plain is None and frac == 0:
+                plain = (info.bits_per_element, r.kl_mean)
+            cost = info.bits_per_element - plain[0] if plain else None
+            even = plain[1] * 2 ** (-2 * cost) if plain else None  # D x 2^-2b at b more bits per element
+            rows.append([name, f"{frac:g}", info.patched_tokens, f"{info.bits_per_element:.3f}",
+                         f"{r.ppl_change_pct:+.3f}%", "" if sd is None else f"{sd:.3f}%", f"{r.agree_pct:.1f}%",
+                         f"{r.kl_mean:.2e}", "" if cost is None else f"{cost:+.3f}",
+                         "" if plain is None else f"{r.kl_mean / plain[1]:.2f}",
+                         "" if even is None else f"{even / plain[1]:.2f}"])
+            print("  " + " | ".join(str(c) for c in rows[-1][1:]), file=sys.stderr)
+    print(f"Machine: {machine()}; model {loaded.name}; level {args.level}; prefix {args.prefix} tokens, scored on "
+          f"the next {args.eval}; ppl sd from {args.spread} sign-flipped copies\n")
+    print(markdown_table(["text", "fraction", "patched tokens", "bits/el", "ppl change", "ppl sd (sign flips)",
+                          "greedy agree", "KL (nats)", "patch cost (bits/el)", "KL ratio",
+                          "KL ratio the same bits buy spread evenly"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
