@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                     profiles[x] = copy.deepcopy(shipped)
                     profiles[x].levels[args.level] = shipped.levels[args.level] * x
         plain = None
-        for frac, scale in [(f, x) for x in sorted(profiles, key=lambda x: (x != 1.0, x))
-                            for f in fractions]  # the unpatched stream at the level's own lambda first:
+        order = sorted(profiles, key=lambda x: (x != 1.0, x))  # the unpatched stream at the level's lambda first
+        for frac, scale in [(f, x) for x in order for f in fractions]:
             prof = profiles[scale]
             blob = encode(keys.half(), values.half(), level=replace(base, patch_fraction=frac), model="smollm2-135m",
                           threads=2, profile=prof)
