@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from common import machine, markdown_table  # noqa: E402
 
 from kvcodec.codec import decode, encode, inspect  # noqa: E402
+from kvcodec.codec.patch import choose_tokens  # noqa: E402
 
 
 def fisher(probe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,10 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         pre = torch.stack([unrotate(layer, rope, 0) for layer in keys]) if rope is not None else keys
         if prototype is None:
             prototype = pre[:, :, :1].clone()
-        score = torch.nn.functional.cosine_similarity(pre, prototype, dim=-1).mean((0, 1))
-        score[0] = -2.0  # the sink itself is stored raw
         n = max(1, int(args.fraction * keys.shape[2]))
-        chosen = torch.argsort(score, descending=True)[:n]
+        chosen = torch.from_numpy(choose_tokens(pre, prototype[:, :, 0], n, skip=1))  # the sink itself is raw
         conc.append([name] + [f"{top_share(f, p):.2f}" for f in (fv, fk) for p in (0.01, 0.02, 0.05)]
                     + [f"{float(f[:, :, -256:].sum() / f[:, :, 1:].sum()):.2f}" for f in (fv, fk)]
                     + [f"{captured(fv, chosen):.2f}", f"{captured(fk, chosen):.2f}"])

@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from kvcodec.codec.errors import CorruptStream, InvalidInput, LimitExceeded, Mis
 from kvcodec.codec.kvfile import check_kv
 from kvcodec.codec.levels import DEFAULT_LEVEL, MODE_LOSSLESS, Level, get_level, level_by_id
 from kvcodec.codec.profile import Profile, builtin_profile, builtin_profile_by_digest, load_profile
-from kvcodec.codec.quantize import all_finite, finalize_steps, head_rms
+from kvcodec.codec.quantize import all_finite, dequantize_block, finalize_steps, head_rms
 from kvcodec.codec.rans_encode import entropy_encoder
 from kvcodec.codec.substream import StepRule
 
@@ -286,18 +285,18 @@ def _encode(
 
 
 def _decoded_values(symbols: dict, header: Header, tr, layer: int, tokens: np.ndarray, dtype) -> torch.Tensor:
-    """The values of ``tokens`` (quantized, not raw) as a decoder will decode them, from the
-    encoder's own symbols and steps: the transform's inverse, clamped and rounded to ``dtype``
-    (the decoders' arithmetic, see :meth:`Transform.inverse_into`), ``[H, n, D]``."""
+    """The values of ``tokens`` (quantized, not raw) as a decoder will decode them, ``[H, n, D]``:
+    the encoder's own symbols and steps through the decoders' :func:`dequantize_block`."""
     h = header
     parts = []
     blocks = tokens // h.token_block
-    info = torch.finfo(dtype)
     for b in np.unique(blocks):
         steps, q = symbols[(layer, True, int(b))]
         local = tokens[blocks == b] - int(b) * h.token_block - h.block_raw_tokens(int(b))
-        x = tr.inverse(torch.from_numpy(q[:, local]), steps, h.block_quantized_position(int(b)))
-        parts.append(x.clamp(info.min, info.max).to(dtype))
+        heads, _, dim = q.shape
+        deltas = np.ascontiguousarray(q[:, local].transpose(0, 2, 1)).reshape(heads * dim, len(local))
+        parts.append(dequantize_block(steps, np.zeros(heads * dim, dtype=np.int64), deltas, heads, dim, dtype,
+                                      None, tr, h.block_quantized_position(int(b))))
     return torch.cat(parts, dim=1)
 
 
@@ -729,11 +728,8 @@ def _side_bytes(data, layout: Layout) -> int:
 def _patched_tokens(data, layout: Layout) -> int:
     """The most tokens any patch entry names (0 without header flag 16)."""
     h = layout.header
-    most = 0
-    for sid in range(h.n_substreams, h.n_entries):
-        if layout.lengths[sid] >= 4:
-            most = max(most, struct.unpack_from("<I", data, layout.offsets[sid])[0])
-    return most
+    return max((patch.count(memoryview(data)[layout.offsets[sid] : layout.offsets[sid] + layout.lengths[sid]])
+                for sid in range(h.n_substreams, h.n_entries)), default=0)
 
 
 def inspect(data: bytes | memoryview, *, limits: DecodeLimits | None = None) -> StreamInfo:

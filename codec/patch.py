@@ -53,12 +53,16 @@ def entry_bytes(n: int, heads: int, dim: int) -> int:
     return 0 if n == 0 else 4 + 4 * n + 4 * heads + (heads * n * dim + 1) // 2
 
 
+def count(view: memoryview) -> int:
+    """The tokens an entry says it patches (0 for an empty or too short one; unchecked)."""
+    return _U32.unpack_from(view)[0] if len(view) >= 4 else 0
+
+
 def side_bytes(view: memoryview, heads: int) -> int:
     """An entry's count, positions and steps (its side information; the rest is symbols)."""
     if len(view) < 4:
         return len(view)
-    n = _U32.unpack_from(view)[0]
-    return min(len(view), 4 + 4 * n + 4 * heads)
+    return min(len(view), 4 + 4 * count(view) + 4 * heads)
 
 
 def choose_tokens(pre_keys: torch.Tensor, sink: torch.Tensor, count: int, skip: int) -> np.ndarray:

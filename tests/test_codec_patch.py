@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -61,8 +62,6 @@ def test_high_patches_the_tokens_that_point_like_the_sink(prof, kv):
 
 
 def _unflagged(h: container.Header) -> container.Header:
-    from dataclasses import replace
-
     return replace(h, flags=h.flags & ~container.FLAG_PATCHED)
 
 
