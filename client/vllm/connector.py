@@ -59,6 +59,7 @@ class KVCodecConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        _log_like_vllm()
         settings = ConnectorSettings.from_extra_config(
             self._kv_transfer_config.kv_connector_extra_config)
         layout = engine_layout(vllm_config, settings)
@@ -148,3 +149,17 @@ class KVCodecConnector(KVConnectorBase_V1):
             self._worker.close()
         if self._scheduler is not None:
             self._scheduler.close()
+
+
+def _log_like_vllm() -> None:
+    """Send kvcodec's connector logs through vLLM's handlers (same format and level)."""
+    from vllm.logger import init_logger
+
+    ours = logging.getLogger("kvcodec.vllm")
+    if ours.handlers:
+        return
+    theirs = init_logger("vllm")
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.getEffectiveLevel())
+    ours.propagate = not theirs.handlers

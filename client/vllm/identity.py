@@ -78,6 +78,11 @@ def engine_layout(vllm_config: Any, settings: ConnectorSettings) -> ModelLayout:
         auto_name, auto_fp = _model_identity(str(mc.model), mc.hf_config)
         name, fingerprint = name or auto_name, fingerprint or auto_fp
     parallel = vllm_config.parallel_config
+    for field in ("tensor_parallel_size", "pipeline_parallel_size"):
+        size = int(getattr(parallel, field, 1) or 1)
+        if size != 1:
+            raise ConnectorConfigError(f"{field}: {size}; KVCodecConnector stores whole-model "
+                                       "chunks and supports one worker per engine (1)")
     layers = int(mc.get_num_layers(parallel))
     kv_heads = int(mc.get_num_kv_heads(parallel))
     head_dim = int(mc.get_head_size())

@@ -174,6 +174,8 @@ class SchedulerSide:
         result = ctl.plan(inputs, self.estimates.measurements(), self.settings.floor,
                           allow_blend=False)
         self.last_plan = result
+        log.info("kvcodec: %d of %d chunks stored; %s", len(inputs),
+                 len(tracked.prompt) // CHUNK_TOKENS, result.explanation)
         keys: list[ChunkKey] = []
         for decision in result.decisions:
             if decision.action != ctl.LOAD_KV:
