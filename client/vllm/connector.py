@@ -77,6 +77,7 @@ class KVCodecConnector(KVConnectorBase_V1):
         else:
             from kvcodec.client.vllm.worker import WorkerSide
 
+            _quiet_thread_warnings()
             self._worker = WorkerSide(settings, layout, vllm_config.cache_config.block_size)
 
     # ---------------------------------------------------------- scheduler
@@ -102,6 +103,11 @@ class KVCodecConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------- worker
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            self._worker.start_step()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -163,3 +169,10 @@ def _log_like_vllm() -> None:
         ours.addHandler(handler)
     ours.setLevel(theirs.getEffectiveLevel())
     ours.propagate = not theirs.handlers
+
+
+def _quiet_thread_warnings() -> None:
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a warning; the codec asks
+    for one thread around each encode and decode, so the warning would repeat per chunk."""
+    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+        lambda record: "torch.set_num_threads" not in record.getMessage())

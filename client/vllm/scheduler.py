@@ -47,6 +47,7 @@ class Tracked:
     block_ids: list[int] = field(default_factory=list)
     next_save: int = 0
     save_keys: list[ChunkKey] | None = None
+    counted: bool = False
 
     @property
     def stored_chunks(self) -> int:
@@ -186,16 +187,21 @@ class SchedulerSide:
     def after_alloc(self, request: Any, num_external: int) -> None:
         """vLLM's update_state_after_alloc: remember the load to hand to the workers."""
         tracked = self._requests.get(request.request_id)
-        if num_external <= 0 or tracked is None or tracked.decision is None:
+        if tracked is None:
             return
-        start, keys = tracked.decision
-        stop = start + num_external
-        first, last = start // CHUNK_TOKENS, (stop - 1) // CHUNK_TOKENS
-        wanted = [k for k in keys if first <= k.index <= last]
-        self._allocated[request.request_id] = LoadItem(request.request_id, wanted, start, stop, [])
+        wanted: list[ChunkKey] = []
+        if num_external > 0 and tracked.decision is not None:
+            start, keys = tracked.decision
+            stop = start + num_external
+            first, last = start // CHUNK_TOKENS, (stop - 1) // CHUNK_TOKENS
+            wanted = [k for k in keys if first <= k.index <= last]
+            self._allocated[request.request_id] = LoadItem(request.request_id, wanted, start,
+                                                           stop, [])
         tracked.decision = None
-        self._counts["decided_load_chunks"] += len(wanted)
-        self._counts["decided_recompute_chunks"] += tracked.stored_chunks - len(wanted) - first
+        if not tracked.counted and tracked.present is not None:
+            tracked.counted = True
+            self._counts["decided_load_chunks"] += len(wanted)
+            self._counts["decided_recompute_chunks"] += max(tracked.stored_chunks - len(wanted), 0)
 
     # -------------------------------------------------------------- steps
     def build(self, so: Any) -> StepMetadata:
@@ -259,6 +265,10 @@ class SchedulerSide:
         self._allocated.pop(req_id, None)
         if tracked is not None and tracked.lookup is not None:
             tracked.lookup.cancel()
+
+    def counts(self) -> dict[str, int]:
+        """Counters not yet reported to the workers (lookups, hits, errors, decisions)."""
+        return dict(self._counts)
 
     def observe(self, measured: WorkerMeasurements | None) -> None:
         """Fold the workers' measurements into the controller's estimates."""

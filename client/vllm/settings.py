@@ -13,9 +13,12 @@ Every field is optional::
      "model_name": "...", "model_fingerprint": "...", "tokenizer": "...",  # key identity overrides
      "save": true, "load": true,
      "save_queue_chunks": 64,               # encode queue bound; beyond it chunks are dropped
-     "lookup_timeout_s": 2.0, "load_timeout_s": 30.0,
+     "lookup_timeout_s": 2.0, "load_timeout_s": 10.0,
      "prefill_tokens_per_s": 0, "bandwidth_bytes_per_s": 0}   # starting estimates (0 = measure)
 
+``lookup_timeout_s`` bounds how long a request waits for its lookup (then it is a
+miss); ``load_timeout_s`` is the deadline of each call to the cache server (a store's
+own timeouts come from its URL, e.g. ``redis://…?timeout_s=1&max_attempts=2``).
 Chunks are always 256 tokens and keys are chained prefix keys, as ``kvcodec store
 put`` and the Python client derive them.
 """
@@ -65,7 +68,7 @@ class ConnectorSettings:
     load: bool = True
     save_queue_chunks: int = 64
     lookup_timeout_s: float = 2.0
-    load_timeout_s: float = 30.0
+    load_timeout_s: float = 10.0
     prefill_tokens_per_s: float = 0.0
     bandwidth_bytes_per_s: float = 0.0
 

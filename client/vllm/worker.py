@@ -62,7 +62,7 @@ class WorkerSide:
         self.measured = WorkerMeasurements()
         self._gathered: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._sinks: dict[int, dict[int, torch.Tensor]] = {}
-        self._forward_start = 0.0
+        self._step_start = self._step_load_seconds = 0.0
         self._logged: set[str] = set()
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -91,8 +91,9 @@ class WorkerSide:
         for item in meta.loads:
             t0 = time.perf_counter()
             self._load_item(item)
-            self.load_seconds.append(time.perf_counter() - t0)
-        self._forward_start = time.perf_counter()
+            spent = time.perf_counter() - t0
+            self.load_seconds.append(spent)
+            self._step_load_seconds += spent
 
     def _load_item(self, item: LoadItem) -> None:
         t0 = time.perf_counter()
@@ -180,12 +181,20 @@ class WorkerSide:
                                                                    self.block_size, 0, 1))
                 self._sinks.setdefault(n, {})[index] = sink_keys[:, 0]
 
+    def start_step(self) -> None:
+        """The engine bound this step's metadata: its forward pass (and loads) start now."""
+        self._step_start, self._step_load_seconds = time.perf_counter(), 0.0
+
     def finish_step(self, meta: StepMetadata) -> None:
-        """Hand finished chunks to the saver; time the step for the prefill speed."""
-        if self._forward_start and meta.scheduled_tokens >= CHUNK_TOKENS:
-            self.measured.prefill_tokens += meta.scheduled_tokens
-            self.measured.prefill_seconds += time.perf_counter() - self._forward_start
-        self._forward_start = 0.0
+        """Hand finished chunks to the saver; time the step's forward pass for the prefill speed
+        (vLLM starts loads before the forward pass when there are any, else after it: the
+        step's time less its loads is the forward pass either way)."""
+        if self._step_start and meta.scheduled_tokens >= CHUNK_TOKENS:
+            forward = time.perf_counter() - self._step_start - self._step_load_seconds
+            if forward > 0:
+                self.measured.prefill_tokens += meta.scheduled_tokens
+                self.measured.prefill_seconds += forward
+        self._step_start = 0.0
         gathered, self._gathered = self._gathered, {}
         sinks, self._sinks = self._sinks, {}
         for n, item in enumerate(meta.saves):
