@@ -73,10 +73,31 @@ def engine_process(name: str, model: str, extra: dict, prompts: list[str], out: 
         text = llm.generate([prompt], answer, use_tqdm=False)[0].outputs[0].text
         out.put({"engine": name, "prompt_tokens": len(first.prompt_token_ids),
                  "cached": first.num_cached_tokens or 0, "ttft_s": ttft, "answer": text.strip()})
+        wait_saved(llm, extra, list(first.prompt_token_ids))
     out.put({"engine": name, "done": True})
 
 
-def run_engine(name: str, model: str, extra: dict, prompts: list[str], wait_s: float) -> None:
+def wait_saved(llm, extra: dict, token_ids: list[int], timeout_s: float = 300.0) -> None:
+    """Wait until the server holds every full chunk of a prompt (the engine saves in the
+    background; an engine that exits first would lose what was still queued)."""
+    from kvcodec.client.vllm.backend import ServerBackend
+    from kvcodec.client.vllm.identity import chunk_keys, engine_layout
+    from kvcodec.client.vllm.settings import ConnectorSettings
+
+    settings = ConnectorSettings.from_extra_config(extra)
+    layout = engine_layout(llm.llm_engine.vllm_config, settings)
+    keys = chunk_keys(layout, settings.level, "", token_ids)
+    server = ServerBackend(settings, layout)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(size is None for size in server.sizes(keys)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        server.close()
+
+
+def run_engine(name: str, model: str, extra: dict, prompts: list[str]) -> None:
+    """Run one engine process to the end, printing what it reports."""
     queue: mp.Queue = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=engine_process,
                                            args=(name, model, extra, prompts, queue))
@@ -88,7 +109,6 @@ def run_engine(name: str, model: str, extra: dict, prompts: list[str], wait_s: f
         print(f"engine {msg['engine']}: {msg['prompt_tokens']} prompt tokens, "
               f"{msg['cached']} from the cache, TTFT {msg['ttft_s'] * 1e3:.0f} ms\n"
               f"  -> {msg['answer']}")
-    time.sleep(wait_s)  # let the engine's background saver finish before it exits
     proc.join()
 
 
@@ -120,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cache server {args.server}; context of {len(context)} characters shared by "
           f"{len(prompts)} questions; level {args.level}")
     try:
-        run_engine("A", model, extra, prompts[:1], wait_s=10.0)
-        run_engine("B", model, extra, prompts[1:], wait_s=0.0)
+        run_engine("A", model, extra, prompts[:1])
+        run_engine("B", model, extra, prompts[1:])
     finally:
         if server is not None:
             stats = server.store.stats()

@@ -66,7 +66,8 @@ def test_keys_equal_the_store_cli_and_the_client(engine, tmp_path: Path) -> None
     layout = engine_layout()
     kv = torch.randn(2, 30, 3, len(ids), 64).bfloat16()
     path = tmp_path / "kv.safetensors"
-    write_kv(path, kv[0], kv[1], model=layout.model, first_position=0, token_ids=ids)
+    write_kv(path, kv[0], kv[1], model=layout.model, first_position=0, token_ids=ids,
+             extra={"model_fingerprint": layout.model_fingerprint})
     out = io.StringIO()
     with redirect_stdout(out):
         code = main(["store", "--url", str(tmp_path / "cli-store"), "put", str(path), "--level",
