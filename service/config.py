@@ -213,8 +213,8 @@ def check_tokens(tokens: Mapping[str, str], admin_tokens: list[str]) -> None:
         if problem is not None:
             raise ConfigError(f"auth.admin_tokens[{i}]: the token {problem}")
         if token in tokens:
-            raise ConfigError(f"auth.admin_tokens[{i}]: the token is also tenant "
-                              f"{tokens[token]!r}'s; an admin token must be its own")
+            raise ConfigError(f"auth.admin_tokens[{i}]: the token is also the token of tenant "
+                              f"{tokens[token]!r}; an admin token must be its own")
 
 
 def read_tokens_file(path: str | os.PathLike[str]) -> dict[str, str]:

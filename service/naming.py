@@ -107,8 +107,8 @@ def tenant_name_problem(name: object) -> str | None:
         return f"{name[:40]!r}… is {size} bytes, at most {MAX_TENANT_BYTES}"
     bad = next((c for c in name if not c.isprintable() or c.isspace()), None)
     if bad is not None:
-        return f"{name!r} contains {unicodedata.name(bad, f'U+{ord(bad):04X}')} (control, format " \
-               "or whitespace characters are not allowed)"
+        what = " ".join(filter(None, (f"U+{ord(bad):04X}", unicodedata.name(bad, ""))))
+        return f"{name!r} contains {what} (control, format or whitespace characters are not allowed)"
     if not unicodedata.is_normalized("NFC", name):
         return f"{name!r} is not in Unicode NFC form (write {unicodedata.normalize('NFC', name)!r})"
     return None

@@ -181,7 +181,7 @@ class CacheServer:
             threading.Thread(target=self._calibrate, name="kvcodec-calibrate", daemon=True).start()
         log.info("serving", extra={"address": self.address, "tls": bool(self.config.tls_cert),
                                    "auth": self.authenticator.enabled,
-                                   "store": self.store.stats().get("backend")})
+                                   "store": getattr(self.store, "scheme", "unknown")})
         return self
 
     def stop(self, grace: float | None = None) -> None:
