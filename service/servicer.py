@@ -428,7 +428,8 @@ class KVCacheServicer(pb_grpc.KVCacheServicer):
             self.bandwidth.observe_rate(who, prof.bandwidth_bytes_per_s)
         m = request.context.model
         decode = {**ctl.DEFAULT_DECODE_ELEMENTS_PER_S, **self.decode_speeds,
-                  **{k: v for k, v in prof.decode_elements_per_s.items() if v > 0}}
+                  **{k: v for k, v in prof.decode_elements_per_s.items()
+                     if k in ctl.DEFAULT_DECODE_ELEMENTS_PER_S and v > 0}}
         return ctl.Measurements(
             bandwidth_bytes_per_s=self.bandwidth.estimate(who),
             prefill_tokens_per_s=prof.prefill_tokens_per_s or self.config.default_prefill_tokens_per_s,

@@ -83,6 +83,24 @@ def test_salt_narrows_a_namespace_and_never_widens_it(start_server):
         assert all(r.created for r in a.put_kv(ctx, *toy_kv(ctx, 32), level="high"))
 
 
+def test_async_client_salts_too(start_server):
+    import asyncio
+
+    from kvcodec.client.grpc_client import AsyncCacheClient
+
+    server = start_server("memory", auth_tokens=TOKENS)
+    ctx = toy_context(tokens=32, chunk_tokens=32, seed=33)
+
+    async def run():
+        async with AsyncCacheClient(server.address, token="token-a") as a:
+            await a.salted("user-1").put_kv(ctx, *toy_kv(ctx, 33), level="high")
+            hit = await a.salted("user-1").lookup(ctx, levels=["high"])
+            miss = await a.lookup(ctx, levels=["high"])
+            return hit.chunks[0].levels[0].present, miss.chunks[0].levels[0].present
+
+    assert asyncio.run(run()) == (True, False)
+
+
 def test_salt_over_the_limit_or_not_utf8_is_refused_naming_the_header(start_server):
     server = start_server("memory")
     ctx = toy_context(tokens=32, chunk_tokens=32)
