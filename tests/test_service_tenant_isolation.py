@@ -168,3 +168,21 @@ def test_check_salt_refuses_bytes_that_are_not_utf8():
     assert salt_from_header(None) == "" and salt_from_header(b"caf\xc3\xa9") == "café"
     with pytest.raises(RequestRejected, match="not UTF-8"):
         salt_from_header(b"\xc3")
+
+
+def test_client_cli_salt(start_server, tmp_path, capsys):
+    from kvcodec.cli import main
+    from kvcodec.codec.kvfile import write_kv
+
+    server = start_server("memory")
+    ctx = toy_context(tokens=64, chunk_tokens=32, seed=34)
+    kvfile = tmp_path / "doc.safetensors"
+    write_kv(kvfile, *toy_kv(ctx, 34), model=ctx.layout.model, token_ids=list(ctx.token_ids))
+    common = [str(kvfile), "--level", "high", "--chunk-tokens", "32", "--fingerprint",
+              ctx.layout.model_fingerprint, "--tokenizer", ctx.layout.tokenizer]
+    client = ["client", "--server", server.address]
+    assert main([*client, "--salt", "user-1", "put", *common]) == 0
+    assert main([*client, "get", *common]) == 1  # another namespace: a miss
+    assert main([*client, "--salt", "user-2", "get", *common]) == 1
+    assert main([*client, "--salt", "user-1", "get", *common]) == 0
+    assert "chunks [0, 1] missing" in capsys.readouterr().err
