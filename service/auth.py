@@ -68,10 +68,18 @@ class TokenAuthenticator:
     Args:
         tokens: token -> tenant. Empty = auth off.
         admin_tokens: tokens that may read store-wide Stats.
+
+    Raises:
+        ConfigError: an empty, odd or ambiguous tenant name or an unusable token (checked
+            here too, so a server built from an unvalidated config refuses them as well).
     """
 
     def __init__(self, tokens: Mapping[str, str] | None = None,
                  admin_tokens: Iterable[str] = ()) -> None:
+        from kvcodec.service.config import check_tokens
+
+        admin_tokens = list(admin_tokens)
+        check_tokens(dict(tokens or {}), admin_tokens)
         self._tenants = {_digest(t): tenant for t, tenant in (tokens or {}).items()}
         self._admins = {_digest(t) for t in admin_tokens}
 

@@ -115,3 +115,14 @@ def test_serve_refuses_an_empty_tenant_with_exit_2(tmp_path, capsys):
     assert main(["serve", "--config", path, "--max-chunks-per-request", "10"]) == 2
     err = capsys.readouterr().err
     assert "auth.tokens: tenant empty" in err and SECRET not in err
+
+
+def test_a_server_built_from_an_unvalidated_config_refuses_them_too():
+    from kvcodec.service.config import ServerConfig
+    from kvcodec.service.server import CacheServer, open_server_store
+
+    for tokens in ({SECRET: ""}, {"t1": "café", "t2": "cafe\u0301"}):
+        config = ServerConfig(listen="127.0.0.1:0", calibrate=False, auth_tokens=tokens)
+        with pytest.raises(ConfigError, match="auth.tokens: tenant") as info:
+            CacheServer(config, open_server_store("memory://"))
+        assert SECRET not in str(info.value)
