@@ -32,6 +32,8 @@ import hashlib
 import json
 import re
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,6 +59,7 @@ CHUNK_DOMAIN = b"kvcodec.key.chunk\x00"
 MODE_CODES = {"prefix": 1, "position_free": 2}
 ZERO_DIGEST = bytes(32)
 MAX_TOKEN_ID = 2**32 - 1
+_U32 = next(code for code in "IL" if array(code).itemsize == 4)  # array typecode of a u32
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 _DTYPES = {
     "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16",
@@ -114,11 +117,17 @@ def _str_field(value: str) -> bytes:
 
 
 def _tokens_field(token_ids: Sequence[int]) -> bytes:
-    ids = [int(t) for t in token_ids]
-    for i, t in enumerate(ids):
-        if not 0 <= t <= MAX_TOKEN_ID:
-            raise ValueError(f"token_ids[{i}]: {t} outside 0..{MAX_TOKEN_ID}")
-    return struct.pack(f"<Q{len(ids)}I", len(ids), *ids)
+    try:  # C-speed conversion and range check (array refuses values outside 0..2^32-1)
+        packed = array(_U32, token_ids)
+    except (OverflowError, TypeError):
+        ids = [int(t) for t in token_ids]  # ints in disguise (3.0, numpy scalars) or an error
+        for i, t in enumerate(ids):
+            if not 0 <= t <= MAX_TOKEN_ID:
+                raise ValueError(f"token_ids[{i}]: {t} outside 0..{MAX_TOKEN_ID}") from None
+        packed = array(_U32, ids)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return struct.pack("<Q", len(packed)) + packed.tobytes()
 
 
 def chunk_token_ids(
