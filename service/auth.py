@@ -55,10 +55,23 @@ class Caller:
         return self.namespace.label
 
 
+SINGLE_HEADERS = ("authorization", TENANT_HEADER, SALT_HEADER)
+
+
 def _headers(metadata: Any) -> dict[str, Any]:
+    """Metadata as a dict; a header that decides the namespace may appear only once.
+
+    Raises:
+        AuthError: two ``authorization`` headers.
+        RequestRejected: two tenant or salt headers.
+    """
     headers: dict[str, Any] = {}
     for item in metadata or ():
-        headers[item[0].lower()] = item[1]
+        name = item[0].lower()
+        if name in headers and name in SINGLE_HEADERS:
+            kind = AuthError if name == "authorization" else RequestRejected
+            raise kind(f"{name}: sent more than once; which one applies would be a guess")
+        headers[name] = item[1]
     return headers
 
 

@@ -116,6 +116,24 @@ def test_salt_over_the_limit_or_not_utf8_is_refused_naming_the_header(start_serv
             client.salted("x" * 2000)
 
 
+def test_headers_that_decide_the_namespace_may_not_repeat(start_server):
+    server = start_server("memory", auth_tokens=TOKENS)
+    request = pb.LookupRequest(context=toy_context().to_proto())
+    cases = [((("authorization", "Bearer token-a"), ("authorization", "Bearer token-b")),
+              grpc.StatusCode.UNAUTHENTICATED, "authorization: sent more than once"),
+             ((("authorization", "Bearer token-a"), ("x-kvcodec-salt-bin", b"1"),
+               ("x-kvcodec-salt-bin", b"2")),
+              grpc.StatusCode.INVALID_ARGUMENT, "x-kvcodec-salt-bin: sent more than once"),
+             ((("authorization", "Bearer token-a"), ("x-kvcodec-tenant", "team-b"),
+               ("x-kvcodec-tenant", "team-a")),
+              grpc.StatusCode.INVALID_ARGUMENT, "x-kvcodec-tenant: sent more than once")]
+    with CacheClient(server.address, retries=0) as client:
+        for metadata, code, message in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                client.stub.Lookup(request, timeout=10, metadata=metadata)
+            assert info.value.code() == code and info.value.details().startswith(message)
+
+
 def test_tenant_header_without_auth_is_refused_not_ignored(start_server):
     server = start_server("memory")
     with CacheClient(server.address, tenant="team-a", retries=0) as client:
