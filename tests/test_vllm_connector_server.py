@@ -77,14 +77,14 @@ def test_repeated_prompt_is_served_through_the_cache_server(engine, server_view)
 
 
 def test_chunk_tampered_in_redis_is_recomputed(engine, server_view, redis) -> None:
-    from kvcodec.service.naming import store_key
+    from kvcodec.service.naming import Namespace, store_key
 
     ids = prompt_ids(engine, "Apache-2.0", 800)
     cold, _ = run(engine, ids)
     keys = _keys(ids)
     wait_stored(server_view, keys)
     client = redis.client()
-    name = next(n for n in client.scan_iter(match=f"*{store_key(TENANT, keys[1].hex)}"))
+    name = next(n for n in client.scan_iter(match=f"*{store_key(Namespace(TENANT), keys[1].hex)}"))
     length = client.strlen(name)
     client.setrange(name, length // 2, b"\xff\x00\xff")
     warm, cached = run(engine, ids)

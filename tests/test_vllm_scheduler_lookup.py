@@ -33,10 +33,10 @@ class CountingBackend(StoreBackend):
         super().__init__(url)
         self.calls, self.delay_s = 0, delay_s
 
-    def sizes(self, keys):
+    def sizes(self, keys, salt=""):
         self.calls += 1
         time.sleep(self.delay_s)
-        return super().sizes(keys)
+        return super().sizes(keys, salt)
 
 
 def _request(req_id: str, salt: str | None = None):
@@ -46,13 +46,14 @@ def _request(req_id: str, salt: str | None = None):
     return Request(req_id, list(PROMPT), SamplingParams(max_tokens=1), None, cache_salt=salt)
 
 
-def _store_chunks(backend: StoreBackend, count: int, tenant: str = "") -> None:
+def _store_chunks(backend, count: int, salt: str = "") -> None:
     from kvcodec.codec import encode
 
-    for key in chunk_keys(LAYOUT, "balanced", tenant, PROMPT)[:count]:
+    for key in chunk_keys(LAYOUT, "balanced", backend.key_tenant(salt), PROMPT)[:count]:
         kv = torch.randn(2, 2, 1, 256, 16).bfloat16()
         backend.save(key, encode(kv[0], kv[1], level="balanced", model="toy",
-                                 first_position=key.token_start), PROMPT[: key.token_start + 256])
+                                 first_position=key.token_start), PROMPT[: key.token_start + 256],
+                     salt)
 
 
 def _matched(side: SchedulerSide, request, num_computed: int = 0, timeout_s: float = 30.0):
@@ -82,7 +83,7 @@ def test_one_batched_lookup_per_request_then_the_stored_prefix_is_matched(tmp_pa
 
 def test_salted_requests_look_in_their_own_namespace(tmp_path: Path) -> None:
     backend = StoreBackend(str(tmp_path))
-    _store_chunks(backend, 3, tenant="alice")
+    _store_chunks(backend, 3, salt="alice")
     side = SchedulerSide(ConnectorSettings(controller=False), LAYOUT, backend)
     assert _matched(side, _request("a1", "alice")) == 768
     assert _matched(side, _request("b1", "bob")) == 0
@@ -121,3 +122,18 @@ def test_unreachable_or_slow_store_is_a_miss(tmp_path: Path) -> None:
     t0 = time.monotonic()
     assert _matched(side, _request("slow")) == 0
     assert time.monotonic() - t0 < 2.5, "a slow lookup must not hold the request past its timeout"
+
+
+def test_salts_through_the_cache_server_stay_apart(start_server) -> None:
+    from kvcodec.client.vllm.backend import ServerBackend
+
+    server = start_server("local", auth_tokens={"tok": "team"})
+    backend = ServerBackend(ConnectorSettings(server=server.address, token="tok"), LAYOUT)
+    try:
+        _store_chunks(backend, 3, salt="alice")
+        side = SchedulerSide(ConnectorSettings(controller=False), LAYOUT, backend)
+        assert _matched(side, _request("a1", "alice")) == 768
+        assert _matched(side, _request("b1", "bob")) == 0
+        assert _matched(side, _request("p1")) == 0
+    finally:
+        backend.close()

@@ -8,7 +8,11 @@ scheduler makes one call per request and the worker one per load:
   ``redis+cluster://``, ``s3://``, tiers) opened in the engine process; a
   request's ``cache_salt`` is the store's tenant (its own namespace and keys).
 * :class:`ServerBackend` — ``kvcodec serve`` through :class:`CacheClient`
-  (TLS, bearer token); the server maps every key into the token's tenant.
+  (TLS, bearer token); the server maps every key into the namespace
+  ``(token's tenant, salt)``, the salt travelling with each call.
+
+Keys name the salt as :meth:`ChunkBackend.key_tenant` says: the tenant of an
+embedded store's keys, nothing on the server (whose namespaces do it).
 
 Errors of either (store, gRPC, OS) surface as themselves; the connector turns
 each into a miss or a recompute.
@@ -32,18 +36,19 @@ MAX_TENANT_HANDLES = 16
 class ChunkBackend:
     """What the connector needs of a place that keeps chunks."""
 
-    #: whether a request's cache_salt can select a namespace here
-    supports_salt = True
+    def key_tenant(self, salt: str) -> str:
+        """The tenant a request's keys are derived with (its salt, on an embedded store)."""
+        return salt
 
-    def sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+    def sizes(self, keys: Sequence[ChunkKey], salt: str = "") -> list[int | None]:
         """Stored size of each key's entry in one batch (None = absent, 0 = present, size unknown)."""
         raise NotImplementedError
 
-    def fetch(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+    def fetch(self, keys: Sequence[ChunkKey], salt: str = "") -> list[bytes | None]:
         """Verified streams in one batch (None = missing or bad)."""
         raise NotImplementedError
 
-    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int]) -> bool:
+    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int], salt: str = "") -> bool:
         """Store one chunk (create-only); ``token_ids`` runs from the prompt's start to the
         chunk's end. Returns True if written."""
         raise NotImplementedError
@@ -88,18 +93,14 @@ class StoreBackend(ChunkBackend):
                 old.close()
         return handle
 
-    def sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
-        if not keys:
-            return []
-        return self._store(keys[0].tenant).sizes(list(keys))
+    def sizes(self, keys: Sequence[ChunkKey], salt: str = "") -> list[int | None]:
+        return self._store(salt).sizes(list(keys)) if keys else []
 
-    def fetch(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
-        if not keys:
-            return []
-        return self._store(keys[0].tenant).get_many(list(keys))
+    def fetch(self, keys: Sequence[ChunkKey], salt: str = "") -> list[bytes | None]:
+        return self._store(salt).get_many(list(keys)) if keys else []
 
-    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int]) -> bool:
-        return bool(self._store(key.tenant).put(key, blob))
+    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int], salt: str = "") -> bool:
+        return bool(self._store(salt).put(key, blob))
 
     def describe(self) -> str:
         return f"store {self._handles[''].scheme}:{self.url or '(default local store)'}"
@@ -114,12 +115,9 @@ class StoreBackend(ChunkBackend):
 class ServerBackend(ChunkBackend):
     """A kvcodec cache server (``kvcodec serve``).
 
-    The server names chunks in the bearer token's tenant; a request's salt
-    cannot select a namespace through it, so salted requests are neither looked
-    up nor saved here (they stay isolated by recomputing).
+    Keys are the client's (no tenant); the server maps them into the namespace of
+    the bearer token's tenant narrowed by the request's salt (a header on every call).
     """
-
-    supports_salt = False
 
     def __init__(self, settings: ConnectorSettings, layout: ModelLayout) -> None:
         from kvcodec.client.grpc_client import CacheClient
@@ -134,33 +132,39 @@ class ServerBackend(ChunkBackend):
             server_name=settings.server_name or None, timeout_s=settings.load_timeout_s,
             retries=1)
 
-    def sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+    def key_tenant(self, salt: str) -> str:
+        return ""
+
+    def _client(self, salt: str) -> Any:
+        return self.client.salted(salt) if salt else self.client
+
+    def sizes(self, keys: Sequence[ChunkKey], salt: str = "") -> list[int | None]:
         if not keys:
             return []
-        resp = self.client.lookup(keys=[k.hex for k in keys])
+        resp = self._client(salt).lookup(keys=[k.hex for k in keys])
         out: list[int | None] = []
         for status in resp.chunks:
             entry = status.levels[0] if status.levels else None
             out.append(entry.size_bytes if entry is not None and entry.present else None)
         return out
 
-    def fetch(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+    def fetch(self, keys: Sequence[ChunkKey], salt: str = "") -> list[bytes | None]:
         from kvcodec.proto import kvcodec_pb2 as pb
 
         refs = [pb.ChunkRef(key=k.hex, index=k.index, level=k.spec.codec_profile if k.spec else "")
                 for k in keys]
         blobs: list[bytes | None] = [None] * len(keys)
-        for chunk in self.client.get_chunks(refs):
+        for chunk in self._client(salt).get_chunks(refs):
             if chunk.blob is not None and _bound(keys[chunk.position], chunk.blob):
                 blobs[chunk.position] = chunk.blob
         return blobs
 
-    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int]) -> bool:
+    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int], salt: str = "") -> bool:
         from kvcodec.client.grpc_messages import CacheContext
 
         ctx = CacheContext(self.layout, list(token_ids), CHUNK_TOKENS)
         level = key.spec.codec_profile if key.spec else "balanced"
-        results = self.client.put_chunks(ctx, [(key.index, level, blob)])
+        results = self._client(salt).put_chunks(ctx, [(key.index, level, blob)])
         return bool(results and results[0].created)
 
     def describe(self) -> str:
@@ -176,7 +180,6 @@ class LazyBackend(ChunkBackend):
 
     def __init__(self, settings: ConnectorSettings, layout: ModelLayout, retry_s: float = 5.0) -> None:
         self.settings, self.layout, self.retry_s = settings, layout, retry_s
-        self.supports_salt = not settings.server
         self._inner: ChunkBackend | None = None
         self._failed_at = 0.0
         self._lock = threading.Lock()
@@ -200,14 +203,17 @@ class LazyBackend(ChunkBackend):
     def _where(self) -> str:
         return self.settings.server or self.settings.store or "default local store"
 
-    def sizes(self, keys: Sequence[ChunkKey]) -> list[int | None]:
-        return self._get().sizes(keys)
+    def key_tenant(self, salt: str) -> str:
+        return "" if self.settings.server else salt
 
-    def fetch(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
-        return self._get().fetch(keys)
+    def sizes(self, keys: Sequence[ChunkKey], salt: str = "") -> list[int | None]:
+        return self._get().sizes(keys, salt)
 
-    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int]) -> bool:
-        return self._get().save(key, blob, token_ids)
+    def fetch(self, keys: Sequence[ChunkKey], salt: str = "") -> list[bytes | None]:
+        return self._get().fetch(keys, salt)
+
+    def save(self, key: ChunkKey, blob: bytes, token_ids: Sequence[int], salt: str = "") -> bool:
+        return self._get().save(key, blob, token_ids, salt)
 
     def describe(self) -> str:
         return self._inner.describe() if self._inner is not None else self._where()
@@ -227,7 +233,7 @@ def _bound(key: ChunkKey, blob: bytes) -> bool:
     from kvcodec.store.errors import IntegrityError
 
     try:
-        check_binding(key, inspect(blob), key.tenant)
+        check_binding(key, inspect(blob), key.tenant)  # server keys carry no tenant
     except (IntegrityError, KVCodecError):
         return False
     return True

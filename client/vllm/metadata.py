@@ -26,6 +26,7 @@ class LoadItem:
         start / stop: tokens ``start .. stop-1`` of the request are written (the
             engine already holds ``0 .. start-1``; ``stop`` may end inside the last chunk).
         block_ids: the request's blocks.
+        salt: the request's cache_salt ("" for none).
     """
 
     req_id: str
@@ -33,6 +34,7 @@ class LoadItem:
     start: int
     stop: int
     block_ids: list[int]
+    salt: str = ""
 
 
 @dataclass
@@ -44,12 +46,14 @@ class SaveItem:
         key: the chunk's key at the save level.
         block_ids: the request's blocks (covering the chunk).
         token_ids: the prompt from its start to the chunk's end.
+        salt: the request's cache_salt ("" for none).
     """
 
     req_id: str
     key: ChunkKey
     block_ids: list[int]
     token_ids: list[int]
+    salt: str = ""
 
 
 @dataclass

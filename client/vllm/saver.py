@@ -37,6 +37,7 @@ class SaveJob:
         token_ids: the prompt from its first token to the chunk's end.
         sink_keys: ``[layers, kv_heads, head_dim]`` keys of the prompt's first token
             (the attention sink, for the codec's patches), None for the first chunk.
+        salt: the request's cache_salt ("" for none).
     """
 
     key: ChunkKey
@@ -44,6 +45,7 @@ class SaveJob:
     values: torch.Tensor
     token_ids: list[int]
     sink_keys: torch.Tensor | None = None
+    salt: str = ""
 
 
 class AsyncSaver:

@@ -38,8 +38,7 @@ class Tracked:
     """What the scheduler keeps per request."""
 
     prompt: list[int]
-    tenant: str
-    cacheable: bool
+    salt: str
     lookup: Future | None = None
     lookup_started: float = 0.0
     present: list[dict[str, tuple[ChunkKey, int]]] | None = None
@@ -73,7 +72,6 @@ class SchedulerSide:
                  backend: ChunkBackend | None = None) -> None:
         self.settings, self.layout = settings, layout
         self._backend = backend
-        self._salt_ok = backend.supports_salt if backend is not None else not settings.server
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvcodec-lookup")
         self._requests: dict[str, Tracked] = {}
         self._allocated: dict[str, LoadItem] = {}
@@ -87,7 +85,7 @@ class SchedulerSide:
         """vLLM's get_num_new_matched_tokens: tokens to load beyond ``num_computed``,
         None while the lookup is still running."""
         tracked = self._track(request)
-        if not (self.settings.load and tracked.cacheable) or len(tracked.prompt) < CHUNK_TOKENS:
+        if not self.settings.load or len(tracked.prompt) < CHUNK_TOKENS:
             return 0, False
         if tracked.present is None:
             if not self._lookup_done(tracked):
@@ -102,12 +100,7 @@ class SchedulerSide:
         tracked = self._requests.get(request.request_id)
         if tracked is None:
             salt = getattr(request, "cache_salt", None) or ""
-            cacheable = not salt or self._salt_ok
-            if not cacheable:
-                self._once("salt", "kvcodec: requests with a cache_salt are neither loaded nor "
-                                   "saved through the cache server (its namespace is the token's "
-                                   "tenant); they are recomputed")
-            tracked = Tracked(list(request.prompt_token_ids or []), salt, cacheable)
+            tracked = Tracked(list(request.prompt_token_ids or []), salt)
             self._requests[request.request_id] = tracked
         return tracked
 
@@ -115,7 +108,7 @@ class SchedulerSide:
         """Start or poll the lookup; True once ``tracked.present`` is known."""
         if tracked.lookup is None:
             tracked.lookup_started = time.monotonic()
-            tracked.lookup = self._pool.submit(self._lookup, tracked.prompt, tracked.tenant)
+            tracked.lookup = self._pool.submit(self._lookup, tracked.prompt, tracked.salt)
             return False
         if not tracked.lookup.done():
             if time.monotonic() - tracked.lookup_started < self.settings.lookup_timeout_s:
@@ -143,12 +136,14 @@ class SchedulerSide:
             self._backend = open_backend(self.settings, self.layout)
         return self._backend
 
-    def _lookup(self, prompt: list[int], tenant: str) -> list[dict[str, tuple[ChunkKey, int]]]:
+    def _lookup(self, prompt: list[int], salt: str) -> list[dict[str, tuple[ChunkKey, int]]]:
         """Per full chunk: level -> (key, stored bytes) of the copies present. One batched call."""
+        backend = self.backend()
+        tenant = backend.key_tenant(salt)
         per_level = {lv: chunk_keys(self.layout, lv, tenant, prompt)
                      for lv in self.settings.levels_to_load}
         flat = [k for keys in per_level.values() for k in keys]
-        sizes = self.backend().sizes(flat)
+        sizes = backend.sizes(flat, salt)
         present: list[dict[str, tuple[ChunkKey, int]]] = [
             {} for _ in range(len(prompt) // CHUNK_TOKENS)]
         for key, size in zip(flat, sizes):
@@ -196,7 +191,7 @@ class SchedulerSide:
             first, last = start // CHUNK_TOKENS, (stop - 1) // CHUNK_TOKENS
             wanted = [k for k in keys if first <= k.index <= last]
             self._allocated[request.request_id] = LoadItem(request.request_id, wanted, start,
-                                                           stop, [])
+                                                           stop, [], tracked.salt)
         tracked.decision = None
         if not tracked.counted and tracked.present is not None:
             tracked.counted = True
@@ -241,22 +236,22 @@ class SchedulerSide:
 
     def _add_saves(self, meta: StepMetadata, req_id: str, tracked: Tracked, num_computed: int,
                    num_scheduled: int) -> None:
-        if not (self.settings.save and tracked.cacheable):
+        if not self.settings.save:
             return
         end = min(num_computed + num_scheduled, len(tracked.prompt))
         complete = end // CHUNK_TOKENS
         if complete <= tracked.next_save:
             return
         if tracked.save_keys is None:
-            tracked.save_keys = chunk_keys(self.layout, self.settings.level, tracked.tenant,
-                                           tracked.prompt)
+            tenant = self.backend().key_tenant(tracked.salt)
+            tracked.save_keys = chunk_keys(self.layout, self.settings.level, tenant, tracked.prompt)
         stored = tracked.stored_chunks
         for index in range(tracked.next_save, complete):
             if index < stored:
                 continue
             stop = (index + 1) * CHUNK_TOKENS
             meta.saves.append(SaveItem(req_id, tracked.save_keys[index], list(tracked.block_ids),
-                                       tracked.prompt[:stop]))
+                                       tracked.prompt[:stop], tracked.salt))
         tracked.next_save = complete
 
     def finished(self, req_id: str) -> None:

@@ -98,7 +98,7 @@ class WorkerSide:
     def _load_item(self, item: LoadItem) -> None:
         t0 = time.perf_counter()
         try:
-            blobs = self.backend.fetch(item.keys)
+            blobs = self.backend.fetch(item.keys, item.salt)
         except Exception as exc:  # unreachable or slow backend: recompute
             self.counts["chunks_unreachable"] += len(item.keys)
             self._once("fetch", f"kvcodec: fetching chunks failed ({type(exc).__name__}: {exc}); "
@@ -205,10 +205,11 @@ class WorkerSide:
             values = torch.stack([layers[i][1] for i in range(len(layers))])
             sink = sinks.get(n)
             sink_keys = torch.stack([sink[i] for i in range(len(layers))]) if sink else None
-            self.saver.submit(SaveJob(item.key, keys, values, item.token_ids, sink_keys))
+            self.saver.submit(SaveJob(item.key, keys, values, item.token_ids, sink_keys,
+                                      item.salt))
 
     def _store_chunk(self, job: SaveJob, blob: bytes) -> bool:
-        return self.backend.save(job.key, blob, job.token_ids)
+        return self.backend.save(job.key, blob, job.token_ids, job.salt)
 
     # ------------------------------------------------------------ reports
     def take_measurements(self) -> WorkerMeasurements | None:
