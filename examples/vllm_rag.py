@@ -73,6 +73,9 @@ def engine_process(name: str, model: str, extra: dict, prompts: list[str], out: 
         out.put({"engine": name, "prompt_tokens": len(first.prompt_token_ids),
                  "cached": first.num_cached_tokens or 0, "ttft_s": ttft, "answer": text.strip()})
         wait_saved(llm, extra, list(first.prompt_token_ids))
+    # stop the engine's own processes before this one exits: multiprocessing's exit handler
+    # would otherwise wait for them before vLLM's shutdown runs
+    llm.llm_engine.engine_core.shutdown()
     out.put({"engine": name, "done": True})
 
 
