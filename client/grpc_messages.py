@@ -48,9 +48,13 @@ class ModelLayout(StoreLayout):
 
     @classmethod
     def from_loaded(cls, loaded: Any, dtype: str = "float16") -> ModelLayout:
-        """From a :class:`kvcodec.client.model.LoadedModel` (fingerprint = weights + config)."""
-        tok = getattr(loaded.tokenizer, "name_or_path", "") or loaded.name
-        return cls(loaded.name, loaded.fingerprint, str(tok), loaded.num_layers,
+        """From a :class:`kvcodec.client.model.LoadedModel` (fingerprint = weights + config).
+
+        The tokenizer identity is the model name, as ``kvcodec store put`` and the vLLM
+        connector name it (the weights fingerprint covers the tokenizer files), so the
+        same tokens get the same keys on every machine whatever path the model sits at.
+        """
+        return cls(loaded.name, loaded.fingerprint, loaded.name, loaded.num_layers,
                    loaded.num_kv_heads, loaded.head_dim, dtype)
 
     def to_proto(self) -> pb.ModelSpec:

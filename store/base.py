@@ -181,6 +181,23 @@ class ChunkStore(abc.ABC):
         """Whether an entry exists (not verified; ``get`` verifies)."""
         return self._exists(check_key(key))
 
+    def sizes(self, keys: Sequence[KeyLike]) -> list[int | None]:
+        """Stored sizes of several entries in one batch (pipelined on Redis).
+
+        Not verified (``get`` verifies). Used to ask which chunks of a context
+        exist before deciding to load them.
+
+        Returns:
+            Per key: the entry's stored bytes, 0 when present but the backend
+            cannot tell the size cheaply, None when absent.
+
+        Raises:
+            InvalidKey: a key is not 64 lowercase hex digits.
+            StoreUnavailable: the backend did not answer.
+        """
+        hexes = [check_key(k) for k in keys]
+        return self._sizes(hexes) if hexes else []
+
     def delete(self, key: KeyLike) -> bool:
         """Remove an entry; True if one was there."""
         return self._remove(check_key(key))
@@ -317,6 +334,9 @@ class ChunkStore(abc.ABC):
     @abc.abstractmethod
     def _list(self) -> Iterator[str]:
         """This tenant's keys."""
+
+    def _sizes(self, hexes: Sequence[str]) -> list[int | None]:
+        return _parallel(lambda h: 0 if self._exists(h) else None, list(hexes))
 
     def _usage(self) -> dict[str, Any]:
         return {}

@@ -24,6 +24,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -208,6 +209,19 @@ class LocalChunkStore(ChunkStore):
 
     def _exists(self, hexkey: str) -> bool:
         return self._path(self._name(hexkey)).exists()
+
+    def _sizes(self, hexes: Sequence[str]) -> list[int | None]:
+        out: list[int | None] = []
+        for hexkey in hexes:
+            try:
+                info = os.stat(self._path(self._name(hexkey)))
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            except OSError as exc:
+                raise _map_os_error(exc, f"stat {hexkey[:12]}…") from None
+            out.append(info.st_size if stat.S_ISREG(info.st_mode) else None)
+        return out
 
     def _list(self) -> Iterator[str]:
         ns_dir = self._objects / self.namespace

@@ -133,6 +133,17 @@ class RedisChunkStore(ChunkStore):
         with _mapped("delete"):
             return bool(self._r.delete(self._name(hexkey)))
 
+    def _sizes(self, hexes: Sequence[str]) -> list[int | None]:
+        out: list[int | None] = []
+        with _mapped("sizes"):
+            for start in range(0, len(hexes), PIPELINE_BATCH):
+                pipe = self._r.pipeline(transaction=False)
+                for hexkey in hexes[start : start + PIPELINE_BATCH]:
+                    pipe.strlen(self._name(hexkey))
+                # a key of another type answers WRONGTYPE: a miss for that key alone
+                out.extend(pipe.execute(raise_on_error=False))
+        return [n if isinstance(n, int) and n > 0 else None for n in out]
+
     def _exists(self, hexkey: str) -> bool:
         with _mapped("exists"):
             return bool(self._r.exists(self._name(hexkey)))

@@ -37,6 +37,17 @@ def test_has_delete(store) -> None:
     assert not store.has(key_of(3)) and store.get(key_of(3)) is None
 
 
+def test_sizes_answer_a_batch_of_keys(store) -> None:
+    store.put_many([(key_of(i), chunk_stream(i)) for i in range(3)])
+    sizes = store.sizes([key_of(i) for i in range(5)])
+    assert sizes[3:] == [None, None]
+    for size, i in zip(sizes[:3], range(3)):
+        assert size == 0 or size >= len(chunk_stream(i)), f"key {i}: size {size}"
+    assert store.sizes([]) == []
+    with pytest.raises(InvalidKey):
+        store.sizes([key_of(0), "not-a-key"])
+
+
 def test_bad_keys_are_refused(store) -> None:
     for bad in ("xyz", key_of(1).upper(), key_of(1)[:-1]):
         with pytest.raises(InvalidKey, match="64 lowercase hex"):

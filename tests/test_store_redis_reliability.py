@@ -113,3 +113,17 @@ def test_cluster_roundtrip_spreads_over_nodes(redis_cluster) -> None:
     per_node = [n.client().dbsize() for n in redis_cluster]
     assert sum(per_node) == 30 and sum(1 for c in per_node if c) >= 2
     assert store.health()["ok"] and store.delete(key_of(0)) and not store.has(key_of(0))
+
+
+def test_sizes_treat_foreign_data_as_a_miss_and_serve_the_rest(redis_server) -> None:
+    """A key of another Redis type in the store's namespace is absent for ``sizes``."""
+    redis_server.client().flushall()
+    store = open_store(redis_server.url, **BULK_OPTIONS)
+    store.put(key_of(1), fake_stream(1, 1000))
+    store.put(key_of(2), fake_stream(2, 1000))
+    name = next(n for n in redis_server.client().scan_iter(match=f"*{key_of(2)}"))
+    redis_server.client().delete(name)
+    redis_server.client().rpush(name, b"not a chunk")
+    sizes = store.sizes([key_of(1), key_of(2), key_of(3)])
+    assert sizes[0] is not None and sizes[0] >= 1000
+    assert sizes[1:] == [None, None]
