@@ -557,7 +557,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("Example::")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="GGUF file or transformers directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="model name (smollm2-135m, gemma3-270m), GGUF file or transformers directory "
+                                   "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", action="append", required=True, help="calibration text (repeatable)")
     p.add_argument("--out", required=True, help="profile file to write (.json)")
     p.add_argument("--prefix", type=int, default=1536, help="prefix tokens (default: %(default)s)")
