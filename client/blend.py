@@ -186,7 +186,7 @@ def _reposition(keys: torch.Tensor, rotary: nn.Module, kinds: list[str | None],
     """Keys ``[L, H, n, D]`` computed at positions ``0..n-1`` re-rotated to ``offset..``, each
     layer with its own RoPE (fp32)."""
     n = keys.shape[2]
-    out = keys.float()
+    out = keys.to(torch.float32, copy=True)  # the caller's chunk stays as it was
     new = slice(offset, offset + n)
     for kind in set(kinds):
         layers = [i for i, k in enumerate(kinds) if k == kind]

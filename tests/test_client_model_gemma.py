@@ -135,26 +135,31 @@ def test_store_and_service_round_trip(gemma, gpl_ids, gpl_kv):
 
 def test_blend_at_full_ratio_reproduces_the_model(gemma, gpl_ids):
     """Two chunks computed alone, fused past the sliding window: ratio 1 gives the model's own
-    next-token logits; the default ratio keeps its greedy choice on this text."""
+    next-token logits; the default ratio comes closer to them than the naive reuse."""
     from kvcodec.client.blend import blend
     from kvcodec.client.model import prefill
 
-    prefix, c1, c2, suffix = gpl_ids[:8], gpl_ids[8:308], gpl_ids[308:608], gpl_ids[608:616]
+    prefix, c1, c2, suffix = gpl_ids[:4], gpl_ids[4:260], gpl_ids[260:516], gpl_ids[516:520]
     chunks = [(c, *prefill(gemma, c)) for c in (c1, c2)]
     with torch.no_grad():
-        ref = gemma.model(torch.tensor([gpl_ids[:616]]), use_cache=False, logits_to_keep=1).logits[0, -1]
+        ref = gemma.model(torch.tensor([gpl_ids[:520]]), use_cache=False, logits_to_keep=1).logits[0, -1]
     full = blend(gemma, prefix, chunks, suffix, ratio=1.0)
     torch.testing.assert_close(full.logits_last, ref, atol=2e-3, rtol=1e-3)
-    assert full.keys.shape == (18, 1, 616, 256)
-    part = blend(gemma, prefix, chunks, suffix)
-    assert part.recomputed_per_layer[-2] < 0.5 * 616
-    assert int(part.logits_last.argmax()) == int(ref.argmax())
+    assert full.keys.shape == (18, 1, 520, 256)
+
+    def kl(logits: torch.Tensor) -> float:
+        p = torch.log_softmax(ref.float(), -1)
+        return float((p.exp() * (p - torch.log_softmax(logits.float(), -1))).sum())
+
+    part, naive = blend(gemma, prefix, chunks, suffix), blend(gemma, prefix, chunks, suffix, ratio=0.0)
+    assert part.recomputed_per_layer[-2] < 0.5 * 520
+    assert kl(part.logits_last) < kl(naive.logits_last)
 
 
 def test_quality_probe_scores_gemma(gemma, gpl_ids):
     from kvcodec.client.quality import QualityProbe, per_token_baseline
 
-    probe = QualityProbe(gemma, gpl_ids, prefix_len=PREFIX, eval_len=64)
+    probe = QualityProbe(gemma, gpl_ids, prefix_len=PREFIX, eval_len=16)
     assert 1.0 < probe.ppl_ref < 200.0
     exact = probe.score(*probe.exact_kv)
     assert exact.ppl_change_pct == pytest.approx(0.0, abs=1e-6) and exact.agree_pct == 100.0

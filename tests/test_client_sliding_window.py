@@ -128,9 +128,12 @@ def test_blend_moves_each_layers_keys_with_its_own_rope(tiny_gemma):
     """Naive reuse (ratio 0): layer 0's keys depend on the token alone, so a chunk computed at
     positions from 0 and moved to its place equals the full prefill's keys there."""
     prefix, chunk, suffix = _ids(6, 7), _ids(10, 8), _ids(2, 9)
-    res = blend(tiny_gemma, prefix, [(chunk, *prefill(tiny_gemma, chunk))], suffix, ratio=0.0)
+    keys, values = prefill(tiny_gemma, chunk)
+    kept = keys.clone()
+    res = blend(tiny_gemma, prefix, [(chunk, keys, values)], suffix, ratio=0.0)
     exact, _ = prefill(tiny_gemma, prefix + chunk + suffix)
     torch.testing.assert_close(res.keys[0, :, 6:16], exact[0, :, 6:16], atol=1e-4, rtol=1e-4)
+    assert torch.equal(keys, kept)  # the caller's chunk is not modified
 
 
 @pytest.mark.slow
