@@ -133,6 +133,7 @@ def test_store_and_service_round_trip(gemma, gpl_ids, gpl_kv):
         server.stop(0)
 
 
+@pytest.mark.slow
 def test_blend_at_full_ratio_reproduces_the_model(gemma, gpl_ids):
     """Two chunks computed alone, fused past the sliding window: ratio 1 gives the model's own
     next-token logits; the default ratio comes closer to them than the naive reuse."""
@@ -156,6 +157,7 @@ def test_blend_at_full_ratio_reproduces_the_model(gemma, gpl_ids):
     assert kl(part.logits_last) < kl(naive.logits_last)
 
 
+@pytest.mark.slow
 def test_quality_probe_scores_gemma(gemma, gpl_ids):
     from kvcodec.client.quality import QualityProbe, per_token_baseline
 
