@@ -47,6 +47,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="server address")
     p.add_argument("--token", default=os.environ.get("KVCODEC_TOKEN"),
                    help="bearer token (default $KVCODEC_TOKEN)")
+    p.add_argument("--salt", default=None,
+                   help="narrow the namespace to (tenant, SALT), as vLLM's cache_salt does")
     p.add_argument("--ca", metavar="PEM", help="CA certificate to trust (TLS on)")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
     p.add_argument("--json", action="store_true", help="JSON output")
@@ -97,7 +99,8 @@ def _client(args: argparse.Namespace) -> Any:
             from kvcodec.cli import UsageError
 
             raise UsageError(f"--ca: cannot read {args.ca}: {exc.strerror}") from None
-    return CacheClient(args.server, token=args.token, root_certificates=ca, timeout_s=args.timeout)
+    return CacheClient(args.server, token=args.token, root_certificates=ca, timeout_s=args.timeout,
+                       salt=args.salt)
 
 
 def _context(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import threading
 import time
@@ -42,6 +43,26 @@ from kvcodec.proto import kvcodec_pb2_grpc as pb_grpc
 from kvcodec.service import errors as E
 
 T = TypeVar("T")
+C = TypeVar("C", bound="_Base")
+SALT_HEADER = "x-kvcodec-salt-bin"  # binary metadata: any UTF-8 salt travels unchanged
+MAX_SALT_BYTES = 1024
+
+
+def _with_salt(metadata: tuple[tuple[str, Any], ...], salt: str) -> tuple[tuple[str, Any], ...]:
+    """``metadata`` with its salt header replaced by ``salt`` (removed for "").
+
+    Raises:
+        kvcodec.service.errors.ConfigError: a salt that is not a string, not encodable
+            as UTF-8 or over 1024 bytes (the server's limit).
+    """
+    try:
+        raw = salt.encode("utf-8")
+    except (AttributeError, UnicodeEncodeError):
+        raise E.ConfigError(f"salt: {salt!r:.80} is not a UTF-8 string") from None
+    if len(raw) > MAX_SALT_BYTES:
+        raise E.ConfigError(f"salt: {len(raw)} bytes, at most {MAX_SALT_BYTES}")
+    kept = tuple(item for item in metadata if item[0] != SALT_HEADER)
+    return kept + ((SALT_HEADER, raw),) if raw else kept
 
 __all__ = ["CacheClient", "AsyncCacheClient", "ModelLayout", "CacheContext", "FetchedChunk",
            "ClientMeasurements", "encode_chunks", "put_messages", "plan_refs", "map_rpc_error"]
@@ -60,7 +81,8 @@ class _Base:
                  client_cert: bytes | None = None, client_key: bytes | None = None,
                  server_name: str | None = None, timeout_s: float = 30.0, retries: int = 4,
                  backoff_s: float = 0.05, max_backoff_s: float = 2.0,
-                 max_message_bytes: int = 8 * MiB, client_id: str | None = None) -> None:
+                 max_message_bytes: int = 8 * MiB, client_id: str | None = None,
+                 salt: str | None = None) -> None:
         self.address, self.timeout_s, self.retries = address, timeout_s, retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.client_id = client_id or f"py-{random.getrandbits(48):012x}"
@@ -73,12 +95,30 @@ class _Base:
         if tenant is not None:
             md.append(("x-kvcodec-tenant", tenant))
         self.metadata = tuple(md)
+        if salt:
+            self.metadata = _with_salt(self.metadata, salt)
         self._secure = tls or root_certificates is not None
         self._creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert) \
             if self._secure else None
         self._options = _options(max_message_bytes)
         if server_name:
             self._options.append(("grpc.ssl_target_name_override", server_name))
+
+    def salted(self: C, salt: str) -> C:
+        """This client with every call narrowed to the namespace ``(tenant, salt)`` (vLLM's
+        ``cache_salt``): a view sharing this client's channel; close the original, not the view.
+
+        Args:
+            salt: any UTF-8 string of at most 1024 bytes ("" = no salt).
+
+        Example::
+
+            for request in batch:
+                client.salted(request.cache_salt).fetch_kv(ctx)
+        """
+        view = copy.copy(self)
+        view.metadata = _with_salt(self.metadata, salt)
+        return view
 
     def _backoff(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
@@ -107,6 +147,7 @@ class CacheClient(_Base):
     Args:
         address: HOST:PORT of a server (or a load balancer in front of replicas).
         token: bearer token (auth on); tenant: ask for this tenant explicitly.
+        salt: narrow every call to the namespace (tenant, salt); see :meth:`salted`.
         root_certificates: PEM CA to trust (TLS on); tls: TLS with system roots.
         client_cert / client_key: PEM pair for mutual TLS (server ``tls_client_ca``).
         server_name: TLS name override (tests with self-signed certificates).

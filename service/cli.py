@@ -21,6 +21,14 @@ _FLAGS: tuple[tuple[str, str, Any, str], ...] = (
      "calls beyond this get RESOURCE_EXHAUSTED (default 64)"),
     ("--max-message-bytes", "max_message_bytes", int, "largest gRPC message (default 8 MiB)"),
     ("--max-chunk-bytes", "max_chunk_bytes", int, "largest chunk a Put may send (default 256 MiB)"),
+    ("--max-context-tokens", "max_context_tokens", int,
+     "most token ids in one request's context (default 524288)"),
+    ("--max-chunks-per-request", "max_chunks_per_request", int,
+     "most chunks or keys one request may name (default 4096)"),
+    ("--min-piece-bytes", "min_piece_bytes", int, "smallest Get piece a client may ask for "
+                                                  "(default 64 KiB)"),
+    ("--max-call-s", "max_call_s", float, "longest a Lookup/Delete/Stats/Plan call works, "
+                                          "whatever its deadline (default 60; 0 = no cap)"),
     ("--verify-processes", "verify_processes", int,
      "verify uploads in N worker processes (default 0: in the RPC thread)"),
     ("--grace", "grace_s", float, "seconds to drain calls on SIGTERM (default 10)"),

@@ -131,7 +131,7 @@ class PutAssembler:
         assert self.context is not None
         level = check_level(c.level or "balanced")
         if level not in self._keys:
-            self._keys[level] = context_keys(self.context, level)
+            self._keys[level] = context_keys(self.context, level, limits=self.config)
         keys = self._keys[level]
         if c.index >= len(keys):
             raise RequestRejected(f"chunk {c.index}: index >= {len(keys)} chunks in the context")

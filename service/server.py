@@ -126,7 +126,7 @@ class CacheServer:
         self.config = config
         self.store = store if store is not None else open_server_store(config.store)
         self.metrics = ServerMetrics()
-        self.authenticator = TokenAuthenticator(config.auth_tokens)
+        self.authenticator = TokenAuthenticator(config.auth_tokens, config.auth_admin_tokens)
         self.servicer = KVCacheServicer(self.store, config, self.metrics, self.authenticator)
         self.health = health.HealthServicer()
         self._verify_pool = _verify_pool(config.verify_processes)
@@ -138,7 +138,8 @@ class CacheServer:
         limit = config.max_message_bytes
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="kvcodec-rpc"),
-            interceptors=[AuthInterceptor(self.authenticator)] if self.authenticator.enabled else None,
+            interceptors=[AuthInterceptor(self.authenticator)] if self.authenticator.intercepts
+            else None,
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],
@@ -180,7 +181,7 @@ class CacheServer:
             threading.Thread(target=self._calibrate, name="kvcodec-calibrate", daemon=True).start()
         log.info("serving", extra={"address": self.address, "tls": bool(self.config.tls_cert),
                                    "auth": self.authenticator.enabled,
-                                   "store": self.store.stats().get("backend")})
+                                   "store": getattr(self.store, "scheme", "unknown")})
         return self
 
     def stop(self, grace: float | None = None) -> None:

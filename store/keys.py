@@ -8,7 +8,9 @@ in a canonical, versioned, length-prefixed little-endian encoding (FORMAT.md,
 
 1. the *spec digest*: SHA-256 over the model identity (name and a fingerprint
    of its weights or config), tokenizer identity, KV layout (layers, kv heads,
-   head dim, dtype), codec profile and tenant namespace (the salt);
+   head dim, dtype), codec profile, tenant namespace and an optional salt
+   that narrows it further (vLLM's ``cache_salt``: one tenant's requests
+   with different salts never share a chunk);
 2. per chunk: SHA-256 over the mode, the spec digest, a parent digest and the
    chunk's token ids. In ``prefix`` mode the parent is the previous chunk's
    key, so a key commits to every preceding token (as prefix caches do); in
@@ -30,7 +32,9 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +59,7 @@ CHUNK_DOMAIN = b"kvcodec.key.chunk\x00"
 MODE_CODES = {"prefix": 1, "position_free": 2}
 ZERO_DIGEST = bytes(32)
 MAX_TOKEN_ID = 2**32 - 1
+_U32 = next(code for code in "IL" if array(code).itemsize == 4)  # array typecode of a u32
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 _DTYPES = {
     "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16",
@@ -112,11 +117,17 @@ def _str_field(value: str) -> bytes:
 
 
 def _tokens_field(token_ids: Sequence[int]) -> bytes:
-    ids = [int(t) for t in token_ids]
-    for i, t in enumerate(ids):
-        if not 0 <= t <= MAX_TOKEN_ID:
-            raise ValueError(f"token_ids[{i}]: {t} outside 0..{MAX_TOKEN_ID}")
-    return struct.pack(f"<Q{len(ids)}I", len(ids), *ids)
+    try:  # C-speed conversion and range check (array refuses values outside 0..2^32-1)
+        packed = array(_U32, token_ids)
+    except (OverflowError, TypeError):
+        ids = [int(t) for t in token_ids]  # ints in disguise (3.0, numpy scalars) or an error
+        for i, t in enumerate(ids):
+            if not 0 <= t <= MAX_TOKEN_ID:
+                raise ValueError(f"token_ids[{i}]: {t} outside 0..{MAX_TOKEN_ID}") from None
+        packed = array(_U32, ids)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return struct.pack("<Q", len(packed)) + packed.tobytes()
 
 
 def chunk_token_ids(
@@ -184,16 +195,24 @@ class ModelLayout:
 class KeySpec(ModelLayout):
     """Everything besides the tokens that a chunk key commits to.
 
-    Strings are hashed as their exact UTF-8 bytes (no normalization); ``dtype``
-    is canonicalized (``torch.float16`` → ``"float16"``).
+    Strings are hashed as their exact UTF-8 bytes (no normalization: the NFC and
+    NFD forms of one name are two namespaces); ``dtype`` is canonicalized
+    (``torch.float16`` → ``"float16"``).
+
+    ``tenant`` names the namespace (a store handle serves one tenant); ``salt``
+    narrows it per request, the namespace being ``(tenant, salt)``: keys with
+    different salts, or with a salt and without, never coincide, and a salt
+    never reaches another tenant's keys. An empty salt leaves the key as it was
+    before salts existed (FORMAT.md "Chunk keys").
     """
 
     codec_profile: str = "balanced"
     tenant: str = ""
+    salt: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        for name in ("model", "model_fingerprint", "tokenizer", "codec_profile", "tenant"):
+        for name in ("model", "model_fingerprint", "tokenizer", "codec_profile", "tenant", "salt"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
         if not self.model:
@@ -215,6 +234,7 @@ class KeySpec(ModelLayout):
             _str_field(self.dtype),
             _str_field(self.codec_profile),
             _str_field(self.tenant),
+            _str_field(self.salt) if self.salt else b"",  # optional, last: the record stays injective
         ])
 
     def digest(self) -> bytes:
@@ -237,11 +257,7 @@ class KeySpec(ModelLayout):
             raise ValueError("parent: position_free keys take no parent")
         if len(token_ids) == 0:
             raise ValueError("token_ids: a chunk needs at least one token")
-        record = b"".join([
-            CHUNK_DOMAIN, struct.pack("<HB", KEY_VERSION, MODE_CODES[mode]),
-            self.digest(), parent, _tokens_field(token_ids),
-        ])
-        return hashlib.sha256(record).digest()
+        return _chunk_digest(self.digest(), token_ids, mode, parent)
 
     def chunk_keys(
         self,
@@ -266,13 +282,39 @@ class KeySpec(ModelLayout):
         Raises:
             ValueError: a bad mode, chunk size or token id.
         """
+        return list(self.iter_chunk_keys(token_ids, chunk_tokens, mode, include_tail=include_tail))
+
+    def iter_chunk_keys(
+        self,
+        token_ids: Iterable[int],
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        mode: Mode = "prefix",
+        *,
+        include_tail: bool = True,
+    ) -> Iterator[ChunkKey]:
+        """:meth:`chunk_keys` one key at a time, so a caller can stop a long derivation
+        between chunks (a server checks its call's deadline there).
+
+        Raises:
+            ValueError: a bad mode, chunk size or token id (before the first key).
+        """
+        if mode not in MODE_CODES:
+            raise ValueError(f"mode: {mode!r} not one of {sorted(MODE_CODES)}")
         chunks = chunk_token_ids(list(token_ids), chunk_tokens, include_tail=include_tail)
-        keys: list[ChunkKey] = []
+        spec_digest = self.digest()
         parent, start = ZERO_DIGEST, 0
         for index, ids in enumerate(chunks):
-            digest = self.chunk_digest(ids, mode=mode, parent=parent)
-            keys.append(ChunkKey(digest.hex(), index, start, len(ids), mode, self.tenant, self))
+            digest = _chunk_digest(spec_digest, ids, mode, parent)
+            yield ChunkKey(digest.hex(), index, start, len(ids), mode, self.tenant, self)
             if mode == "prefix":
                 parent = digest
             start += len(ids)
-        return keys
+
+
+def _chunk_digest(spec_digest: bytes, token_ids: Sequence[int], mode: str, parent: bytes) -> bytes:
+    """SHA-256 of one chunk record (FORMAT.md "Chunk keys"); arguments already checked."""
+    record = b"".join([
+        CHUNK_DOMAIN, struct.pack("<HB", KEY_VERSION, MODE_CODES[mode]),
+        spec_digest, parent, _tokens_field(token_ids),
+    ])
+    return hashlib.sha256(record).digest()

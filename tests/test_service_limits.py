@@ -95,7 +95,7 @@ def test_put_past_its_deadline_leaves_no_entry(start_server):
 
 
 def test_cancelled_get_stops_streaming(start_server):
-    server = start_server("memory")
+    server = start_server("memory", min_piece_bytes=256)  # many small pieces: a long stream
     ctx = toy_context(tokens=96, chunk_tokens=32, seed=13)
     with CacheClient(server.address) as client:
         client.put_kv(ctx, *toy_kv(ctx, 13), level="high")
