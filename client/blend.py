@@ -26,6 +26,13 @@ better than one deviation-only check layer at equal time (benchmarks/RESULTS.md,
 recompute; only the fresh tokens are computed). The last layer computes only the last
 position's output (the others' K/V at that layer are all it needs).
 
+Llama-family and Gemma 3 decoders are supported: per-layer RoPE bases (Gemma 3's sliding-window
+layers use base 10k, its global layers 1M; each layer's keys are re-rotated with its own), q/k
+norms, the extra norms around Gemma's attention and MLP blocks, and sliding-window attention
+(a recomputed token of a sliding-window layer attends to the last ``window`` positions only, as
+in the model). The fused context's KV is kept for every layer and token (:attr:`BlendResult.keys`);
+the returned cache is transformers' own for the model (its sliding-window layers hold their window).
+
 Errors::
 
     BlendError (ValueError)   bad shapes, token counts, ratio or schedule
@@ -49,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf_bridge import kv_to_cache
-from .rope import apply_rotary, rerotation_table, rotary_table
+from .rope import apply_rotary, layer_types, rerotation_table, rotary_table
 
 __all__ = [
     "BlendError", "BlendResult", "ChunkKV", "blend", "generate_greedy", "SCHEDULES", "DEVIATIONS",
@@ -78,6 +85,9 @@ class BlendResult:
             deviation, plus the always-fresh tokens), sorted, 1-D long.
         timings: seconds per stage (``reposition``, ``layers``, ``total``).
         recomputed_per_layer: number of tokens computed at each layer.
+        keys: the fused context's keys, every layer and token, ``[layers, kv_heads, N, head_dim]``
+            (the cache's sliding-window layers keep only their window).
+        values: likewise.
     """
 
     cache: object
@@ -85,6 +95,8 @@ class BlendResult:
     selected: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
     recomputed_per_layer: list[int] = field(default_factory=list)
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,14 +108,17 @@ class _Context:
     keys: torch.Tensor  # [L, H, N, D] cached keys at their new positions (0 where fresh)
     values: torch.Tensor  # [L, H, N, D]
     n_suffix: int  # the suffix is the last n_suffix tokens
-    cos: torch.Tensor  # [N, rot_dim] RoPE table of the fused context (fp32)
-    sin: torch.Tensor
+    kinds: list[str | None]  # each layer's RoPE layer type (None: the model has one RoPE)
+    tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]]  # layer type -> [N, rot_dim] cos, sin (fp32)
 
 
 def _decoder(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
-        raise BlendError(f"model: {type(model).__name__} is not a Llama-family causal LM")
+        raise BlendError(f"model: {type(model).__name__} is not a Llama-family or Gemma 3 causal LM")
+    for i, layer in enumerate(inner.layers):
+        if getattr(layer.self_attn, "attn_logit_softcapping", None) is not None:
+            raise BlendError(f"model: layer {i} soft-caps its attention logits (not supported)")
     return inner
 
 
@@ -144,8 +159,8 @@ def _build_context(
     values = torch.zeros(shape, dtype=dtype, device=device)
     reuse = torch.zeros(n_total, dtype=torch.bool, device=device)
     rotary = _decoder(model).rotary_emb
-    cos, sin = rotary_table(rotary, n_total, device=device)
-    old_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    kinds = layer_types(rotary, cfg.num_hidden_layers)
+    tables = {kind: rotary_table(rotary, n_total, device=device, layer_type=kind) for kind in set(kinds)}
     offset = 0
     for ids, kv, name in parts:
         n = int(ids.numel())
@@ -153,10 +168,7 @@ def _build_context(
             _check_kv(kv[0], kv[1], n, cfg, name)
             k = kv[0].to(device=device)
             if offset and fix_positions:
-                if n not in old_tables:
-                    old_tables[n] = rotary_table(rotary, n, device=device)
-                new = slice(offset, offset + n)
-                k = apply_rotary(k.float(), *rerotation_table(*old_tables[n], cos[new], sin[new]))
+                k = _reposition(k, rotary, kinds, tables, offset)
             keys[:, :, offset : offset + n] = k.to(dtype)
             values[:, :, offset : offset + n] = kv[1].to(device=device, dtype=dtype)
             reuse[offset : offset + n] = True
@@ -165,8 +177,23 @@ def _build_context(
     ids = torch.cat([p[0] for p in parts]).to(device)
     return _Context(
         ids=ids, reuse=reuse, keys=keys, values=values, n_suffix=max(1, int(suffix_ids.numel())),
-        cos=cos, sin=sin,
+        kinds=kinds, tables=tables,
     )
+
+
+def _reposition(keys: torch.Tensor, rotary: nn.Module, kinds: list[str | None],
+                tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]], offset: int) -> torch.Tensor:
+    """Keys ``[L, H, n, D]`` computed at positions ``0..n-1`` re-rotated to ``offset..``, each
+    layer with its own RoPE (fp32)."""
+    n = keys.shape[2]
+    out = keys.to(torch.float32, copy=True)  # the caller's chunk stays as it was
+    new = slice(offset, offset + n)
+    for kind in set(kinds):
+        layers = [i for i, k in enumerate(kinds) if k == kind]
+        old = rotary_table(rotary, n, device=keys.device, layer_type=kind)
+        cos, sin = tables[kind]
+        out[layers] = apply_rotary(out[layers], *rerotation_table(*old, cos[new], sin[new]))
+    return out
 
 
 def _keep_plan(
@@ -221,24 +248,38 @@ def _select(
     return keep.nonzero().flatten()
 
 
-def _attend(attn, q, k_ctx, v_ctx, pos, full: bool, groups: int = 4) -> torch.Tensor:
-    """Attention of the computed tokens over the whole context, causal at their positions.
+def _window(attn: nn.Module) -> int | None:
+    """The sliding window a layer's attention is limited to (None: the whole causal context)."""
+    window = getattr(attn, "sliding_window", None)
+    return int(window) if window else None
 
-    The (sorted) queries are split into ``groups`` blocks; each block only reads the keys up
-    to its last position, so masked-out keys past it cost nothing.
+
+def _attend(attn, q, k_ctx, v_ctx, pos, full: bool, groups: int = 4) -> torch.Tensor:
+    """Attention of the computed tokens over the whole context, causal at their positions
+    (and, in a sliding-window layer, limited to the last ``window`` positions).
+
+    The (sorted) queries are split into blocks; each block only reads the keys from its first
+    position's window to its last position, so masked-out keys cost nothing.
     """
-    if full:
+    window = _window(attn)
+    if full and window is None:
         out = F.scaled_dot_product_attention(
             q, k_ctx, v_ctx, is_causal=True, scale=attn.scaling, enable_gqa=True
         )
     else:
+        if window is not None:
+            groups = max(groups, pos.numel() // window)
         outs = []
         for block in torch.tensor_split(torch.arange(pos.numel()), min(groups, pos.numel())):
             p = pos[block]
+            begin = 0 if window is None else max(0, int(p[0]) - window + 1)
             end = int(p[-1]) + 1
-            mask = torch.arange(end, device=q.device)[None, :] <= p[:, None]
+            j = torch.arange(begin, end, device=q.device)[None, :]
+            mask = j <= p[:, None]
+            if window is not None:
+                mask &= j > p[:, None] - window
             outs.append(F.scaled_dot_product_attention(
-                q[:, :, block], k_ctx[:, :, :end], v_ctx[:, :, :end], attn_mask=mask,
+                q[:, :, block], k_ctx[:, :, begin:end], v_ctx[:, :, begin:end], attn_mask=mask,
                 scale=attn.scaling, enable_gqa=True,
             ))
         out = torch.cat(outs, dim=2)
@@ -251,9 +292,30 @@ def _suffix_attention(attn, q_suffix, keys, pos_suffix) -> torch.Tensor:
     q = q_suffix[0].reshape(h_kv, -1, d)  # [kv_heads, groups * S, D]
     scores = (q @ keys.transpose(1, 2)) * attn.scaling
     s_len = pos_suffix.numel()
-    mask = torch.arange(n, device=keys.device)[None, :] > pos_suffix[:, None]  # [S, N]
+    j = torch.arange(n, device=keys.device)[None, :]
+    mask = j > pos_suffix[:, None]  # [S, N]
+    window = _window(attn)
+    if window is not None:
+        mask |= j <= pos_suffix[:, None] - window
     scores = scores.view(h_kv, -1, s_len, n).masked_fill(mask, float("-inf"))
     return scores.softmax(-1).mean(dim=(0, 1, 2))
+
+
+def _residual(layer: nn.Module, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer after its attention: residual adds and the MLP (Gemma 3 puts
+    a norm after the attention and around the MLP; Llama normalises only the MLP's input)."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        h = h + layer.post_attention_layernorm(attn_out)
+        return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+    h = h + attn_out
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _logits(model: nn.Module, h_last: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of the last hidden state (final soft-capping where the model has it)."""
+    logits = model.lm_head(_decoder(model).norm(h_last))[0]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _run_layers(
@@ -270,7 +332,7 @@ def _run_layers(
     dec = _decoder(model)
     n = int(ctx.ids.numel())
     n_reuse = int(ctx.reuse.sum())
-    cos, sin = ctx.cos.to(ctx.keys.dtype), ctx.sin.to(ctx.keys.dtype)
+    tables = {kind: (cos.to(ctx.keys.dtype), sin.to(ctx.keys.dtype)) for kind, (cos, sin) in ctx.tables.items()}
     pos = torch.arange(n, device=ctx.ids.device)
     if plan == {0: 0.0}:  # naive reuse: only the fresh tokens are ever computed
         pos, plan = (~ctx.reuse).nonzero().flatten(), {}
@@ -281,6 +343,7 @@ def _run_layers(
         attn = layer.self_attn
         counts.append(int(pos.numel()))
         q, k, v = _project(attn, layer.input_layernorm(h))
+        cos, sin = tables[ctx.kinds[li]]
         q, k = apply_rotary(q, cos[pos], sin[pos]), apply_rotary(k, cos[pos], sin[pos])
         keys, values = ctx.keys[li], ctx.values[li]
         keep = None
@@ -302,8 +365,7 @@ def _run_layers(
         if keep is not None and keep.numel() != pos.numel():
             h, q, pos = h[:, keep], q[:, :, keep], pos[keep]
         out = _attend(attn, q, keys[None], values[None], pos, full=pos.numel() == n)
-        h = h + out
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = _residual(layer, h, out)
     return h[:, -1], selected, counts
 
 
@@ -326,7 +388,7 @@ def blend(
     """Fuse independently computed chunk caches into one context and repair it selectively.
 
     Args:
-        loaded: a ``LoadedModel`` (its ``.model`` is used) or a Llama-family causal LM.
+        loaded: a ``LoadedModel`` (its ``.model`` is used) or a Llama-family or Gemma 3 causal LM.
         prefix_ids: tokens before the chunks (e.g. the system prompt); computed fresh unless
             ``prefix_kv`` is given.
         chunks: ``(token_ids, keys, values)`` per chunk, each computed alone at positions from 0,
@@ -371,12 +433,12 @@ def blend(
         )
         t1 = time.perf_counter()
         h_last, pos, counts = _run_layers(model, ctx, plan, deviation, query_weight)
-        logits = model.lm_head(_decoder(model).norm(h_last))[0]
+        logits = _logits(model, h_last)
         t2 = time.perf_counter()
         cache = kv_to_cache(ctx.keys, ctx.values, model.config)
     t3 = time.perf_counter()
     timings = {"reposition": t1 - t0, "layers": t2 - t1, "cache": t3 - t2, "total": t3 - t0}
-    return BlendResult(cache, logits, pos.cpu(), timings, counts)
+    return BlendResult(cache, logits, pos.cpu(), timings, counts, ctx.keys, ctx.values)
 
 
 def generate_greedy(loaded, result: BlendResult, max_new_tokens: int,

@@ -88,25 +88,50 @@ class Sensitivity:
 
 
 def measure_sensitivity(probe, sink: int = 1) -> Sensitivity:
-    """Fisher weights of a probe's prefix KV and the keys' gradient metric (sink tokens excluded)."""
+    """Fisher weights of a probe's prefix KV and the keys' gradient metric (sink tokens excluded).
+
+    A sliding-window layer's weights are the mean over the prefix tokens inside the eval
+    tokens' window (the last ``window - 1``): the others cannot move the eval loss, and a chunk
+    whose KV is coded with these steps may be the last of some other context."""
     import torch
 
-    from kvcodec.codec.transform import model_rope, unrotate
+    from kvcodec.client.model import sliding_window_layers
+    from kvcodec.codec.transform import unrotate
 
     loaded = probe.loaded
     keys, values = probe.exact_kv
     gk, gv = probe.loss_gradients()
     w = torch.stack([(gk[:, :, sink:] ** 2).mean((2, 3)), (gv[:, :, sink:] ** 2).mean((2, 3))], 1)
+    sliding, window = sliding_window_layers(loaded.config)
+    if sliding:
+        seen = max(sink, keys.shape[2] - window + 1)
+        for layer in sliding:
+            w[layer] = torch.stack([(g[layer, :, seen:] ** 2).mean((1, 2)) for g in (gk, gv)])
     kv = torch.stack([keys[:, :, sink:], values[:, :, sink:]], 1)
     rms = (kv - kv.mean(3, keepdim=True)).pow(2).mean((3, 4)).sqrt()
-    rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
-    rope = model_rope(rotary) if rotary is not None else None
+    ropes = _model_ropes(loaded)
     metric = None
-    if rope is not None:  # keys are coded before RoPE: dL/dk_pre = R^T dL/dk_post, i.e. the gradient un-rotated
-        grad = torch.stack([unrotate(g, rope, 0) for g in gk.float()])[:, :, sink:]
+    if ropes is not None:  # keys are coded before RoPE: dL/dk_pre = R^T dL/dk_post, i.e. the gradient un-rotated
+        grad = torch.stack([unrotate(g, rope, 0) for g, rope in zip(gk.float(), ropes)])[:, :, sink:]
         flat = grad.permute(0, 2, 1, 3).reshape(grad.shape[0], grad.shape[2], -1).double()
         metric = torch.einsum("ltc,ltd->lcd", flat, flat).numpy()
     return Sensitivity(w.double().numpy(), rms.double().numpy(), metric)
+
+
+def _model_ropes(loaded):
+    """Each layer's RoPE (:func:`kvcodec.codec.transform.model_ropes`), None if it cannot be removed."""
+    from kvcodec.codec.transform import model_ropes
+
+    rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
+    return model_ropes(rotary, loaded.num_layers) if rotary is not None else None
+
+
+def _rope_inv_freq(ropes) -> np.ndarray | None:
+    """A profile's ``rope_inv_freq``: one table when every layer shares it, else one per layer."""
+    if ropes is None:
+        return None
+    tables = np.stack([rope.inv_freq for rope in ropes]).astype(np.float32)
+    return tables[0] if np.all(tables == tables[0]) else tables
 
 
 def combine(parts: list[Sensitivity]) -> tuple[np.ndarray, float]:
@@ -484,10 +509,9 @@ def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transf
     profile = Profile(loaded.name, layers, heads, dim, weights, {}, 1, step_scale,
                       {"texts": list(names), "prefix_len": prefix_len, "eval_len": eval_len})
     if transform != "none":
-        from kvcodec.codec.transform import block_diagonal, fit_bases, fit_shaped_bases, identity_bases, model_rope
+        from kvcodec.codec.transform import block_diagonal, fit_bases, fit_shaped_bases, identity_bases
 
-        rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
-        rope = model_rope(rotary) if rotary is not None else None
+        rope = _model_ropes(loaded)
         group = dim if transform == "head" else heads * dim
         what = {"rope": "no basis", "mixed": f"keys: KLT per layer ({group} channels), values: KLT per head"}.get(
             transform, f"KLT per {transform} ({group} channels)")
@@ -521,7 +545,7 @@ def _fit(loaded, ids, names, probes, kvs, prefix_len: int, eval_len: int, transf
                 profile.calibration["shape_texts"] = list(shape[1])
         else:
             profile.bases = fit_bases(kvs, weights, group, rope)
-        profile.rope_inv_freq = None if rope is None else rope.inv_freq
+        profile.rope_inv_freq = _rope_inv_freq(rope)
         profile.calibration["transform"] = transform
     return profile
 
@@ -533,7 +557,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("Example::")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="GGUF file or transformers directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="model name (smollm2-135m, gemma3-270m), GGUF file or transformers directory "
+                                   "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--text", action="append", required=True, help="calibration text (repeatable)")
     p.add_argument("--out", required=True, help="profile file to write (.json)")
     p.add_argument("--prefix", type=int, default=1536, help="prefix tokens (default: %(default)s)")

@@ -8,6 +8,14 @@ kvcodec holds a KV cache as two tensors ``keys`` and ``values`` shaped
 A DynamicCache is mutated in place by every forward pass that uses it; build a
 fresh one (``kv_to_cache``) for each continuation.
 
+Sliding-window layers (Gemma 3: 5 of every 6 layers attend to the last 512 tokens
+only). kvcodec's KV always holds every token of every layer. ``kv_to_cache`` with a
+config builds transformers' own cache for the model, whose sliding-window layers
+keep only the last ``window - 1`` tokens (what the next token needs; the model's
+mask does the rest) and count every token for positions; with ``full_layers=True``
+(or :func:`full_cache`) every layer keeps everything, which is what a prefill whose
+KV is read back (:func:`cache_to_kv`) needs.
+
 Example::
 
     cache = kv_to_cache(keys, values, config=model.config)
@@ -25,7 +33,22 @@ if TYPE_CHECKING:
     import torch
     from transformers import DynamicCache
 
-__all__ = ["kv_to_cache", "cache_to_kv"]
+__all__ = ["kv_to_cache", "cache_to_kv", "full_cache"]
+
+
+def full_cache() -> DynamicCache:
+    """An empty ``DynamicCache`` whose layers keep every token, sliding-window layers too.
+
+    The model still masks a sliding-window layer's attention to its window (the mask
+    comes from the model's config, by position), so a forward pass computes the same
+    outputs as with the model's own cache; :func:`cache_to_kv` then reads every layer back.
+
+    Returns:
+        A new empty cache.
+    """
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def kv_to_cache(
@@ -35,6 +58,7 @@ def kv_to_cache(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    full_layers: bool = False,
 ) -> DynamicCache:
     """Build a transformers ``DynamicCache`` (batch 1) holding ``keys``/``values``.
 
@@ -42,9 +66,12 @@ def kv_to_cache(
         keys: ``[layers, kv_heads, tokens, head_dim]``.
         values: same shape as ``keys``.
         config: the model config; when given, the cache is laid out for it (and
-            the layer count is checked against ``num_hidden_layers``).
+            the layer count is checked against ``num_hidden_layers``): its
+            sliding-window layers keep only the last ``window - 1`` tokens.
         dtype: cast to this dtype (e.g. the model's); default keep.
         device: move to this device; default keep.
+        full_layers: every layer keeps every token (see :func:`full_cache`), so that
+            :func:`cache_to_kv` can read the cache back after more tokens ran.
 
     Returns:
         A new cache; the input tensors are not modified by later forward passes.
@@ -60,7 +87,7 @@ def kv_to_cache(
         expected = int(config.get_text_config(decoder=True).num_hidden_layers)
         if layers != expected:
             raise InvalidInput(f"keys: {layers} layers but the model config has {expected}")
-    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    cache = DynamicCache(config=config) if config is not None and not full_layers else DynamicCache()
     for i in range(layers):
         k = keys[i].unsqueeze(0).to(dtype=dtype or keys.dtype, device=device or keys.device)
         v = values[i].unsqueeze(0).to(dtype=dtype or values.dtype, device=device or values.device)
@@ -79,7 +106,8 @@ def cache_to_kv(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
         cache's dtype and device (new tensors, not views of the cache).
 
     Raises:
-        InvalidInput: the cache is empty, has batch size != 1, or its layers differ in shape.
+        InvalidInput: the cache is empty, has batch size != 1, its layers differ in shape,
+            or a sliding-window layer has dropped tokens (build it with :func:`full_cache`).
     """
     import torch
 
@@ -93,6 +121,13 @@ def cache_to_kv(cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
             shapes = [None if t is None else tuple(t.shape) for t in (k, v)]
             raise InvalidInput(
                 f"cache layer {i}: expected keys and values [1, kv_heads, tokens, head_dim], got {shapes}"
+            )
+        seen = int(getattr(layer, "cumulative_length", k.shape[2]))
+        if seen > k.shape[2]:
+            raise InvalidInput(
+                f"cache layer {i}: a sliding-window layer holding the last {k.shape[2]} of {seen} tokens; "
+                "prefill with kvcodec.client.model.prefill (or a kvcodec.client.hf_bridge.full_cache) "
+                "to keep every token"
             )
         if ks and k.shape[1:] != ks[0].shape:
             raise InvalidInput(f"cache layer {i}: shape {tuple(k.shape[1:])} != layer 0 {tuple(ks[0].shape)}")

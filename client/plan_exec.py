@@ -83,7 +83,6 @@ def _prefill(loaded: Any, ids: list[int], acc, timings: dict[str, float]):
 def _blend(loaded: Any, ctx: CacheContext, spans, run: list[int], fetched, acc, suffix_ids,
            ratio: float, timings: dict[str, float]):
     from kvcodec.client.blend import blend
-    from kvcodec.client.hf_bridge import cache_to_kv
 
     start = spans[run[0]].token_start
     pieces = [(list(ctx.token_ids[spans[i].token_start:spans[i].token_start + spans[i].token_count]),
@@ -93,7 +92,7 @@ def _blend(loaded: Any, ctx: CacheContext, spans, run: list[int], fetched, acc, 
     res = blend(loaded, list(ctx.token_ids[:start]), pieces,
                 list(suffix_ids), ratio, prefix_kv=acc)
     timings["blend"] = timings.get("blend", 0.0) + time.perf_counter() - t0
-    return cache_to_kv(res.cache), res.logits_last
+    return (res.keys, res.values), res.logits_last  # every layer's KV (the cache's sliding-window layers hold a window)
 
 
 def run_plan(client: Any, loaded: Any, ctx: CacheContext, plan: pb.PlanResponse,

@@ -231,12 +231,11 @@ class QualityProbe:
     def _prefill_prefix(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact prefix KV and the log-prob of the first eval token from the prefix's last position."""
         import torch
-        from transformers import DynamicCache
 
-        from kvcodec.client.hf_bridge import cache_to_kv
+        from kvcodec.client.hf_bridge import cache_to_kv, full_cache
 
         loaded = self.loaded
-        cache = DynamicCache(config=loaded.config)
+        cache = full_cache()  # every layer's KV of every prefix token, sliding-window layers too
         ids = torch.tensor([self.prefix_ids], dtype=torch.long, device=loaded.device)
         with torch.inference_mode():
             out = loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

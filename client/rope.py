@@ -21,6 +21,11 @@ handles it:
 Partial rotary embeddings (``partial_rotary_factor < 1``) rotate the first ``rot_dim``
 dimensions and leave the rest untouched.
 
+Models whose layers use different RoPE bases (Gemma 3: base 10k on the sliding-window layers,
+1M on the global ones) have one rotary module with a table per *layer type*; every function
+here takes the ``layer_type`` (``config.layer_types[layer]``) and :func:`layer_types` lists
+them per layer (``[None] * layers`` for a model with one RoPE).
+
 Example:
     >>> rotary = model.model.rotary_emb
     >>> moved = reposition_keys(keys, rotary, old_positions=torch.arange(256),
@@ -35,6 +40,7 @@ from torch import nn
 __all__ = [
     "RopeError",
     "rotary_table",
+    "layer_types",
     "apply_rotary",
     "remove_rotary",
     "rerotation_table",
@@ -46,12 +52,36 @@ class RopeError(ValueError):
     """Positions or tensors that cannot be re-rotated (shape or range mismatch)."""
 
 
+def layer_types(rotary_emb: nn.Module, num_layers: int) -> list[str | None]:
+    """The RoPE ``layer_type`` of each layer: ``config.layer_types`` where the rotary module keeps
+    a table per layer type (Gemma 3), else ``None`` for every layer.
+
+    Args:
+        rotary_emb: the model's rotary embedding module.
+        num_layers: the model's layer count.
+
+    Returns:
+        ``num_layers`` entries.
+
+    Raises:
+        RopeError: the config lists another number of layer types.
+    """
+    kinds = getattr(rotary_emb, "layer_types", None)
+    if not kinds:
+        return [None] * num_layers
+    per_layer = list(getattr(rotary_emb.config, "layer_types", None) or [])
+    if len(per_layer) < num_layers:
+        raise RopeError(f"layer_types: {len(per_layer)} entries for {num_layers} layers")
+    return per_layer[:num_layers]
+
+
 def rotary_table(
     rotary_emb: nn.Module,
     context_len: int,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    layer_type: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cos/sin of the model's RoPE for positions ``0..context_len-1``.
 
@@ -64,22 +94,27 @@ def rotary_table(
         context_len: number of positions of the context the table is for (>= 1).
         dtype: dtype of the returned tables (the model computes in fp32, then casts).
         device: device of the returned tables (default: that of ``rotary_emb``'s buffers).
+        layer_type: for a rotary module with a table per layer type (:func:`layer_types`),
+            which one; ignored otherwise.
 
     Returns:
         ``(cos, sin)``, each ``[context_len, rot_dim]``, attention scaling included.
 
     Raises:
-        RopeError: if ``context_len`` < 1.
+        RopeError: if ``context_len`` < 1, or the module needs a ``layer_type`` it does not know.
     """
     if context_len < 1:
         raise RopeError(f"context_len: {context_len} < 1")
+    kinds = getattr(rotary_emb, "layer_types", None)
+    if kinds and layer_type not in kinds:
+        raise RopeError(f"layer_type: {layer_type!r} not one of the rotary module's {sorted(kinds)}")
     if device is None:
-        buf = getattr(rotary_emb, "inv_freq", None)
+        buf = next(iter(rotary_emb.buffers()), None)
         device = buf.device if isinstance(buf, torch.Tensor) else torch.device("cpu")
     fresh = type(rotary_emb)(config=rotary_emb.config).to(device)
     positions = torch.arange(context_len, device=device)[None, :]
     probe = torch.empty(0, dtype=dtype, device=device)
-    cos, sin = fresh(probe, positions)
+    cos, sin = fresh(probe, positions, layer_type) if kinds else fresh(probe, positions)
     return cos[0], sin[0]
 
 
@@ -174,6 +209,7 @@ def reposition_keys(
     *,
     old_context_len: int | None = None,
     new_context_len: int | None = None,
+    layer_type: str | None = None,
 ) -> torch.Tensor:
     """Move post-RoPE keys from ``old_positions`` to ``new_positions``.
 
@@ -188,6 +224,7 @@ def reposition_keys(
         old_context_len: context length the keys were computed with (dynamic NTK only
             depends on it); default ``max(old_positions) + 1``.
         new_context_len: length of the new context; default ``max(new_positions) + 1``.
+        layer_type: the RoPE of which layer type (:func:`layer_types`; models with one RoPE: None).
 
     Returns:
         Keys rotated for the new positions, same shape and dtype as ``keys``.
@@ -209,8 +246,8 @@ def reposition_keys(
     if old_len <= int(old.max()) or new_len <= int(new.max()):
         raise RopeError(f"context_len: {old_len}/{new_len} too short for the positions given")
     device = keys.device
-    cos_o, sin_o = rotary_table(rotary_emb, old_len, device=device)
-    cos_n, sin_n = rotary_table(rotary_emb, new_len, device=device)
+    cos_o, sin_o = rotary_table(rotary_emb, old_len, device=device, layer_type=layer_type)
+    cos_n, sin_n = rotary_table(rotary_emb, new_len, device=device, layer_type=layer_type)
     old, new = old.to(device), new.to(device)
     cos, sin = rerotation_table(cos_o[old], sin_o[old], cos_n[new], sin_n[new])
     return apply_rotary(keys.float(), cos, sin).to(keys.dtype)

